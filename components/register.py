@@ -1,0 +1,35 @@
+"""Component: registration."""
+
+from kfp import dsl
+from kfp.dsl import Input, Metrics, Model, Output
+
+from llmneo_components.images import IMAGE
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def register(preset: str, overrides: list, run_id: str, model: Input[Model], metrics: Output[Metrics]) -> str:
+    """Copy the merged model and its manifest (sha256 and size of every file) into the registry.
+
+    Args:
+        preset: llmneo preset name (configs/) or YAML path inside the image.
+        overrides: configuration overrides as key=value strings.
+        run_id: pipeline run id, recorded in the manifest's lineage.
+        model: merged model folder from merge-eval.
+        metrics: registered version.
+
+    Returns:
+        NAME:VERSION@URI of the registered model.
+    """
+    import time
+
+    from llmneo.cli import guarded
+    from llmneo.config import load_config
+    from llmneo.steps import run_register
+
+    cfg = guarded(load_config, preset, overrides)
+    t0 = time.time()
+    manifest = guarded(run_register, cfg, model.path, run_id)
+    metrics.log_metric("seconds", round(time.time() - t0, 2))
+    metrics.log_metric("files", len(manifest["files"]))
+    metrics.log_metric("bytes", sum(f["size"] for f in manifest["files"]))
+    return f"{manifest['name']}:{manifest['version']}@{manifest['uri']}"

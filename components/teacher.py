@@ -1,0 +1,32 @@
+"""Component: teacher loading (and the base student)."""
+
+from kfp import dsl
+from kfp.dsl import Dataset, Input, Metrics, Model, Output
+
+from llmneo_components.images import IMAGE
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def load_teacher(preset: str, overrides: list, dataset: Input[Dataset], teacher: Output[Model],
+                 student: Output[Model], metrics: Output[Metrics]):
+    """Load and verify the teacher, build or reference the base student, check their tokenizers.
+
+    Args:
+        preset: llmneo preset name (configs/) or YAML path inside the image.
+        overrides: configuration overrides as key=value strings.
+        dataset: the prepared dataset (its tokenizer fingerprint must match the student's).
+        teacher: teacher model folder (weights, or a card referencing them).
+        student: base student model folder (weights, or a card referencing them).
+        metrics: parameter counts.
+    """
+    from llmneo.cli import guarded
+    from llmneo.config import load_config
+    from llmneo.steps import run_teacher
+
+    cfg = guarded(load_config, preset, overrides)
+    card = guarded(run_teacher, cfg, dataset.path, teacher.path, student.path)
+    metrics.log_metric("seconds", card["seconds"])
+    metrics.log_metric("teacher_parameters", card["teacher"]["parameters"])
+    metrics.log_metric("student_parameters", card["student"]["parameters"])
+    teacher.metadata.update({"source": card["teacher"]["source"]})
+    student.metadata.update({"source": card["student"]["source"]})

@@ -1,0 +1,1 @@
+"""Configuration presets (installed as ``llmneo_presets``); see llmneo/config.py."""

@@ -1,0 +1,331 @@
+"""One typed configuration for every step: YAML presets + ``key=value`` overrides, validated.
+
+    cfg = load_config("tiny", ["distill.alpha=0.9", "distill.max_steps=10"])
+
+Presets live in ``configs/`` (installed as ``llmneo_presets``); a preset may also be a path to a YAML
+file. Unknown keys, wrong types and out-of-range values raise :class:`ConfigError` with a one-line
+message naming the field, e.g. ``distill.alpha: must be <= 1, got 1.5``.
+
+The same resolution (preset + overrides) runs in the CLI and inside every KFP component, so a
+pipeline run is fully described by its two parameters ``preset`` and ``overrides``.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from llmneo.errors import ConfigError
+
+
+def _f(default: Any = dataclasses.MISSING, *, lo: float | None = None, hi: float | None = None,
+       lo_open: bool = False, hi_open: bool = False, doc: str = "", factory: Any = None):
+    """A dataclass field with a validated range and a one-line description."""
+    meta = {"lo": lo, "hi": hi, "lo_open": lo_open, "hi_open": hi_open, "doc": doc}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+# --------------------------------------------------------------------------------------------
+# Sections
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DataConfig:
+    source: str = _f("builtin:tiny_instruct", doc="builtin:NAME, a JSONL/JSON/Parquet file or folder, "
+                     "hf:DATASET_ID[@REVISION][:SPLIT], or s3://bucket/prefix")
+    format: Literal["auto", "alpaca", "messages", "sharegpt", "text"] = _f(
+        "auto", doc="record format; auto-detected from the first valid record")
+    max_length: int = _f(256, lo=8, doc="max tokens per example (prompt + response)")
+    truncation: Literal["truncate", "drop"] = _f("truncate", doc="what to do with longer examples")
+    assistant_only_labels: bool = _f(True, doc="train only on assistant tokens (labels -100 elsewhere)")
+    val_fraction: float = _f(0.1, lo=0.0, hi=1.0, lo_open=True, hi_open=True, doc="share of rows for validation")
+    limit: int = _f(0, lo=0, doc="keep at most this many rows after shuffling (0 = all)")
+    min_rows: int = _f(4, lo=1, doc="fail when fewer valid rows remain")
+    dedup: bool = _f(True, doc="drop exact duplicate records")
+    seed: int = _f(0, doc="shuffle/split seed")
+
+
+@dataclass
+class TinyModelConfig:
+    """Shape of a random-init Llama built from config (tests, the `tiny` preset)."""
+
+    hidden_size: int = _f(64, lo=8)
+    num_layers: int = _f(2, lo=1)
+    num_heads: int = _f(4, lo=1)
+    num_kv_heads: int = _f(2, lo=1)
+    intermediate_size: int = _f(128, lo=8)
+    seed: int = _f(0)
+
+
+@dataclass
+class TeacherConfig:
+    source: str = _f("tiny", doc="tiny | smollm2 | a local HF folder | hf:ID[@REV] | s3://bucket/prefix")
+    tiny: TinyModelConfig = field(default_factory=lambda: TinyModelConfig(num_layers=4, seed=1))
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = _f(
+        "auto", doc="teacher weights dtype in training; auto = bf16 on GPU, fp32 on CPU")
+
+
+@dataclass
+class StudentConfig:
+    source: str = _f("tiny", doc="tiny | prune (depth-pruned copy of the teacher) | a local HF folder | "
+                     "hf:ID[@REV] | s3://bucket/prefix")
+    tiny: TinyModelConfig = field(default_factory=lambda: TinyModelConfig(num_layers=2, seed=2))
+    prune_keep_every: int = _f(2, lo=1, doc="with source=prune: keep every k-th teacher layer")
+    prune_layers: list[int] = _f(factory=list, doc="with source=prune: explicit layer indices to keep")
+
+
+@dataclass
+class DistillConfig:
+    method: Literal["sft", "lora", "kd", "neo"] = _f(
+        "neo", doc="sft: full CE; lora: LoRA CE; kd: full CE+KD; neo: LoRA CE+KD (base frozen)")
+    alpha: float = _f(0.5, lo=0.0, hi=1.0, doc="loss = (1-alpha)*CE + alpha*T^2*D(teacher||student)")
+    temperature: float = _f(1.0, lo=0.0, lo_open=True, doc="KD softmax temperature T")
+    divergence: Literal["forward_kl", "reverse_kl", "jsd"] = _f("forward_kl", doc="D in the KD term")
+    jsd_beta: float = _f(0.5, lo=0.0, hi=1.0, doc="beta of the generalized JSD")
+    lora_rank: int = _f(8, lo=1, doc="LoRA rank r (paper: 64-128 at 1B scale; larger r wants lower lr)")
+    lora_alpha: float = _f(16.0, lo=0.0, lo_open=True, doc="LoRA alpha (usually 2*r)")
+    lora_dropout: float = _f(0.0, lo=0.0, hi=1.0, hi_open=True, doc="LoRA dropout")
+    lora_targets: str = _f("all-linear", doc="'all-linear' or comma-separated module names")
+    max_steps: int = _f(4, lo=1, doc="optimizer steps")
+    lr: float = _f(2e-4, lo=0.0, lo_open=True, doc="peak learning rate (paper: 2e-4 LoRA/NEO, 2e-5 full)")
+    weight_decay: float = _f(0.0, lo=0.0)
+    warmup_ratio: float = _f(0.1, lo=0.0, hi=1.0, hi_open=True, doc="linear warmup share, then cosine")
+    global_batch_size: int = _f(8, lo=1, doc="sequences per optimizer step, whatever the world size")
+    micro_batch_size: int = _f(2, lo=1, doc="sequences per forward pass per process")
+    max_grad_norm: float = _f(1.0, lo=0.0, doc="gradient clipping (0 = off)")
+    loss_chunk_tokens: int = _f(512, lo=1, doc="tokens per CE/KD chunk (bounds fp32 logits memory)")
+    nproc_per_node: int = _f(2, lo=1, doc="torchrun processes per node (GPUs per node on a cluster)")
+    nnodes: int = _f(1, lo=1, doc="nodes; >1 runs on the distributed engine (see README)")
+    seed: int = _f(0)
+    log_every: int = _f(1, lo=1)
+
+
+@dataclass
+class EvalConfig:
+    batch_size: int = _f(4, lo=1)
+    max_batches: int = _f(0, lo=0, doc="cap on validation batches (0 = all)")
+    max_kl_to_teacher: float = _f(1e6, lo=0.0, doc="gate: register only if KL(teacher||student) <= this")
+    max_perplexity: float = _f(1e9, lo=0.0, lo_open=True, doc="gate: register only if val perplexity <= this")
+
+
+@dataclass
+class RegistryConfig:
+    uri: str = _f("runs/registry", doc="registry root: a local folder or s3://bucket/prefix")
+    name: str = _f("llmneo-student", doc="model name in the registry")
+    aliases: list[str] = _f(factory=lambda: ["latest"], doc="aliases pointed at the new version")
+
+
+@dataclass
+class Config:
+    name: str = _f("tiny", doc="preset/run name")
+    data: DataConfig = field(default_factory=DataConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    registry: RegistryConfig = field(default_factory=RegistryConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def hash(self) -> str:
+        """Stable content hash of the resolved configuration (lineage)."""
+        blob = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":")).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+    def check(self) -> Config:
+        """Cross-field checks that a single field's type/range cannot express."""
+        d = self.distill
+        if d.global_batch_size % d.micro_batch_size:
+            raise ConfigError(
+                f"distill.global_batch_size: must be a multiple of distill.micro_batch_size "
+                f"({d.micro_batch_size}), got {d.global_batch_size}")
+        if self.teacher.tiny.hidden_size % self.teacher.tiny.num_heads:
+            raise ConfigError("teacher.tiny.hidden_size: must be divisible by teacher.tiny.num_heads")
+        if self.student.tiny.hidden_size % self.student.tiny.num_heads:
+            raise ConfigError("student.tiny.hidden_size: must be divisible by student.tiny.num_heads")
+        return self
+
+
+# --------------------------------------------------------------------------------------------
+# Building from dicts with validation
+# --------------------------------------------------------------------------------------------
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (list, tuple):
+        (inner,) = typing.get_args(tp)[:1] or (Any,)
+        return f"a list of {_type_name(inner)}"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(path: str, tp: Any, value: Any, meta: dict) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        (tp,) = [a for a in args if a is not type(None)]
+        origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: must be a mapping, got {type(value).__name__}")
+        return _build(tp, value, path + ".")
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{path}: must be {_type_name(tp)}, got {value!r}")
+        return value
+    if origin is list:
+        if isinstance(value, str):  # "a,b,c" from a key=value override
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{path}: must be {_type_name(tp)}, got {value!r}")
+        (inner,) = typing.get_args(tp)
+        return [_coerce(f"{path}[{i}]", inner, v, {}) for i, v in enumerate(value)]
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path}: must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{path}: must be an integer, got {value!r}")
+    elif tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{path}: must be a number, got {value!r}")
+        value = float(value)
+    elif tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{path}: must be a string, got {value!r}")
+    if tp in (int, float):
+        lo, hi = meta.get("lo"), meta.get("hi")
+        if lo is not None and (value <= lo if meta.get("lo_open") else value < lo):
+            raise ConfigError(f"{path}: must be {'>' if meta.get('lo_open') else '>='} {lo}, got {value}")
+        if hi is not None and (value >= hi if meta.get("hi_open") else value > hi):
+            raise ConfigError(f"{path}: must be {'<' if meta.get('hi_open') else '<='} {hi}, got {value}")
+    return value
+
+
+def _build(cls: type, data: dict, prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    defaults = cls()
+    kwargs = {}
+    for key, value in data.items():
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), fields, n=1)
+            hint = f" (did you mean {prefix}{close[0]}?)" if close else ""
+            raise ConfigError(f"{prefix}{key}: unknown key{hint}")
+        default = getattr(defaults, key)
+        if dataclasses.is_dataclass(default) and isinstance(value, dict):
+            # a partial nested section keeps the section's own defaults for the keys it leaves out
+            value = _deep_merge(dataclasses.asdict(default), value)
+        kwargs[key] = _coerce(prefix + key, hints[key], value, dict(fields[key].metadata))
+    return cls(**kwargs)
+
+
+def _deep_merge(base: dict, update: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in update.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """``"distill.alpha=0.9"`` → (["distill", "alpha"], 0.9). Values are parsed as YAML scalars."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r}: expected key=value, e.g. distill.alpha=0.9")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {item!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    data = copy.deepcopy(data)
+    for item in overrides:
+        keys, value = parse_override(item)
+        node = data
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"{'.'.join(keys)}: {k} is not a section")
+        node[keys[-1]] = value
+    return data
+
+
+def preset_names() -> list[str]:
+    return sorted(p.name[:-5] for p in resources.files("llmneo_presets").iterdir() if p.name.endswith(".yaml"))
+
+
+def read_preset(preset: str) -> dict:
+    """Raw dict of a preset (by name, or a path to a YAML file)."""
+    path = Path(preset)
+    if preset.endswith((".yaml", ".yml")) and path.is_file():
+        text = path.read_text()
+    else:
+        res = resources.files("llmneo_presets").joinpath(f"{preset}.yaml")
+        if not res.is_file():
+            raise ConfigError(f"preset: unknown preset {preset!r}; known: {', '.join(preset_names())}")
+        text = res.read_text()
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"preset {preset}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"preset {preset}: must be a mapping")
+    return data
+
+
+def config_from_dict(data: dict) -> Config:
+    return _build(Config, data).check()
+
+
+def load_config(preset: str = "tiny", overrides: list[str] | tuple[str, ...] | None = None) -> Config:
+    """Resolve a preset and ``key=value`` overrides into a validated :class:`Config`."""
+    data = read_preset(preset)
+    data = apply_overrides(data, list(overrides or []))
+    return config_from_dict(data)
+
+
+def describe_fields(cls: type = Config, prefix: str = "") -> list[tuple[str, str, Any, str]]:
+    """(key, type, default, description) for every leaf key: used by `llmneo config --help-keys`."""
+    rows = []
+    defaults = cls()
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp, val = hints[f.name], getattr(defaults, f.name)
+        if dataclasses.is_dataclass(tp):
+            rows += describe_fields(tp, f"{prefix}{f.name}.")
+        else:
+            rows.append((prefix + f.name, _type_name(tp), val, f.metadata.get("doc", "")))
+    return rows
+
+
+def dump_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

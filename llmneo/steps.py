@@ -1,0 +1,86 @@
+"""The five pipeline steps as plain functions on local folders: the CLI and the KFP components call
+exactly these (one piece of code per step, local run = cluster run)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from llmneo.config import Config, dump_yaml
+from llmneo.errors import UserError
+from llmneo.models import read_card, write_card
+
+
+def run_prep(cfg: Config, dataset_out: str | Path) -> dict:
+    """Step 1: data prep (tokenized with the student's tokenizer)."""
+    from llmneo.data import run_prep as prep
+    from llmneo.teacher import student_tokenizer
+
+    return prep(cfg, student_tokenizer(cfg), dataset_out)
+
+
+def run_teacher(cfg: Config, dataset_dir: str | Path, teacher_out: str | Path, student_out: str | Path) -> dict:
+    """Step 2: load and verify the teacher; materialize the base student; check tokenizers vs data."""
+    from llmneo.teacher import run_teacher as teacher
+
+    card = teacher(cfg, teacher_out, student_out)
+    data_fp = read_card(dataset_dir).get("tokenizer_fingerprint")
+    if data_fp and data_fp != card["student"]["tokenizer_fingerprint"]:
+        raise UserError(f"dataset {dataset_dir} was tokenized with tokenizer {data_fp}, the student uses "
+                        f"{card['student']['tokenizer_fingerprint']}: re-run prep with this configuration")
+    return card
+
+
+def torchrun_command(cfg: Config, workdir: Path) -> list[str]:
+    d = cfg.distill
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nnodes={d.nnodes}",
+            f"--nproc-per-node={d.nproc_per_node}", "-m", "llmneo.trainer", "--workdir", str(workdir)]
+
+
+def run_distill(cfg: Config, dataset_dir: str | Path, teacher_dir: str | Path, student_dir: str | Path,
+                out_dir: str | Path) -> dict:
+    """Step 3: NEO distillation under torchrun (gloo on CPU, nccl on GPU)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(dump_yaml(cfg))
+    (out / "inputs.json").write_text(json.dumps(
+        {"dataset": str(Path(dataset_dir).resolve()), "teacher": str(Path(teacher_dir).resolve()),
+         "student": str(Path(student_dir).resolve())}, indent=2))
+    cmd = torchrun_command(cfg, out)
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // cfg.distill.nproc_per_node)))
+    print("+ " + " ".join(cmd), file=sys.stderr, flush=True)
+    t0 = time.time()
+    proc = subprocess.run(cmd, env=env)
+    if proc.returncode != 0:
+        raise UserError(f"distill: torchrun exited with code {proc.returncode} (see the log above)")
+    card = read_card(out)
+    card["wall_seconds"] = round(time.time() - t0, 2)
+    return write_card(out, card)
+
+
+def run_merge_eval(cfg: Config, dataset_dir, teacher_dir, student_dir, distill_dir, model_out) -> dict:
+    """Step 4: merge the adapter, evaluate against the teacher, write the report and gate."""
+    from llmneo.evaluate import run_merge_eval as merge_eval
+
+    return merge_eval(cfg, dataset_dir, teacher_dir, student_dir, distill_dir, model_out)
+
+
+def run_register(cfg: Config, model_dir: str | Path, run_id: str | None = None) -> dict:
+    """Step 5: copy the merged model + manifest (sha256/size of every file) into the registry."""
+    from llmneo.registry import git_commit, open_registry
+
+    model_dir = Path(model_dir)
+    result = json.loads((model_dir / "eval.json").read_text())
+    lineage = {"pipeline_run_id": run_id, "git_commit": git_commit(), "config_hash": cfg.hash(),
+               "dataset_hash": result.get("dataset_hash"), "teacher": result.get("teacher"),
+               "student": result.get("student"), "method": result.get("method"), "preset": cfg.name,
+               "config": yaml.safe_load(dump_yaml(cfg))}
+    registry = open_registry(cfg.registry.uri)
+    return registry.register(cfg.registry.name, model_dir, lineage, result["metrics"])

@@ -1,0 +1,1 @@
+"""The llmneo KFP pipeline (installed as ``llmneo_pipelines``): the DAG and its local runner."""

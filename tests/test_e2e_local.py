@@ -1,0 +1,78 @@
+"""End to end: the tiny DAG through kfp.local, real torchrun (2 processes, gloo)."""
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from llmneo.registry import verify
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("run")
+    proc = subprocess.run(
+        [sys.executable, "-m", "llmneo.cli", "run", "--preset", "tiny", "--pipeline-root", str(root / "kfp"),
+         f"registry.uri={root / 'registry'}", "distill.max_steps=3"],
+        capture_output=True, text=True, cwd=root, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (run_dir,) = list((root / "kfp").iterdir())
+    return root, run_dir, proc.stdout
+
+
+def test_artifacts_exist(tiny_run):
+    _, run, out = tiny_run
+    for rel in ("prep-data/dataset/train.parquet", "prep-data/dataset/val.parquet", "prep-data/dataset/card.json",
+                "prep-data/dataset/rejects.jsonl", "load-teacher/teacher/config.json",
+                "load-teacher/student/config.json", "distill/adapter/adapter/adapter_model.safetensors",
+                "distill/adapter/train_log.jsonl", "merge-eval/model/model.safetensors",
+                "merge-eval/model/eval.json", "merge-eval/model/report.md", "merge-eval/model/README.md",
+                "merge-eval/report"):
+        assert (run / rel).exists(), rel
+    assert "registered model:" in out and "NEO distill" in out
+
+
+def test_adapter_changed_and_base_did_not(tiny_run):
+    _, run, _ = tiny_run
+    adapter = load_file(run / "distill/adapter/adapter/adapter_model.safetensors")
+    lora_b = [v for k, v in adapter.items() if "lora_B" in k]
+    assert lora_b and any(float(v.abs().max()) > 0 for v in lora_b)  # B starts at zero: it trained
+    base = load_file(run / "load-teacher/student/model.safetensors")
+    merged = load_file(run / "merge-eval/model/model.safetensors")
+    cfg = json.loads((run / "distill/adapter/adapter/adapter_config.json").read_text())
+    scale = cfg["lora_alpha"] / cfg["r"]
+    for name, w in base.items():
+        key = name.removesuffix(".weight")
+        a = [v for k, v in adapter.items() if k.endswith(key + ".lora_A.weight")]
+        b = [v for k, v in adapter.items() if k.endswith(key + ".lora_B.weight")]
+        if a:  # merged = frozen base + scale·B·A exactly: the base itself did not move
+            assert torch.allclose(merged[name], w + scale * b[0] @ a[0], atol=1e-6), name
+        else:
+            assert torch.equal(merged[name], w), f"{name} changed but it has no adapter"
+
+
+def test_registry_manifest_verifies(tiny_run):
+    root, _, _ = tiny_run
+    (manifest_path,) = list((root / "registry").glob("tiny-neo/v*/manifest.json"))
+    manifest = json.loads(manifest_path.read_text())
+    verify(manifest_path.parent, manifest)
+    assert {f["path"] for f in manifest["files"]} >= {"model.safetensors", "config.json", "eval.json"}
+    lineage = manifest["lineage"]
+    assert lineage["pipeline_run_id"] and lineage["config_hash"] and lineage["dataset_hash"]
+
+
+def test_metrics_finite(tiny_run):
+    _, run, _ = tiny_run
+    result = json.loads((run / "merge-eval/model/eval.json").read_text())
+    for row in result["fidelity"].values():
+        for v in row.values():
+            assert math.isfinite(v)
+    log = [json.loads(x) for x in (run / "distill/adapter/train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3]
+    assert all(math.isfinite(r[k]) for r in log for k in ("loss", "ce", "kd", "grad_norm"))
