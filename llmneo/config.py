@@ -77,6 +77,10 @@ class TeacherConfig:
     tiny: TinyModelConfig = field(default_factory=lambda: TinyModelConfig(num_layers=4, seed=1))
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = _f(
         "auto", doc="teacher weights dtype in training; auto = bf16 on GPU, fp32 on CPU")
+    mode: Literal["online", "offline"] = _f(
+        "online", doc="online: teacher forward in every step; offline: cache top-k logits once (teacher step)")
+    topk: int = _f(64, lo=1, doc="with mode=offline: teacher logits kept per position")
+    topk_dtype: Literal["float16", "bfloat16"] = _f("float16", doc="with mode=offline: log-prob storage dtype")
 
 
 @dataclass
