@@ -38,3 +38,34 @@ def tiny_workspace(tmp_path_factory):
 @pytest.fixture
 def python():
     return sys.executable
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A real SeaweedFS S3 server on loopback for the whole session (started once, stopped at exit)."""
+    from s3server import start
+
+    server = start(tmp_path_factory.mktemp("seaweedfs"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3_env(s3_server, monkeypatch):
+    """The standard AWS_* variables pointing at the test server, for one test."""
+    for key, value in s3_server.env().items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    return s3_server
+
+
+@pytest.fixture
+def s3_bucket(s3_env):
+    """A fresh, empty bucket name on the test server."""
+    import uuid
+
+    from llmneo.s3 import client
+
+    name = f"t-{uuid.uuid4().hex[:12]}"
+    client().create_bucket(Bucket=name)
+    return name

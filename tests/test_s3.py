@@ -1,0 +1,42 @@
+"""llmneo.s3 against a real S3 server (SeaweedFS on loopback)."""
+
+import pytest
+
+from llmneo.errors import UserError
+from llmneo.s3 import client, download_prefix, parse_uri
+
+pytestmark = pytest.mark.integration
+
+
+def test_parse_uri():
+    assert parse_uri("s3://b/x/y/") == ("b", "x/y")
+    assert parse_uri("s3://b") == ("b", "")
+    with pytest.raises(UserError, match="missing bucket"):
+        parse_uri("s3:///x")
+
+
+def test_download_prefix_round_trip_with_checksums(s3_bucket, tmp_path):
+    s3 = client()
+    blobs = {"model/config.json": b'{"a": 1}', "model/sub/w.bin": bytes(range(256)) * 1000}
+    for key, body in blobs.items():
+        s3.put_object(Bucket=s3_bucket, Key=key, Body=body, ChecksumAlgorithm="SHA256")
+    files = download_prefix(f"s3://{s3_bucket}/model", tmp_path / "out")
+    assert sorted(p.relative_to(tmp_path / "out").as_posix() for p in files) == ["config.json", "sub/w.bin"]
+    for key, body in blobs.items():
+        assert (tmp_path / "out" / key.removeprefix("model/")).read_bytes() == body
+
+
+def test_missing_bucket_and_prefix_are_clear(s3_env, tmp_path):
+    with pytest.raises(UserError, match=r"s3://no-such-bucket-x/m: bucket does not exist"):
+        download_prefix("s3://no-such-bucket-x/m", tmp_path)
+
+
+def test_empty_prefix(s3_bucket, tmp_path):
+    with pytest.raises(UserError, match="no objects under this prefix"):
+        download_prefix(f"s3://{s3_bucket}/nothing", tmp_path)
+
+
+def test_wrong_credentials_are_clear(s3_bucket, tmp_path, monkeypatch):
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong")
+    with pytest.raises(UserError, match="access denied .*check the S3 credentials"):
+        download_prefix(f"s3://{s3_bucket}/model", tmp_path)
