@@ -32,10 +32,9 @@ def merge(student_artifact: str | Path, distill_dir: str | Path, out_dir: str | 
     out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = AutoTokenizer.from_pretrained(model_location(student_artifact)[0])
     if (distill_dir / "adapter").is_dir():
-        from peft import PeftModel
+        from llmneo.lora import merge_adapter  # peft LoRA/DoRA/rsLoRA or MoSLoRA
 
-        base = load_causal_lm(student_artifact, dtype=torch.float32)
-        model = PeftModel.from_pretrained(base, str(distill_dir / "adapter")).merge_and_unload()
+        model = merge_adapter(load_causal_lm(student_artifact, dtype=torch.float32), distill_dir / "adapter")
     elif (distill_dir / "model").is_dir():
         model = load_causal_lm(distill_dir / "model", dtype=torch.float32)
     else:
