@@ -7,7 +7,8 @@ Two entry points with the same numerics:
 - :func:`chunked_distill_loss` takes final hidden states of the *selected* positions ``[N, H]`` and
   the output heads, and never materializes more than ``chunk_tokens × V`` fp32 logits at a time. Each
   chunk's backward is done right away inside the forward (the gradient w.r.t. the hidden states and
-  the head parameters is kept, the logits are freed), so nothing is recomputed in backward.
+  the head parameters is kept, the logits are freed), so nothing is recomputed in backward; for the
+  default forward KL (and CE alone) the logits' gradient is even written in closed form, in place.
 
 The teacher is either *online* (its logits, or its hidden states + head) or *offline*: the top-k
 log-probabilities cached by the teacher step (:mod:`llmneo.topk`), compared with a sparse divergence
@@ -103,14 +104,31 @@ def divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, kind:
     return divergence_from_logprobs(s, t, kind, beta)
 
 
+def _teacher_topk_logprobs(teacher: TeacherTopK, vocab: int, temperature: float, tail: str):
+    """The teacher's distribution on the coarse support: (log-probs of the k ids ``[N, k]``, log-prob
+    of the tail bucket ``[N]`` or None for ``renormalize``), both at temperature T and normalized.
+    Ids ``>= vocab`` get LOG_FLOOR (probability 0)."""
+    valid = teacher.ids < vocab
+    t_top = (teacher.logprobs.float() / temperature).masked_fill(~valid, LOG_FLOOR)
+    if tail == "renormalize":
+        return F.log_softmax(t_top, -1), None
+    n_tail = vocab - valid.sum(-1)  # tokens outside the top-k (ids are distinct)
+    # teacher tail mass at T=1 (≥ a tiny floor: fp16 storage can make Σ p_i round above 1)
+    p_tail = (1.0 - teacher.logprobs.float().masked_fill(~valid, -math.inf).exp().sum(-1)).clamp(min=1e-8)
+    n = n_tail.clamp(min=1).float()
+    t_tail = torch.where(n_tail > 0, n.log() + (p_tail / n).log() / temperature, LOG_FLOOR)  # log Σ (p/n)^(1/T)
+    t_full = F.log_softmax(torch.cat([t_top, t_tail.unsqueeze(-1)], dim=-1), -1)
+    return t_full[:, :-1], t_full[:, -1]
+
+
 def topk_divergence(student_logits: torch.Tensor, teacher: TeacherTopK, kind: str = "forward_kl",
                     temperature: float = 1.0, beta: float = 0.5, tail: str = "tail") -> torch.Tensor:
     """Sparse divergence against cached teacher top-k log-probs (offline teacher).
 
     Args:
         student_logits: ``[N, V]`` full-vocabulary student logits (fp32 inside).
-        teacher: top-k ``ids`` / ``logprobs`` ``[N, k]``; ids ``>= V`` (teacher padding columns) are
-            dropped.
+        teacher: top-k ``ids`` / ``logprobs`` ``[N, k]`` (distinct ids per row); ids ``>= V`` (teacher
+            padding columns) are dropped.
         tail: what to do with the teacher mass outside its top-k (``P_tail = 1 − Σ_k p_i``):
 
             - ``"tail"`` (default): one extra "everything else" bucket. Both distributions are coarsened
@@ -131,24 +149,18 @@ def topk_divergence(student_logits: torch.Tensor, teacher: TeacherTopK, kind: st
     vocab = student_logits.shape[-1]
     valid = teacher.ids < vocab
     ids = teacher.ids.clamp(max=vocab - 1)
-    t_top = (teacher.logprobs.float() / temperature).masked_fill(~valid, LOG_FLOOR)
+    t_top, t_tail = _teacher_topk_logprobs(teacher, vocab, temperature, tail)
     if tail == "renormalize":
         s_top = (student_logits.float() / temperature).gather(-1, ids).masked_fill(~valid, LOG_FLOOR)
-        return divergence_from_logprobs(F.log_softmax(s_top, -1), F.log_softmax(t_top, -1), kind, beta)
-
+        return divergence_from_logprobs(F.log_softmax(s_top, -1), t_top, kind, beta)
     s_logp = F.log_softmax(student_logits.float() / temperature, dim=-1)
     s_top = s_logp.gather(-1, ids).masked_fill(~valid, LOG_FLOOR)
     in_topk = torch.zeros_like(s_logp, dtype=torch.int32).scatter_add_(-1, ids, valid.int()) > 0
-    n_tail = vocab - in_topk.sum(-1)  # tokens outside the top-k, per position
-    has_tail = n_tail > 0
+    has_tail = (~in_topk).any(-1)
     s_tail = torch.logsumexp(s_logp.masked_fill(in_topk, LOG_FLOOR), dim=-1)
-    # teacher tail mass at T=1 (≥ a tiny floor: fp16 storage can make Σ p_i round above 1)
-    p_tail = (1.0 - teacher.logprobs.float().masked_fill(~valid, -math.inf).exp().sum(-1)).clamp(min=1e-8)
-    n = n_tail.clamp(min=1).float()
-    t_tail = n.log() + (p_tail / n).log() / temperature  # log Σ_tail (p_tail/n)^(1/T)
     s_full = torch.cat([s_top, torch.where(has_tail, s_tail, LOG_FLOOR).unsqueeze(-1)], dim=-1)
-    t_full = torch.cat([t_top, torch.where(has_tail, t_tail, LOG_FLOOR).unsqueeze(-1)], dim=-1)
-    return divergence_from_logprobs(s_full.clamp(min=LOG_FLOOR), F.log_softmax(t_full, -1), kind, beta)
+    t_full = torch.cat([t_top, t_tail.unsqueeze(-1)], dim=-1)
+    return divergence_from_logprobs(s_full.clamp(min=LOG_FLOOR), t_full, kind, beta)
 
 
 # --------------------------------------------------------------------------------------------
@@ -201,6 +213,109 @@ def distill_loss(student_logits: torch.Tensor, labels: torch.Tensor, teacher_log
 # --------------------------------------------------------------------------------------------
 
 
+def _ce_forward_kl_with_grad(logits: torch.Tensor, targets: torch.Tensor, teacher_logits: torch.Tensor | None,
+                             alpha: float, temperature: float):
+    """(loss, ce, kd, d loss / d logits) for (1-α)·CE + α·T²·KL(teacher‖student) on ``[n, V]`` logits,
+    with the gradient in closed form instead of autograd:
+
+        d CE / dz = softmax(z) − onehot(y),      d T²·KL / dz = T·(softmax(z/T) − softmax(u/T))
+
+    Computed in place, so about four ``[n, V]`` fp32 buffers are alive at the peak (autograd through
+    log-softmaxes keeps about ten). ``logits`` and ``teacher_logits`` may be overwritten. The default
+    (forward KL, and CE alone) takes this path; reverse KL, JSD and top-k targets go through autograd."""
+    z = logits.float()
+    rows = torch.arange(z.shape[0], device=z.device)
+    lse = torch.logsumexp(z, dim=-1, keepdim=True)
+    ce = (lse.squeeze(-1) - z[rows, targets]).sum()
+    if teacher_logits is None:
+        grad = z.sub_(lse).exp_().mul_(1.0 - alpha)  # z is now (1-α)·softmax(z)
+        grad[rows, targets] -= 1.0 - alpha
+        return (1.0 - alpha) * ce, ce, ce.new_zeros(()), grad
+    t = teacher_logits[:, : z.shape[-1]].float()  # fresh per chunk: overwritten below
+    if temperature != 1.0:
+        t = t / temperature
+    t_logp = t.sub_(torch.logsumexp(t, dim=-1, keepdim=True))
+    if temperature == 1.0:
+        s_logp = z - lse
+    else:
+        s_logp = z / temperature
+        s_logp.sub_(torch.logsumexp(s_logp, dim=-1, keepdim=True))
+    t_prob = t_logp.exp()
+    diff = t_logp.sub_(s_logp)  # log p_t − log p_s (in the teacher's buffer)
+    kd = torch.dot(t_prob.flatten(), diff.flatten())  # Σ p_t·(log p_t − log p_s), no [n, V] temporary
+    del diff, t_logp
+    s_prob = s_logp.exp_()  # softmax(z/T)
+    if temperature == 1.0:  # both terms share softmax(z): grad = p_s − α·p_t − (1-α)·onehot
+        grad = s_prob.sub_(t_prob, alpha=alpha)
+    else:
+        grad = z.sub_(lse).exp_().mul_(1.0 - alpha).add_(s_prob.sub_(t_prob), alpha=alpha * temperature)
+    grad[rows, targets] -= 1.0 - alpha
+    return (1.0 - alpha) * ce + alpha * temperature**2 * kd, ce, kd, grad
+
+
+def _topk_forward_kl_with_grad(logits: torch.Tensor, targets: torch.Tensor, teacher: TeacherTopK, alpha: float,
+                               temperature: float, tail: str):
+    """(loss, ce, kd, d loss / d logits) for (1-α)·CE + α·T²·(sparse forward KL on the cached top-k
+    set S), gradient in closed form (u = z/T, q = softmax(u), P = the teacher on the coarse support):
+
+    - ``tail``: d KL / du = q − p̃, with p̃ = P on S and, outside S, the teacher's tail mass spread
+      like the student's own tail: p̃_j = P_tail · softmax(u | not S)_j;
+    - ``renormalize``: d KL / du = Q_S − P_S on S (Q = softmax(u) restricted to S), 0 elsewhere.
+
+    All ids must be < V (the caller falls back to autograd otherwise). ``logits`` may be overwritten."""
+    z = logits.float()
+    rows = torch.arange(z.shape[0], device=z.device)
+    ids = teacher.ids
+    lse = torch.logsumexp(z, dim=-1, keepdim=True)
+    ce = (lse.squeeze(-1) - z[rows, targets]).sum()
+    t_top, t_tail = _teacher_topk_logprobs(teacher, z.shape[-1], temperature, tail)
+    p_top = t_top.exp()
+    u = z / temperature if temperature != 1.0 else z
+    lse_u = lse if temperature == 1.0 else torch.logsumexp(u, dim=-1, keepdim=True)
+    u_top = u.gather(-1, ids)
+    if tail == "renormalize":
+        q_logp = F.log_softmax(u_top, -1)
+        kd = (p_top * (t_top - q_logp)).sum()
+        kd_grad = None  # zero outside S
+    else:
+        q_logp = u_top - lse_u
+        masked = u.scatter(-1, ids, -math.inf)  # u outside S
+        lse_tail = torch.logsumexp(masked, dim=-1, keepdim=True)  # -inf when S covers the vocabulary
+        has_tail = torch.isfinite(lse_tail)
+        lse_tail = torch.where(has_tail, lse_tail, 0.0)
+        log_p_tail = t_tail.unsqueeze(-1)
+        p_tail = torch.where(has_tail, log_p_tail.exp(), 0.0)
+        kd = (p_top * (t_top - q_logp)).sum() + torch.where(
+            has_tail, p_tail * (log_p_tail - (lse_tail - lse_u)), 0.0).sum()
+        # outside S: q_j − P_tail·softmax(u | not S)_j (both terms ≤ 1, no 1/q_tail); 0 on S (-inf there)
+        spread = (masked - lse_tail).exp_().mul_(p_tail)
+        kd_grad = masked.sub_(lse_u).exp_().sub_(spread)
+        del spread, masked
+    kd_top = q_logp.exp() - p_top  # on S: q_i − P_i (renormalize: Q_i − P_i)
+    # combine with CE: (1-α)·(softmax(z) − onehot) + α·T·kd_grad
+    grad = z.sub_(lse).exp_().mul_(1.0 - alpha)  # z is now (1-α)·softmax(z)
+    if kd_grad is not None:
+        grad.add_(kd_grad, alpha=alpha * temperature)
+    grad.scatter_add_(-1, ids, kd_top.mul_(alpha * temperature))
+    grad[rows, targets] -= 1.0 - alpha
+    return (1.0 - alpha) * ce + alpha * temperature**2 * kd, ce, kd, grad
+
+
+def _chunk_loss_and_grad(logits: torch.Tensor, targets: torch.Tensor, teacher, alpha: float, temperature: float,
+                         kind: str, beta: float, topk_tail: str):
+    """(loss, ce, kd, d loss / d logits) of one chunk; ``logits`` ``[n, V]`` (no graph, may be overwritten)."""
+    forward_kl = kind == "forward_kl" or (kind == "jsd" and beta == 0.0)
+    if teacher is None or (forward_kl and not isinstance(teacher, TeacherTopK)):
+        return _ce_forward_kl_with_grad(logits, targets, teacher, alpha, temperature)
+    if forward_kl and bool((teacher.ids < logits.shape[-1]).all()):
+        return _topk_forward_kl_with_grad(logits, targets, teacher, alpha, temperature, topk_tail)
+    leaf = logits.detach().float().requires_grad_()
+    with torch.enable_grad():
+        loss, ce, kd = token_loss(leaf, targets, teacher, alpha, temperature, kind, beta, topk_tail)
+        (grad,) = torch.autograd.grad(loss, leaf)
+    return loss.detach(), ce.detach(), kd.detach(), grad
+
+
 class _ChunkedHeadLoss(torch.autograd.Function):
     """loss(head(hidden)) in token chunks; per chunk the logits' gradient is taken at once and turned
     into gradients w.r.t. ``hidden`` and the head's trainable parameters, then the logits are freed.
@@ -220,19 +335,19 @@ class _ChunkedHeadLoss(torch.autograd.Function):
             sl = slice(start, min(n, start + chunk_tokens))
             h = hidden[sl].detach().requires_grad_(need_h)
             with torch.enable_grad():
-                part, ce, kd = chunk_loss(sl, head(h))
-                inputs = ([h] if need_h else []) + wrt_params
-                grads = torch.autograd.grad(part, inputs) if inputs else ()
-            grads = list(grads)
+                logits = head(h)
+            part, ce, kd, grad_logits = chunk_loss(sl, logits.detach())
+            inputs = ([h] if need_h else []) + wrt_params
+            grads = list(torch.autograd.grad(logits, inputs, grad_outputs=grad_logits.to(logits.dtype)))
+            del logits, grad_logits  # the chunk's [n, V] buffers die here
             if need_h:
                 grad_hidden[sl] = grads.pop(0)
             for g in grad_params:
                 if g is not None:
                     g += grads.pop(0).float()
-            loss += part.detach()
-            ce_sum += ce.detach()
-            kd_sum += kd.detach()
-            del part, grads  # the chunk's logits and softmax temporaries die here
+            loss += part
+            ce_sum += ce
+            kd_sum += kd
         ctx.save_for_backward(*([grad_hidden] if need_h else []),
                               *[g for g in grad_params if g is not None])
         ctx.layout = (need_h, [g is not None for g in grad_params],
@@ -270,24 +385,29 @@ def chunked_distill_loss(student_hidden: torch.Tensor, targets: torch.Tensor, st
         :class:`LossSums`; ``loss`` carries the gradient to ``student_hidden`` and the head.
     """
 
-    def chunk_loss(sl: slice, logits: torch.Tensor):
-        teacher = None
+    def teacher_chunk(sl: slice):
         if teacher_topk is not None:
-            teacher = teacher_topk[sl]
-        elif teacher_hidden is not None:
+            return teacher_topk[sl]
+        if teacher_hidden is not None:
             with torch.no_grad():
-                teacher = teacher_head(teacher_hidden[sl])
-        return token_loss(logits, targets[sl], teacher, alpha, temperature, kind, beta, topk_tail)
+                return teacher_head(teacher_hidden[sl])
+        return None
+
+    def chunk_loss_and_grad(sl: slice, logits: torch.Tensor):
+        return _chunk_loss_and_grad(logits, targets[sl], teacher_chunk(sl), alpha, temperature, kind, beta,
+                                    topk_tail)
 
     n = student_hidden.shape[0]
     params = [p for p in student_head.parameters() if p.requires_grad] if isinstance(student_head, nn.Module) else []
     if torch.is_grad_enabled() and (student_hidden.requires_grad or params):
-        loss, ce, kd = _ChunkedHeadLoss.apply(student_hidden, student_head, chunk_loss, chunk_tokens, *params)
+        loss, ce, kd = _ChunkedHeadLoss.apply(student_hidden, student_head, chunk_loss_and_grad, chunk_tokens,
+                                              *params)
         return LossSums(loss, ce, kd, n)
     loss = student_hidden.new_zeros((), dtype=torch.float32)
     ce_sum, kd_sum = loss.clone(), loss.clone()
     for start in range(0, n, chunk_tokens):
         sl = slice(start, min(n, start + chunk_tokens))
-        part, ce, kd = chunk_loss(sl, student_head(student_hidden[sl]))
+        part, ce, kd = token_loss(student_head(student_hidden[sl]), targets[sl], teacher_chunk(sl), alpha,
+                                  temperature, kind, beta, topk_tail)
         loss, ce_sum, kd_sum = loss + part, ce_sum + ce, kd_sum + kd
     return LossSums(loss, ce_sum, kd_sum, n)

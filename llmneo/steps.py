@@ -44,8 +44,10 @@ def torchrun_command(cfg: Config, workdir: Path) -> list[str]:
 
 
 def _run_forwarding_signals(cmd: list[str], env: dict) -> int:
-    """Run ``cmd``; SIGTERM/SIGINT received here are passed on to it (torchrun passes them to the
-    trainers, which checkpoint and stop) and we wait for it, instead of dying and orphaning it."""
+    """Run ``cmd`` and wait for it. A SIGTERM received here (Kubernetes preempting the pod) is passed
+    on to it — torchrun passes it to the trainers, which checkpoint and stop — instead of killing us
+    and orphaning it. Ctrl-C already reaches the child through the terminal's process group, so
+    SIGINT is only kept from interrupting the wait."""
     import signal
     import threading
 
@@ -54,7 +56,7 @@ def _run_forwarding_signals(cmd: list[str], env: dict) -> int:
         return proc.wait()
 
     def forward(signum, _frame):
-        if proc.poll() is None:
+        if proc.poll() is None and signum == signal.SIGTERM:
             proc.send_signal(signum)
 
     previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}

@@ -147,11 +147,23 @@ def count_targets(rows: list[dict]) -> int:
     return sum(sum(1 for t in r["labels"][1:] if t != IGNORE_INDEX) for r in rows)
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident memory. Linux: VmHWM of its own address space (``ru_maxrss`` would
+    include the parent's peak when it was started by vfork+exec, as subprocess and torchrun do)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB; other systems: an estimate
+
+
 def peak_memory_mb(device: torch.device) -> float:
     """Peak GPU memory allocated by torch, or the process's peak RSS on CPU."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    return peak_rss_mb()
 
 
 def training_hash(cfg: Config, dataset_hash: str | None) -> str:

@@ -225,7 +225,11 @@ def test_topk_ids_beyond_student_vocab_are_dropped():
 
 
 @pytest.mark.parametrize("tail", ["tail", "renormalize"])
-def test_chunked_topk_equals_reference(tail):
+@pytest.mark.parametrize("kind, T, k", [("forward_kl", 1.0, 4), ("forward_kl", 2.0, 4), ("forward_kl", 1.0, 11),
+                                        ("reverse_kl", 1.5, 4), ("forward_kl", 1.0, "padded")])
+def test_chunked_topk_equals_reference(tail, kind, T, k):
+    """The chunked top-k loss (closed-form gradient for forward KL, autograd otherwise, and for ids
+    beyond the vocabulary) equals the reference `distill_loss` on full logits, values and gradients."""
     g = torch.Generator().manual_seed(9)
     B, L, H, V = 2, 6, 5, 11
     hidden = torch.randn(B, L, H, generator=g, requires_grad=True)
@@ -233,14 +237,19 @@ def test_chunked_topk_equals_reference(tail):
     labels = torch.randint(0, V, (B, L), generator=g)
     labels[1, :3] = IGNORE_INDEX
     mask, targets = shift_mask(labels)
-    top = _topk(torch.randn(int(mask.sum()), V, generator=g), 4)
-    full = distill_loss(head(hidden), labels, None, alpha=0.6, teacher_topk=top, topk_tail=tail)
-    (g_full,) = torch.autograd.grad(full.loss, hidden)
-    chunked = chunked_distill_loss(hidden[:, :-1][mask], targets, head, alpha=0.6, chunk_tokens=3,
-                                   teacher_topk=top, topk_tail=tail)
-    (g_chunk,) = torch.autograd.grad(chunked.loss, hidden)
+    top = _topk(2 * torch.randn(int(mask.sum()), V, generator=g), V if k == 11 else 4)
+    if k == "padded":  # a padded teacher vocabulary ranked id 12 in its top-k
+        top = TeacherTopK(torch.cat([top.ids, torch.full_like(top.ids[:, :1], 12)], -1),
+                          torch.cat([top.logprobs, torch.full_like(top.logprobs[:, :1], -9.0)], -1))
+    kw = {"alpha": 0.6, "temperature": T, "kind": kind, "teacher_topk": top, "topk_tail": tail}
+    full = distill_loss(head(hidden), labels, None, **kw)
+    ref = torch.autograd.grad(full.loss, [hidden, head.weight])
+    chunked = chunked_distill_loss(hidden[:, :-1][mask], targets, head, chunk_tokens=3, **kw)
+    got = torch.autograd.grad(chunked.loss, [hidden, head.weight])
     assert float(chunked.loss.detach()) == pytest.approx(float(full.loss.detach()), rel=1e-5)
-    assert float(full.kd) > 0 and torch.allclose(g_chunk, g_full, atol=1e-6)
+    assert float(chunked.kd) == pytest.approx(float(full.kd), rel=1e-5, abs=1e-6) and float(full.kd) >= 0
+    for a, b in zip(got, ref, strict=True):
+        assert torch.isfinite(a).all() and torch.allclose(a, b, atol=1e-6)
 
 
 def test_cached_topk_with_k_equal_vocab_gives_the_online_kd(tiny_workspace, tmp_path):
@@ -274,3 +283,21 @@ def test_cached_topk_with_k_equal_vocab_gives_the_online_kd(tiny_workspace, tmp_
         offline = distill_loss(s_logits, batch["labels"], None, alpha=1.0, teacher_topk=cached, topk_tail=tail)
         assert offline.tokens == online.tokens
         assert float(offline.kd) == pytest.approx(float(online.kd), rel=2e-3)  # fp16 log-prob storage
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.3])
+def test_chunked_ce_only_equals_reference(alpha):
+    """sft/lora (no teacher): the closed-form CE gradient equals autograd's."""
+    g = torch.Generator().manual_seed(10)
+    hidden = torch.randn(2, 5, 4, generator=g, requires_grad=True)
+    head = torch.nn.Linear(4, 9, bias=False)
+    labels = torch.randint(0, 9, (2, 5), generator=g)
+    labels[0, 1] = IGNORE_INDEX
+    full = distill_loss(head(hidden), labels, None, alpha=alpha)
+    ref = torch.autograd.grad(full.loss, [hidden, head.weight])
+    mask, targets = shift_mask(labels)
+    chunked = chunked_distill_loss(hidden[:, :-1][mask], targets, head, alpha=alpha, chunk_tokens=2)
+    got = torch.autograd.grad(chunked.loss, [hidden, head.weight])
+    assert float(chunked.loss.detach()) == pytest.approx(float(full.loss.detach()), rel=1e-6)
+    for a, b in zip(got, ref, strict=True):
+        assert torch.allclose(a, b, atol=1e-6)
