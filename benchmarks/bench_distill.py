@@ -9,6 +9,8 @@ GKDTrainer (β=0 = forward KL, λ=0 = no on-policy generation) on the same model
     python benchmarks/bench_distill.py --gpu
     # a subset, more steps, 3 rounds (median tokens/s) on a noisy machine
     python benchmarks/bench_distill.py --only neo,neo-naive,trl-gkd --steps 5 --repeat 3
+    # both sides with activation checkpointing (TRL's SFTConfig default)
+    python benchmarks/bench_distill.py --only neo-ac,trl-gkd-ac
 
 Every configuration runs in its own process (so peak RSS is its own), builds the same seeded
 random-init models in memory, runs ``--warmup`` optimizer steps, then times ``--steps`` steps.
@@ -22,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -31,6 +34,8 @@ from pathlib import Path
 import torch
 
 CONFIGS = ("sft", "lora", "kd", "neo", "neo-naive", "neo-offline", "trl-gkd")
+# not run by default: both sides with activation checkpointing (TRL's SFTConfig default)
+EXTRA_CONFIGS = ("neo-ac", "trl-gkd-ac")
 SHAPES = {
     # tiny Llama shapes that still have a Llama-like vocabulary (the logits are what KD costs)
     "cpu": {"student": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4,
@@ -155,6 +160,8 @@ def run_llmneo(name: str, root: Path, shape: dict, device: str, warmup: int, ste
         overrides.append("distill.loss_impl=naive")
     if name == "neo-offline":
         overrides.append("teacher.mode=offline")
+    if name == "neo-ac":
+        overrides.append("distill.activation_checkpointing=true")
     workdir = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=root))
     (workdir / "config.yaml").write_text(dump_yaml(load_config("tiny", overrides)))
     (workdir / "inputs.json").write_text(json.dumps({k: str(root / k) for k in ("dataset", "teacher", "student")}))
@@ -183,7 +190,7 @@ def run_llmneo(name: str, root: Path, shape: dict, device: str, warmup: int, ste
             "peak_mb": whole, "train_peak_mb": train_peak, "loss": records[-1]["loss"]}
 
 
-def run_trl(root: Path, shape: dict, device: str, warmup: int, steps: int) -> dict:
+def run_trl(root: Path, shape: dict, device: str, warmup: int, steps: int, checkpointing: bool) -> dict:
     from datasets import Dataset
     from peft import LoraConfig
     from transformers import TrainerCallback
@@ -219,8 +226,8 @@ def run_trl(root: Path, shape: dict, device: str, warmup: int, steps: int) -> di
         gradient_accumulation_steps=accum, max_steps=warmup + steps, learning_rate=2e-4, lr_scheduler_type="cosine",
         max_grad_norm=1.0, lmbda=0.0, beta=0.0, temperature=1.0, seq_kd=False,
         max_length=shape["seq"], logging_steps=10_000, save_strategy="no", report_to=[], seed=0,
-        # TRL's SFTConfig defaults to activation checkpointing; llmneo's is off: compare like with like
-        gradient_checkpointing=False, bf16=device == "cuda", use_cpu=device != "cuda", dataloader_num_workers=0,
+        # TRL's SFTConfig defaults to activation checkpointing, llmneo's to none: set both alike
+        gradient_checkpointing=checkpointing, bf16=device == "cuda", use_cpu=device != "cuda", dataloader_num_workers=0,
         disable_dropout=True)
     trainer = GKDTrainer(
         model=student, teacher_model=teacher, args=args, processing_class=build_tiny_tokenizer(),
@@ -240,8 +247,8 @@ def worker(args) -> None:
     device = "cuda" if args.shape == "gpu" else "cpu"
     if device == "cpu":
         torch.set_num_threads(args.threads)
-    if args.worker == "trl-gkd":
-        result = run_trl(root, shape, device, args.warmup, args.steps)
+    if args.worker.startswith("trl-gkd"):
+        result = run_trl(root, shape, device, args.warmup, args.steps, checkpointing=args.worker == "trl-gkd-ac")
     else:
         result = run_llmneo(args.worker, root, shape, device, args.warmup, args.steps)
     print("RESULT " + json.dumps(result), flush=True)
@@ -255,7 +262,8 @@ def worker(args) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--gpu", action="store_true", help="Llama-3.2-1B / 3.1-8B shapes on CUDA")
-    parser.add_argument("--only", default=",".join(CONFIGS), help="comma-separated subset of " + ",".join(CONFIGS))
+    parser.add_argument("--only", default=",".join(CONFIGS),
+                        help="comma-separated, from " + ",".join(CONFIGS + EXTRA_CONFIGS))
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--repeat", type=int, default=1,
@@ -279,9 +287,10 @@ def main() -> int:
         return 2
     shape = SHAPES[shape_name]
     names = [n.strip() for n in args.only.split(",") if n.strip()]
-    unknown = sorted(set(names) - set(CONFIGS))
+    unknown = sorted(set(names) - set(CONFIGS + EXTRA_CONFIGS))
     if unknown:
-        print(f"error: --only: unknown configuration(s) {unknown}; known: {', '.join(CONFIGS)}", file=sys.stderr)
+        print(f"error: --only: unknown configuration(s) {unknown}; known: {', '.join(CONFIGS + EXTRA_CONFIGS)}",
+              file=sys.stderr)
         return 2
     device = torch.cuda.get_device_name() if args.gpu else f"CPU, {args.threads} threads"
     print(f"device: {device}; student {shape['student']['hidden_size']}h×{shape['student']['num_hidden_layers']}L, "
@@ -316,19 +325,21 @@ def main() -> int:
     results = {}
     for name, rs in runs.items():
         if rs:  # median throughput; memory is deterministic up to allocator noise: report the largest
-            best = sorted(rs, key=lambda r: r["tokens_per_s"])[len(rs) // 2]
-            results[name] = {**best, "peak_mb": max(r["peak_mb"] for r in rs),
+            results[name] = {**rs[-1], "tokens_per_s": statistics.median(r["tokens_per_s"] for r in rs),
+                             "all_tokens_per_s": [round(r["tokens_per_s"], 1) for r in rs],
+                             "peak_mb": max(r["peak_mb"] for r in rs),
                              "train_peak_mb": max(r["train_peak_mb"] for r in rs)}
 
     mem = "peak GPU MiB" if args.gpu else "peak RSS MiB"
     rows = [[n, round(r["tokens_per_s"], 1), round(r["peak_mb"]), round(r["train_peak_mb"]),
-             "" if r["loss"] is None else round(r["loss"], 4)] for n, r in results.items()]
+             " ".join(str(x) for x in r["all_tokens_per_s"])] for n, r in results.items()]
     print()
-    print(table(["config", "tokens/s", mem, "timed-steps peak MiB", "loss"], rows))
+    print(table(["config", "tokens/s (median)", mem, "timed-steps peak MiB", "tokens/s per round"], rows))
     comparisons = [("neo", "neo-naive", "NEO: chunked KL vs naive full-vocab fp32 KL"),
                    ("neo", "trl-gkd", "NEO vs TRL GKDTrainer (goal: >= 1.3x tokens/s, <= 0.8x peak)"),
                    ("neo-offline", "neo", "NEO: offline top-k vs online teacher"),
-                   ("neo", "kd", "NEO vs full KD")]
+                   ("neo", "kd", "NEO vs full KD"),
+                   ("neo-ac", "trl-gkd-ac", "NEO vs TRL GKDTrainer, both with activation checkpointing")]
     print()
     for a, b, what in comparisons:
         if a in results and b in results:

@@ -8,7 +8,8 @@ Two entry points with the same numerics:
   the output heads, and never materializes more than ``chunk_tokens × V`` fp32 logits at a time. Each
   chunk's backward is done right away inside the forward (the gradient w.r.t. the hidden states and
   the head parameters is kept, the logits are freed), so nothing is recomputed in backward; for the
-  default forward KL (and CE alone) the logits' gradient is even written in closed form, in place.
+  default forward KL (also against the offline top-k, and CE alone) the logits' gradient is even
+  written in closed form, in place.
 
 The teacher is either *online* (its logits, or its hidden states + head) or *offline*: the top-k
 log-probabilities cached by the teacher step (:mod:`llmneo.topk`), compared with a sparse divergence

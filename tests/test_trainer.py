@@ -119,6 +119,18 @@ def test_same_numbers_with_other_memory_settings(override, neo_run, tiny_workspa
         assert torch.allclose(value, ref[key], atol=1e-6), key
 
 
+def test_bf16_autocast_and_bf16_teacher_as_on_gpu(neo_run, tiny_workspace, tmp_path):
+    """The GPU numerics (bf16 autocast, bf16 teacher, fp32 master weights) run here on CPU too."""
+    ref_dir, _ = neo_run
+    workdir = make_workdir(tmp_path, tiny_workspace, "distill.precision=bf16", "teacher.dtype=bfloat16")
+    trainer = run(workdir)
+    assert trainer.teacher.dtype == torch.bfloat16
+    assert all(p.dtype == torch.float32 for p in trainer.trainable)  # master weights stay fp32
+    for a, b in zip(log(workdir), log(ref_dir), strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=2e-2) and a["kd"] == pytest.approx(b["kd"], rel=0.2)
+    assert all(torch.isfinite(v).all() for v in adapter(workdir).values())
+
+
 # ---------------------------------------------------------------------------- offline teacher
 
 
