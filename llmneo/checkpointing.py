@@ -19,6 +19,8 @@ from __future__ import annotations
 import json
 import random
 import shutil
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -36,6 +38,14 @@ _LOAD_OPTIONS = StateDictOptions(ignore_frozen_params=True, strict=False)
 def _barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+@contextmanager
+def _single_process_ok():
+    """DCP warns that it 'assumes' a single process when there is no process group: that is intended."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
 
 
 def rng_state(device: torch.device) -> dict:
@@ -72,7 +82,8 @@ def save(root: str | Path, step: int, module: torch.nn.Module, optimizer: torch.
         (tmp / "rng").mkdir(parents=True)
     _barrier()
     model_sd, optim_sd = get_state_dict(module, optimizer, options=_OPTIONS)
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp / "state"))
+    with _single_process_ok():
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp / "state"))
     torch.save(rng_state(device), tmp / "rng" / f"rank-{rank:05d}.pt")
     _barrier()
     if rank == 0:
@@ -95,7 +106,8 @@ def load(path: str | Path, module: torch.nn.Module, optimizer: torch.optim.Optim
     path = Path(path)
     model_sd, optim_sd = get_state_dict(module, optimizer, options=_OPTIONS)
     state = {"model": model_sd, "optim": optim_sd}
-    dcp.load(state, checkpoint_id=str(path / "state"))
+    with _single_process_ok():
+        dcp.load(state, checkpoint_id=str(path / "state"))
     set_state_dict(module, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
                    options=_LOAD_OPTIONS)
     rng_file = path / "rng" / f"rank-{rank:05d}.pt"

@@ -128,7 +128,8 @@ class DistillConfig:
         "ddp", doc="ddp: replicate the student; fsdp: shard it per decoder layer (FSDP2 fully_shard)")
     save_every: int = _f(50, lo=0, doc="checkpoint every N optimizer steps (0 = only on SIGTERM/SIGINT)")
     keep_checkpoint: bool = _f(False, doc="keep checkpoint/ after a successful run (default: removed)")
-    resume: bool = _f(True, doc="resume from checkpoint/ in the output folder when one exists")
+    resume: bool = _f(True, doc="resume from checkpoint/ in the output folder (or skip a run already complete "
+                      "there); false: train from scratch")
     nproc_per_node: int = _f(2, lo=1, doc="torchrun processes per node (GPUs per node on a cluster)")
     nnodes: int = _f(1, lo=1, doc="nodes; >1 runs on the distributed engine (see README)")
     seed: int = _f(0)

@@ -210,7 +210,7 @@ class DistillTrainer:
         """A previous attempt finished with the same configuration (e.g. a KFP retry after the step
         itself succeeded): nothing to do."""
         path = self.workdir / "card.json"
-        if not path.is_file():
+        if not self.d.resume or not path.is_file():
             return False
         card = json.loads(path.read_text())
         out = self.workdir / ("adapter" if self.method in LORA_METHODS else "model")

@@ -255,6 +255,10 @@ def test_a_complete_run_is_not_redone(neo_run, capsys):
     assert main(["--workdir", str(workdir)]) == 0
     assert "already holds a complete run" in capsys.readouterr().err
     assert (workdir / "card.json").stat().st_mtime_ns == before
+    fresh = DistillTrainer(workdir)
+    assert fresh.already_complete()
+    fresh.d.resume = False  # distill.resume=false: train again
+    assert not fresh.already_complete()
 
 
 # ---------------------------------------------------------------------------- observability

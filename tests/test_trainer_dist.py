@@ -11,11 +11,11 @@ import time
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_trainer import make_workdir, run
 
 from llmneo.config import load_config
 from llmneo.errors import UserError
 from llmneo.steps import run_distill
-from test_trainer import make_workdir, run
 
 pytestmark = pytest.mark.integration
 
