@@ -119,8 +119,29 @@ def llm_neo(preset: str = "tiny", overrides: list = [], max_kl_to_teacher: float
         kubernetes.set_timeout(register_task, TIMEOUT_S["register"])
 
 
+def _sorted(value):
+    if isinstance(value, dict):
+        return {k: _sorted(value[k]) for k in sorted(value)}
+    return [_sorted(v) for v in value] if isinstance(value, list) else value
+
+
+def _stable_header(path: str) -> None:
+    """kfp writes dict defaults into the YAML's header comment in protobuf map order, which varies
+    between processes: sort their keys so that compiling twice gives the same file (drift test)."""
+    import ast
+    import re
+
+    lines = open(path).read().split("\n")
+    for i, line in enumerate(lines):
+        m = re.match(r"^(#    \w+: \w+ \[Default: )(.*)(\])$", line)
+        if m and m.group(2)[:1] in "[{":
+            lines[i] = m.group(1) + str(_sorted(ast.literal_eval(m.group(2)))) + m.group(3)
+    open(path, "w").write("\n".join(lines))
+
+
 def compile_pipeline(output: str) -> str:
     compiler.Compiler().compile(llm_neo, output)
+    _stable_header(output)
     return output
 
 
