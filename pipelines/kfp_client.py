@@ -13,6 +13,7 @@ parameter names and types): a mistake is one ``error:`` line and nothing is crea
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -122,32 +123,31 @@ def connect(host: str | None, namespace: str | None = None):
         raise UserError("--host: the Kubeflow Pipelines URL is required (or set KFP_HOST)")
     import kfp
 
-    return kfp.Client(host=host, namespace=namespace or os.environ.get("KFP_NAMESPACE") or None)
+    import warnings
+
+    with _api_errors(f"connect to {host}"), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "This client only works with Kubeflow Pipeline v2", FutureWarning)
+        return kfp.Client(host=host, namespace=namespace or os.environ.get("KFP_NAMESPACE") or None)
 
 
+@contextlib.contextmanager
 def _api_errors(what: str):
-    """KFP API failures as one line (the server's message, not a traceback)."""
-    import contextlib
+    """KFP API and connection failures as one line (the server's message, not a traceback)."""
+    import urllib3
+    from kfp_server_api.exceptions import ApiException
 
-    @contextlib.contextmanager
-    def guard():
+    try:
+        yield
+    except ApiException as e:
+        message = ""
         try:
-            yield
-        except UserError:
-            raise
-        except Exception as e:  # kfp_server_api.ApiException, connection errors
-            status = getattr(e, "status", None)
-            body = getattr(e, "body", None)
-            message = ""
-            if body:
-                try:
-                    message = json.loads(body).get("message", "") or json.loads(body).get("error", "")
-                except (ValueError, AttributeError):
-                    message = str(body)[:200]
-            message = message or str(e).splitlines()[0][:200]
-            raise UserError(f"{what}: {'HTTP ' + str(status) + ' ' if status else ''}{message}") from None
-
-    return guard()
+            body = json.loads(e.body or "{}")
+            message = body.get("message") or body.get("error") or ""
+        except (ValueError, AttributeError):
+            message = str(e.body or "")[:200]
+        raise UserError(f"{what}: HTTP {e.status} {message or e.reason}".rstrip()) from None
+    except (OSError, urllib3.exceptions.HTTPError) as e:
+        raise UserError(f"{what}: cannot reach Kubeflow Pipelines ({type(e).__name__}: {str(e)[:160]})") from None
 
 
 def all_pages(call, attr: str, **kwargs) -> list:

@@ -39,7 +39,6 @@ from llmneo.errors import UserError
 from llmneo_pipelines.kfp_client import (
     DEFAULT_EXPERIMENT,
     DEFAULT_SERVICE_ACCOUNT,
-    PIPELINE_NAME,
     _api_errors,
     all_pages,
     read_pool,
@@ -258,4 +257,4 @@ def cmd_schedule_sync(args) -> int:
     return 0
 
 
-__all__ = ["PIPELINE_NAME", "MARKER", "Schedule", "load_schedules", "plan", "apply", "sync", "kfp_cron"]
+__all__ = ["MARKER", "Schedule", "load_schedules", "plan", "apply", "sync", "kfp_cron"]

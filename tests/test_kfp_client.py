@@ -118,3 +118,11 @@ def test_cli_errors_are_one_line():
     proc = subprocess.run([sys.executable, "-m", "llmneo.cli", "submit", "--preset", "tiny"], capture_output=True,
                           text=True, env={"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"})
     assert proc.returncode == 2 and proc.stderr.strip().startswith("error: --host: the Kubeflow Pipelines URL is required")
+
+
+def test_unreachable_host_with_the_real_client_is_one_line():
+    proc = subprocess.run([sys.executable, "-m", "llmneo.cli", "upload", "--host", "http://127.0.0.1:9"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().startswith("error: connect to http://127.0.0.1:9: cannot reach Kubeflow Pipelines")
+    assert len(proc.stderr.strip().splitlines()) == 1

@@ -203,3 +203,18 @@ def test_cli_sync_with_fake_client(setup, monkeypatch, capsys):
     assert "dry run" in capsys.readouterr().out and kinds(fake) == []
     assert main(["schedule", "sync", "--host", "http://kfp", "--dir", str(folder), "--pool-file", str(POOL)]) == 0
     assert "2 create" in capsys.readouterr().out and len(fake.recurring) == 2
+
+
+def test_server_errors_are_one_line(setup, monkeypatch):
+    import kfp_server_api
+
+    fake, folder = setup
+    err = kfp_server_api.ApiException(status=403, reason="Forbidden")
+    err.body = '{"error": "User system:serviceaccount:llmneo:llmneo-scheduler is not authorized"}'
+
+    def forbidden(**kwargs):
+        raise err
+
+    monkeypatch.setattr(fake, "create_recurring_run", forbidden)
+    with pytest.raises(UserError, match=r"^create recurring run nightly: HTTP 403 User system:serviceaccount:llmneo"):
+        sync(fake, folder)
