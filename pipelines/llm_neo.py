@@ -11,6 +11,13 @@ image tag is not seen: bump the image tag, or submit with caching off (``llmneo 
 
 Retries: steps that touch the network or storage (prep, load-teacher, register) retry 2× with
 backoff; distill retries once (preemption).
+
+Kubernetes (kfp-kubernetes; kfp.local ignores it): distill asks for ``distill_gpus`` GPUs on the pool
+chosen by ``gpu_node_selector`` / ``gpu_tolerations`` (pipeline parameters, e.g. from a
+k8s/overlays/*/pool.yaml), with /dev/shm; merge-and-eval for ``eval_gpus``; prep, teacher loading
+and register are CPU only. Every step gets the S3/hub secrets as env, the cache volume and a
+deadline. ``distill_nodes`` > 1 takes the other branch: the same component as a small launcher pod
+whose GPU/pool settings KFP forwards (TaskConfig passthrough) to a Kubeflow Trainer TrainJob.
 """
 
 import argparse

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -294,3 +295,59 @@ def test_two_nodes_train_the_same_adapter_as_one_node(s3_bucket, tiny_workspace,
     assert any("node 0: uploaded" in line for line in lines)  # node 0's log reached the launcher
     assert engine.calls[-1][0] == "delete_job"
     assert staged_objects(s3_bucket, "stage/") == []
+
+
+def test_kube_api_calls_the_official_client_with_valid_arguments():
+    """KubeApi's calls bind to the real kubernetes client signatures; pod logs are split into lines
+    across chunk boundaries; the selector finds node 0 of the TrainJob's JobSet."""
+    import inspect
+    from types import SimpleNamespace
+
+    from kubernetes import client
+
+    from llmneo.cluster import KubeApi
+
+    calls = []
+
+    class Recorder:
+        def __init__(self, real_cls, results):
+            self.real_cls, self.results = real_cls, results
+
+        def __getattr__(self, name):
+            def call(*args, **kwargs):
+                method = getattr(self.real_cls, name)
+                inspect.signature(method).bind(None, *args, **kwargs)  # positional arguments
+                documented = set(re.findall(r":param \w+ (\w+):", method.__doc__))  # what the client accepts
+                assert set(kwargs) <= documented | {"_preload_content", "_request_timeout"}, (name, kwargs)
+                calls.append((name, args, kwargs))
+                return self.results.get(name)
+            return call
+
+    class Stream:
+        released = False
+
+        def stream(self, amt):
+            yield from [b"step 1 lo", b"ss 3.2\nstep 2 loss 3.1\nlast line", b""]
+
+        def release_conn(self):
+            Stream.released = True
+
+    pod = SimpleNamespace(metadata=SimpleNamespace(name="j-node-0-0-abc", uid="u1"), status=SimpleNamespace(phase="Running"))
+    api = KubeApi.__new__(KubeApi)
+    api.custom = Recorder(client.CustomObjectsApi, {"get_namespaced_custom_object": {"status": {}}})
+    api.core = Recorder(client.CoreV1Api, {"list_namespaced_pod": SimpleNamespace(items=[pod]),
+                                           "read_namespaced_pod_log": Stream()})
+    api.create_job("ns", {"kind": "TrainJob"})
+    api.get_job("ns", "j")
+    assert api.node0_pods("ns", "j") == [{"name": "j-node-0-0-abc", "uid": "u1", "phase": "Running"}]
+    assert list(api.stream_log("ns", "j-node-0-0-abc")) == ["step 1 loss 3.2", "step 2 loss 3.1", "last line"]
+    assert Stream.released
+    api.delete_job("ns", "j")
+    names = [c[0] for c in calls]
+    assert names == ["create_namespaced_custom_object", "get_namespaced_custom_object", "list_namespaced_pod",
+                     "read_namespaced_pod_log", "delete_namespaced_custom_object"]
+    assert calls[0][1][:4] == ("trainer.kubeflow.org", "v1alpha1", "ns", "trainjobs")
+    selector = calls[2][2]["label_selector"]
+    assert "jobset.sigs.k8s.io/jobset-name=j" in selector and "job-completion-index=0" in selector
+    assert calls[3][2]["follow"] is True and calls[3][2]["container"] == "node"
+    assert calls[4][2]["propagation_policy"] == "Foreground"
