@@ -121,9 +121,9 @@ def connect(host: str | None, namespace: str | None = None):
     host = host or os.environ.get("KFP_HOST")
     if not host:
         raise UserError("--host: the Kubeflow Pipelines URL is required (or set KFP_HOST)")
-    import kfp
-
     import warnings
+
+    import kfp
 
     with _api_errors(f"connect to {host}"), warnings.catch_warnings():
         warnings.filterwarnings("ignore", "This client only works with Kubeflow Pipeline v2", FutureWarning)
