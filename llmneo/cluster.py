@@ -335,13 +335,6 @@ def run_distill_multinode(cfg: Config, dataset_dir: str | Path, teacher_dir: str
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
 
-    with tempfile.TemporaryDirectory() as tmp:
-        (Path(tmp) / "config.yaml").write_text(dump_yaml(cfg))
-        upload_dir(tmp, f"{staging}/inputs")
-    for key, folder in zip(INPUTS, (dataset_dir, teacher_dir, student_dir), strict=True):
-        n = upload_dir(folder, f"{staging}/inputs/{key}")
-        log(f"staged {key}: {n} files → {staging}/inputs/{key}")
-
     api = api or KubeApi()
     namespace = current_namespace(cfg)
     body = build_trainjob(cfg, name, namespace, image, staging, task_settings())
@@ -351,6 +344,12 @@ def run_distill_multinode(cfg: Config, dataset_dir: str | Path, teacher_dir: str
         signal.signal(signal.SIGTERM, _raise_terminated)
     created = False
     try:
+        with tempfile.TemporaryDirectory() as tmp:
+            (Path(tmp) / "config.yaml").write_text(dump_yaml(cfg))
+            upload_dir(tmp, f"{staging}/inputs")
+        for key, folder in zip(INPUTS, (dataset_dir, teacher_dir, student_dir), strict=True):
+            n = upload_dir(folder, f"{staging}/inputs/{key}")
+            log(f"staged {key}: {n} files → {staging}/inputs/{key}")
         with api_errors(f"create TrainJob {namespace}/{name}"):
             api.create_job(namespace, body)
         created = True
