@@ -134,6 +134,22 @@ class RegistryConfig:
 
 
 @dataclass
+class ClusterConfig:
+    """Multi-node distillation (distill.nnodes > 1) on Kubeflow Trainer: see llmneo/cluster.py."""
+
+    namespace: str = _f("", doc="namespace of the TrainJob ('' = the launcher pod's own namespace)")
+    runtime: str = _f("torch-distributed", doc="Kubeflow Trainer ClusterTrainingRuntime the TrainJob uses")
+    image: str = _f("", doc="image of the training nodes ('' = $LLMNEO_IMAGE, the distill component's image)")
+    staging_uri: str = _f("", doc="s3://bucket/prefix where the launcher stages inputs and nodes write the "
+                          "adapter (required when distill.nnodes > 1)")
+    gpu_resource: str = _f("nvidia.com/gpu", doc="resource requested per node (distill.nproc_per_node of "
+                           "them) when the KFP task forwards no resources")
+    timeout_hours: float = _f(72.0, lo=0.0, lo_open=True, doc="TrainJob deadline; the launcher gives up then")
+    poll_seconds: float = _f(10.0, lo=0.0, lo_open=True, doc="status polling interval of the launcher")
+    keep_job: bool = _f(False, doc="keep the finished TrainJob and staged files (debugging)")
+
+
+@dataclass
 class Config:
     name: str = _f("tiny", doc="preset/run name")
     data: DataConfig = field(default_factory=DataConfig)
@@ -142,6 +158,7 @@ class Config:
     distill: DistillConfig = field(default_factory=DistillConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     registry: RegistryConfig = field(default_factory=RegistryConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

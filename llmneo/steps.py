@@ -46,6 +46,10 @@ def torchrun_command(cfg: Config, workdir: Path) -> list[str]:
 def run_distill(cfg: Config, dataset_dir: str | Path, teacher_dir: str | Path, student_dir: str | Path,
                 out_dir: str | Path) -> dict:
     """Step 3: NEO distillation under torchrun (gloo on CPU, nccl on GPU)."""
+    if cfg.distill.nnodes > 1:  # several nodes: a Kubeflow Trainer TrainJob runs the same entry point
+        from llmneo.cluster import run_distill_multinode
+
+        return run_distill_multinode(cfg, dataset_dir, teacher_dir, student_dir, out_dir)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(dump_yaml(cfg))
