@@ -127,7 +127,7 @@ class EvalConfig:
     # fidelity to the teacher (val split)
     batch_size: int = _f(4, lo=1, doc="val sequences per forward pass (fidelity)")
     max_batches: int = _f(0, lo=0, doc="cap on validation batches (0 = all)")
-    chunk_tokens: int = _f(1024, lo=1, doc="tokens per fp32 logits chunk in fidelity (bounds memory for large vocabularies)")
+    chunk_tokens: int = _f(256, lo=1, doc="positions per fp32 logits chunk in fidelity: ~8 x chunk x vocab x 4 bytes peak")
     # lm-eval
     lm_eval_tasks: list[str] = _f(factory=lambda: ["llmneo_mc", "llmneo_val_ppl"], doc=(
         "lm-eval tasks: the repo's offline tasks (llmneo_mc, llmneo_val_ppl) and/or standard names "
@@ -136,7 +136,7 @@ class EvalConfig:
         "which models lm-eval runs on (distilled always); base_student/teacher give the side-by-side"))
     lm_eval_limit: int = _f(0, lo=0, doc="lm-eval: at most this many documents per task (0 = all)")
     lm_eval_num_fewshot: int = _f(-1, lo=-1, doc="lm-eval few-shot examples (-1 = each task's default)")
-    lm_eval_batch_size: int = _f(16, lo=1, doc="lm-eval batch size")
+    lm_eval_batch_size: int = _f(32, lo=1, doc="lm-eval batch size (requests per forward pass)")
     # gate: every threshold must hold for the DAG to register the model
     max_kl_to_teacher: float = _f(1e6, lo=0.0, doc="gate: register only if KL(teacher||student) <= this")
     max_perplexity: float = _f(1e9, lo=0.0, lo_open=True, doc="gate: register only if val perplexity <= this")

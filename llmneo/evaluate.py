@@ -139,7 +139,7 @@ def _hidden_and_head(model: torch.nn.Module) -> tuple[Callable, Callable]:
 
 @torch.no_grad()
 def fidelity(models: dict[str, torch.nn.Module], teacher: torch.nn.Module, rows: list[dict], pad_id: int,
-             batch_size: int = 4, max_batches: int = 0, chunk_tokens: int = 1024) -> dict[str, dict[str, float]]:
+             batch_size: int = 4, max_batches: int = 0, chunk_tokens: int = 256) -> dict[str, dict[str, float]]:
     """KL(teacher‖model), top-1 agreement with the teacher and perplexity, for each model and the teacher.
 
     Args:
@@ -259,9 +259,14 @@ def lm_eval_scores(model: torch.nn.Module, tokenizer, tasks: list[str], *, val_j
                         f"{', '.join(sorted(local))}, or any lm-eval 0.4 task name")
     _quiet_lm_eval()
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
-    out = simple_evaluate(model=lm, tasks=list(tasks), task_manager=manager, limit=limit or None,
-                          num_fewshot=None if num_fewshot < 0 else num_fewshot, log_samples=False,
-                          bootstrap_iters=1000, verbosity="WARNING")
+    try:
+        out = simple_evaluate(model=lm, tasks=list(tasks), task_manager=manager, limit=limit or None,
+                              num_fewshot=None if num_fewshot < 0 else num_fewshot, log_samples=False,
+                              bootstrap_iters=1000, verbosity="WARNING")
+    except (ConnectionError, FileNotFoundError) as e:  # a standard task whose dataset is not reachable
+        raise UserError(f"eval.lm_eval_tasks {','.join(tasks)}: cannot load a task's dataset ({str(e).splitlines()[0]}); "
+                        f"standard tasks need the hub (HF_HUB_OFFLINE/HF_DATASETS_OFFLINE unset) or a "
+                        f"pre-filled HF datasets cache; offline runs use {', '.join(sorted(local))}") from None
     scores: dict[str, dict[str, float]] = {}
     for task, metrics in (out or {}).get("results", {}).items():
         row = {}

@@ -161,6 +161,15 @@ def test_unknown_repo_task_is_a_clear_error(tiny_workspace):
 
 
 @pytest.mark.integration
+def test_standard_task_offline_is_a_clear_error(tiny_workspace):
+    """Standard names resolve through lm-eval's catalogue; offline, their datasets cannot load."""
+    model = load_causal_lm(tiny_workspace / "teacher", dtype=torch.float32)
+    with pytest.raises(UserError, match=r"eval.lm_eval_tasks arc_easy: cannot load a task's dataset "
+                                        r"\(Couldn't reach 'allenai/ai2_arc'.*offline runs use llmneo_mc"):
+        lm_eval_scores(model, load_tokenizer(tiny_workspace / "teacher"), ["arc_easy"], limit=2)
+
+
+@pytest.mark.integration
 def test_evaluate_models_side_by_side(tiny_workspace):
     cfg = load_config("tiny", ["eval.lm_eval_tasks=[llmneo_mc]", "eval.lm_eval_limit=8"])
     result = evaluate_models({"student": tiny_workspace / "student"}, tiny_workspace / "teacher",

@@ -293,3 +293,27 @@ def test_local_registry_class_is_the_same_registry(tmp_path):
     reg.register("demo", make_model(tmp_path / "m"), {}, {})
     assert (tmp_path / "reg" / "demo" / "v1" / "manifest.json").is_file()
     assert open_registry(str(tmp_path / "reg")).versions("demo") == ["v1"]
+
+
+def test_register_step_records_lineage_and_aliases(tmp_path, monkeypatch):
+    from llmneo.config import load_config
+    from llmneo.steps import run_register
+
+    monkeypatch.setenv("LLMNEO_GIT_SHA", "0123abc")
+    model = make_model(tmp_path / "model")
+    (model / "eval.json").write_text(json.dumps({
+        "metrics": {"kl_to_teacher": 0.2, "llmneo_mc/acc": 0.5}, "teacher": "smollm2", "student": "prune",
+        "method": "neo", "dataset_hash": "ds123", "gate": {"passed": True, "reasons": []}}))
+    cfg = load_config("tiny", [f"registry.uri={tmp_path / 'reg'}", "registry.aliases=latest,candidate"])
+    manifest = run_register(cfg, model, "run-9")
+    lineage = manifest["lineage"]
+    assert (lineage["pipeline_run_id"], lineage["git_commit"], lineage["config_hash"], lineage["dataset_hash"],
+            lineage["teacher"], lineage["student"]) == ("run-9", "0123abc", cfg.hash(), "ds123", "smollm2", "prune")
+    assert lineage["config"]["distill"]["alpha"] == cfg.distill.alpha  # the full resolved configuration
+    assert manifest["metrics"] == {"kl_to_teacher": 0.2, "llmneo_mc/acc": 0.5}
+    reg = open_registry(str(tmp_path / "reg"))
+    assert reg.aliases("tiny-neo") == {"candidate": "v1", "latest": "v1"}
+    assert run_register(cfg, model, "run-10")["reused"] is True  # a retried step is the same version
+    assert reg.versions("tiny-neo") == ["v1"]
+    with pytest.raises(UserError, match="no eval.json"):
+        run_register(cfg, tmp_path / "m-missing", "run-11")

@@ -95,6 +95,9 @@ def cmd_lineage(args) -> int:
         return 0
     metrics = lineage.pop("metrics", {})
     lineage.pop("config", None)  # the full resolved configuration: --json shows it
+    gate = lineage.pop("gate", None)
+    if isinstance(gate, dict):
+        lineage["gate"] = "pass" if gate.get("passed") else "fail: " + "; ".join(gate.get("reasons", []))
     rows = [[k, v if v is not None else "-"] for k, v in lineage.items()]
     rows += [[f"metric {k}", v] for k, v in metrics.items()]
     print(_table(["what", "value"], rows))
