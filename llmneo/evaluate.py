@@ -18,6 +18,7 @@ split) and/or standard task names (arc_easy, mmlu, …) when the hub is reachabl
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -64,11 +65,11 @@ def merge_adapter(base_model: torch.nn.Module, adapter_dir: str | Path) -> torch
     The one place where adapters are merged. peft's ``merge_and_unload`` covers LoRA; MoSLoRA (a
     learnable r×r mixer, not in peft) is merged by ``llmneo.lora.merge_adapter`` once it exists.
     """
-    try:
-        from llmneo.lora import merge_adapter as lora_merge_adapter  # issue 3 (MoSLoRA-aware)
-    except ImportError:
-        lora_merge_adapter = None
-    if lora_merge_adapter is not None:
+    import importlib.util
+
+    if importlib.util.find_spec("llmneo.lora") is not None:  # the MoSLoRA-aware merge, once it exists
+        from llmneo.lora import merge_adapter as lora_merge_adapter
+
         return lora_merge_adapter(base_model, adapter_dir)
     from peft import PeftModel
 
@@ -232,6 +233,22 @@ def _quiet_lm_eval() -> None:
         logging.getLogger(name).addFilter(_NOTICE_FILTER)  # idempotent: one filter object
 
 
+@contextlib.contextmanager
+def _without_env_report():
+    """simple_evaluate ends by collecting an environment report (torch's collect_env, which shells out
+    to pip: ~2 s per call) that llmneo does not keep; skip it for the duration of the call."""
+    import lm_eval.evaluator as evaluator
+
+    original = getattr(evaluator, "add_env_info", None)
+    if original is not None:
+        evaluator.add_env_info = lambda results: None
+    try:
+        yield
+    finally:
+        if original is not None:
+            evaluator.add_env_info = original
+
+
 def lm_eval_scores(model: torch.nn.Module, tokenizer, tasks: list[str], *, val_jsonl: Path | None = None,
                    limit: int = 0, num_fewshot: int = -1, batch_size: int = 16) -> dict[str, dict[str, float]]:
     """Run lm-eval tasks on an in-memory model; returns task → {metric: value, metric_stderr: value}.
@@ -260,9 +277,10 @@ def lm_eval_scores(model: torch.nn.Module, tokenizer, tasks: list[str], *, val_j
     _quiet_lm_eval()
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
     try:
-        out = simple_evaluate(model=lm, tasks=list(tasks), task_manager=manager, limit=limit or None,
-                              num_fewshot=None if num_fewshot < 0 else num_fewshot, log_samples=False,
-                              bootstrap_iters=1000, verbosity="WARNING")
+        with _without_env_report():
+            out = simple_evaluate(model=lm, tasks=list(tasks), task_manager=manager, limit=limit or None,
+                                  num_fewshot=None if num_fewshot < 0 else num_fewshot, log_samples=False,
+                                  bootstrap_iters=1000, verbosity="WARNING")
     except (ConnectionError, FileNotFoundError) as e:  # a standard task whose dataset is not reachable
         raise UserError(f"eval.lm_eval_tasks {','.join(tasks)}: cannot load a task's dataset ({str(e).splitlines()[0]}); "
                         f"standard tasks need the hub (HF_HUB_OFFLINE/HF_DATASETS_OFFLINE unset) or a "
