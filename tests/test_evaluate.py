@@ -204,3 +204,17 @@ def test_run_merge_eval_writes_model_reports_and_card(tiny_workspace, adapter_ru
     for section in ("## Hyper-parameters", "## Evaluation", "## Lineage", "| dataset hash |", "| teacher |"):
         assert section in card, section
     assert Path(out / "loss_curve.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_merge_eval_component_outputs_reports_metrics_and_gate():
+    """The compiled DAG: merge-eval hands out Markdown + HTML reports and Metrics, register is gated."""
+    import yaml
+
+    from conftest import REPO
+
+    spec = yaml.safe_load((REPO / "pipelines" / "llm_neo.yaml").read_text())
+    outputs = spec["components"]["comp-merge-eval"]["outputDefinitions"]
+    types = {name: a["artifactType"]["schemaTitle"] for name, a in outputs["artifacts"].items()}
+    assert types == {"model": "system.Model", "metrics": "system.Metrics", "report": "system.Markdown",
+                     "report_html": "system.HTML"}
+    assert outputs["parameters"]["Output"]["parameterType"] == "STRING"  # "pass" / "fail"
