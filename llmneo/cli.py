@@ -4,6 +4,7 @@
     llmneo prep --preset tiny --out runs/dbg/dataset      # one step alone, on local folders
     llmneo config --preset smollm2-demo distill.alpha=0.9 # print the resolved configuration
     llmneo config --keys                                  # every key, type, default, description
+    llmneo registry ls [NAME]                             # registered models (see `llmneo registry -h`)
 
 Every subcommand takes ``--preset`` and trailing ``key=value`` overrides. User mistakes print one
 line ``error: …`` and exit with code 2; no traceback.
@@ -85,10 +86,13 @@ def cmd_distill(args) -> int:
 
 
 def cmd_merge_eval(args) -> int:
+    from llmneo.report import comparison, gate_line, table
     from llmneo.steps import run_merge_eval
 
     result = run_merge_eval(_config(args), args.dataset, args.teacher, args.student, args.adapter, args.out)
-    _print_card({k: result[k] for k in ("fidelity", "gate")})
+    print(table(*comparison(result)))
+    print(f"gate: {gate_line(result['gate'])}")
+    print(f"model and reports: {args.out} (report.md, report.html, eval.json, README.md)")
     return 0
 
 
@@ -204,6 +208,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pipeline-root", default="runs/kfp", help="where kfp.local keeps artifacts")
 
     add_kubeflow_commands(sub)
+
+    # ---- model registry lookups: `llmneo registry ls|show|pull|promote|lineage|history`
+    from llmneo.registry.cli import add_parser as add_registry_parser
+
+    add_registry_parser(sub)
     return parser
 
 
