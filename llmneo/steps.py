@@ -73,6 +73,10 @@ def run_distill(cfg: Config, dataset_dir: str | Path, teacher_dir: str | Path, s
 
     Re-running with the same ``out_dir`` (a KFP retry, a preempted pod) resumes from the checkpoint in
     ``out_dir/checkpoint``; a run already complete for the same configuration returns at once."""
+    if cfg.distill.nnodes > 1:  # several nodes: a Kubeflow Trainer TrainJob runs the same entry point
+        from llmneo.cluster import run_distill_multinode
+
+        return run_distill_multinode(cfg, dataset_dir, teacher_dir, student_dir, out_dir)
     from llmneo.checkpointing import latest
 
     out = Path(out_dir)
@@ -105,14 +109,22 @@ def run_merge_eval(cfg: Config, dataset_dir, teacher_dir, student_dir, distill_d
 
 
 def run_register(cfg: Config, model_dir: str | Path, run_id: str | None = None) -> dict:
-    """Step 5: copy the merged model + manifest (sha256/size of every file) into the registry."""
+    """Step 5: upload the merged model into the registry (manifest with sha256/size of every file and
+    the lineage, written last), point ``registry.aliases`` at it, mirror it into a Kubeflow Model
+    Registry when ``registry.kubeflow_url`` is set. Returns the manifest."""
     from llmneo.registry import git_commit, open_registry
+    from llmneo.registry.kubeflow import mirror
 
     model_dir = Path(model_dir)
+    if not (model_dir / "eval.json").is_file():
+        raise UserError(f"{model_dir}: no eval.json; register takes the output folder of merge-eval")
     result = json.loads((model_dir / "eval.json").read_text())
     lineage = {"pipeline_run_id": run_id, "git_commit": git_commit(), "config_hash": cfg.hash(),
                "dataset_hash": result.get("dataset_hash"), "teacher": result.get("teacher"),
                "student": result.get("student"), "method": result.get("method"), "preset": cfg.name,
+               "eval_config_hash": result.get("config_hash"), "gate": result.get("gate"),
                "config": yaml.safe_load(dump_yaml(cfg))}
-    registry = open_registry(cfg.registry.uri)
-    return registry.register(cfg.registry.name, model_dir, lineage, result["metrics"])
+    registry = open_registry(cfg.registry)
+    manifest = registry.register(cfg.registry.name, model_dir, lineage, result["metrics"], cfg.registry.aliases)
+    kubeflow = mirror(cfg.registry, manifest)
+    return {**manifest, **({"kubeflow_model_registry": kubeflow} if kubeflow else {})}
