@@ -276,8 +276,8 @@ class DistillTrainer:
         if self.method in LORA_METHODS:
             student = apply_lora(student, d)
         base = base_model(student)
-        if d.activation_checkpointing:
-            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if d.activation_checkpointing:  # non-reentrant: works with a frozen base and with FSDP2
+            base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         student.to(self.device)
         student.train()
         self.student = student
