@@ -94,12 +94,19 @@ class StudentConfig:
 
 @dataclass
 class DistillConfig:
+    """The trainer (llmneo/trainer.py). See README "Distillation engine" for what each knob trades."""
+
     method: Literal["sft", "lora", "kd", "neo"] = _f(
         "neo", doc="sft: full CE; lora: LoRA CE; kd: full CE+KD; neo: LoRA CE+KD (base frozen)")
     alpha: float = _f(0.5, lo=0.0, hi=1.0, doc="loss = (1-alpha)*CE + alpha*T^2*D(teacher||student)")
     temperature: float = _f(1.0, lo=0.0, lo_open=True, doc="KD softmax temperature T")
     divergence: Literal["forward_kl", "reverse_kl", "jsd"] = _f("forward_kl", doc="D in the KD term")
-    jsd_beta: float = _f(0.5, lo=0.0, hi=1.0, doc="beta of the generalized JSD")
+    jsd_beta: float = _f(0.5, lo=0.0, hi=1.0, doc="beta of the generalized JSD (0 = forward KL, 1 = reverse KL)")
+    topk_tail: Literal["tail", "renormalize"] = _f(
+        "tail", doc="offline teacher (teacher.mode=offline): mass outside the cached top-k is one extra "
+        "'tail' bucket, or dropped with both distributions renormalized over the top-k")
+    lora_variant: Literal["lora", "dora", "rslora", "moslora"] = _f(
+        "lora", doc="lora | dora | rslora (peft) | moslora (trainable r x r mixer between A and B)")
     lora_rank: int = _f(8, lo=1, doc="LoRA rank r (paper: 64-128 at 1B scale; larger r wants lower lr)")
     lora_alpha: float = _f(16.0, lo=0.0, lo_open=True, doc="LoRA alpha (usually 2*r)")
     lora_dropout: float = _f(0.0, lo=0.0, hi=1.0, hi_open=True, doc="LoRA dropout")
@@ -112,6 +119,17 @@ class DistillConfig:
     micro_batch_size: int = _f(2, lo=1, doc="sequences per forward pass per process")
     max_grad_norm: float = _f(1.0, lo=0.0, doc="gradient clipping (0 = off)")
     loss_chunk_tokens: int = _f(512, lo=1, doc="tokens per CE/KD chunk (bounds fp32 logits memory)")
+    loss_impl: Literal["chunked", "naive"] = _f(
+        "chunked", doc="chunked: bounded logits memory; naive: full-vocabulary fp32 logits (reference/benchmark)")
+    precision: Literal["auto", "bf16", "fp32"] = _f(
+        "auto", doc="auto: bf16 autocast on GPU, fp32 on CPU (master weights and optimizer stay fp32)")
+    activation_checkpointing: bool = _f(False, doc="recompute decoder-layer activations in backward (less memory)")
+    strategy: Literal["ddp", "fsdp"] = _f(
+        "ddp", doc="ddp: replicate the student; fsdp: shard it per decoder layer (FSDP2 fully_shard)")
+    save_every: int = _f(50, lo=0, doc="checkpoint every N optimizer steps (0 = only on SIGTERM/SIGINT)")
+    keep_checkpoint: bool = _f(False, doc="keep checkpoint/ after a successful run (default: removed)")
+    resume: bool = _f(True, doc="resume from checkpoint/ in the output folder (or skip a run already complete "
+                      "there); false: train from scratch")
     nproc_per_node: int = _f(2, lo=1, doc="torchrun processes per node (GPUs per node on a cluster)")
     nnodes: int = _f(1, lo=1, doc="nodes; >1 runs on the distributed engine (see README)")
     seed: int = _f(0)

@@ -43,13 +43,42 @@ def torchrun_command(cfg: Config, workdir: Path) -> list[str]:
             f"--nproc-per-node={d.nproc_per_node}", "-m", "llmneo.trainer", "--workdir", str(workdir)]
 
 
+def _run_forwarding_signals(cmd: list[str], env: dict) -> int:
+    """Run ``cmd`` and wait for it. A SIGTERM received here (Kubernetes preempting the pod) is passed
+    on to it — torchrun passes it to the trainers, which checkpoint and stop — instead of killing us
+    and orphaning it. Ctrl-C already reaches the child through the terminal's process group, so
+    SIGINT is only kept from interrupting the wait."""
+    import signal
+    import threading
+
+    proc = subprocess.Popen(cmd, env=env)
+    if threading.current_thread() is not threading.main_thread():
+        return proc.wait()
+
+    def forward(signum, _frame):
+        if proc.poll() is None and signum == signal.SIGTERM:
+            proc.send_signal(signum)
+
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        return proc.wait()
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
 def run_distill(cfg: Config, dataset_dir: str | Path, teacher_dir: str | Path, student_dir: str | Path,
                 out_dir: str | Path) -> dict:
-    """Step 3: NEO distillation under torchrun (gloo on CPU, nccl on GPU)."""
+    """Step 3: NEO distillation under torchrun (gloo on CPU, nccl on GPU).
+
+    Re-running with the same ``out_dir`` (a KFP retry, a preempted pod) resumes from the checkpoint in
+    ``out_dir/checkpoint``; a run already complete for the same configuration returns at once."""
     if cfg.distill.nnodes > 1:  # several nodes: a Kubeflow Trainer TrainJob runs the same entry point
         from llmneo.cluster import run_distill_multinode
 
         return run_distill_multinode(cfg, dataset_dir, teacher_dir, student_dir, out_dir)
+    from llmneo.checkpointing import latest
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(dump_yaml(cfg))
@@ -61,9 +90,12 @@ def run_distill(cfg: Config, dataset_dir: str | Path, teacher_dir: str | Path, s
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // cfg.distill.nproc_per_node)))
     print("+ " + " ".join(cmd), file=sys.stderr, flush=True)
     t0 = time.time()
-    proc = subprocess.run(cmd, env=env)
-    if proc.returncode != 0:
-        raise UserError(f"distill: torchrun exited with code {proc.returncode} (see the log above)")
+    returncode = _run_forwarding_signals(cmd, env)
+    if returncode != 0:
+        checkpoint = latest(out / "checkpoint")
+        hint = (f"; checkpoint {checkpoint} kept: re-running the step resumes from it" if checkpoint
+                else " (see the log above)")
+        raise UserError(f"distill: torchrun exited with code {returncode}{hint}")
     card = read_card(out)
     card["wall_seconds"] = round(time.time() - t0, 2)
     return write_card(out, card)

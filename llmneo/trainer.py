@@ -7,22 +7,34 @@
 
 The workdir holds ``config.yaml`` and ``inputs.json`` (dataset/teacher/student folders), written by
 :func:`llmneo.steps.run_distill`; outputs go next to them: ``adapter/`` (lora, neo) or ``model/``
-(sft, kd), ``train_log.jsonl``, ``card.json``.
+(sft, kd), ``train_log.jsonl``, ``tensorboard/``, ``loss_curve.png``, ``card.json`` (written last:
+the run is complete), and while training ``checkpoint/`` (see :mod:`llmneo.checkpointing`).
+
+Methods: sft = full-parameter CE; lora = LoRA branch, CE; kd = full-parameter student with the
+teacher; neo = LoRA branch with the teacher, base frozen. Loss (1-α)·CE + α·T²·D(teacher‖student)
+(:mod:`llmneo.losses`), teacher online (frozen, no_grad, bf16 on GPU) or offline (cached top-k,
+``teacher.mode=offline``: no teacher is loaded).
 
 Batching: a global batch of ``distill.global_batch_size`` sequences per optimizer step, whatever the
 world size: each rank takes its contiguous share, in micro-batches, and the loss is divided by the
 number of target tokens in the whole global batch, so 1 process and N processes compute the same
-gradient (up to float summation order).
+gradient (up to float summation order). The data order is a pure function of (seed, step), so the
+data position of a checkpoint is just its step.
+
+Preemption: SIGTERM/SIGINT set a flag; at the end of the current optimizer step all ranks agree,
+save a checkpoint and exit with 128+signal. Re-running the same command resumes exactly.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
 import random
 import resource
+import signal
 import sys
 import time
 from contextlib import nullcontext
@@ -32,51 +44,79 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from llmneo import checkpointing
 from llmneo.config import Config, config_from_dict
 from llmneo.data import IGNORE_INDEX, read_split
 from llmneo.errors import UserError
-from llmneo.losses import chunked_distill_loss, shift_mask
+from llmneo.lora import apply_lora, base_model, save_adapter
+from llmneo.losses import TeacherTopK, chunked_distill_loss, distill_loss, shift_mask
 from llmneo.models import load_causal_lm, read_card, torch_dtype, write_card
 
 LORA_METHODS = ("lora", "neo")
 KD_METHODS = ("kd", "neo")
+# distill keys that change how a run is executed, not what it computes: a checkpoint stays valid
+RUN_MECHANICS = ("save_every", "log_every", "keep_checkpoint", "resume", "nproc_per_node", "nnodes")
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    """The Hugging Face *ForCausalLM under DDP/peft wrappers (LoRA layers stay injected in it)."""
-    if hasattr(model, "module"):
-        model = model.module
-    if hasattr(model, "get_base_model"):
-        model = model.get_base_model()
-    return model
+class Preempted(Exception):
+    """Raised on every rank after the checkpoint of a SIGTERM/SIGINT stop is written."""
+
+    def __init__(self, signum: int, step: int):
+        super().__init__(f"stopped by {signal.Signals(signum).name} after step {step}")
+        self.signum, self.step = signum, step
+
+
+# --------------------------------------------------------------------------------------------
+# The model that DDP/FSDP wrap: student forward + loss
+# --------------------------------------------------------------------------------------------
 
 
 class DistillModule(nn.Module):
-    """Student forward + NEO loss in one module, so DDP/FSDP wrap exactly what has gradients."""
+    """Student forward + NEO loss in one module, so DDP/FSDP wrap exactly what has gradients.
 
-    def __init__(self, student: nn.Module, cfg: Config, teacher: nn.Module | None):
+    The teacher is held outside the module tree (frozen, never wrapped or sharded)."""
+
+    def __init__(self, student: nn.Module, distill_cfg):
         super().__init__()
         self.student = student
-        self.cfg = cfg.distill
-        self._teacher = [teacher]  # a list: not registered as a submodule (frozen, not wrapped)
+        self.cfg = distill_cfg
+        self._teacher: list[nn.Module | None] = [None]  # a list: not registered as a submodule
 
-    def forward(self, input_ids, attention_mask, labels):
-        base = unwrap(self.student)
-        mask, targets = shift_mask(labels)
+    def set_teacher(self, teacher: nn.Module | None) -> None:
+        self._teacher[0] = teacher
+
+    def forward(self, input_ids, attention_mask, labels, topk_ids=None, topk_logprobs=None):
+        """Sums over the micro-batch's target tokens: (loss, ce, kd)."""
+        d = self.cfg
         teacher = self._teacher[0]
-        teacher_hidden = None
+        topk = TeacherTopK(topk_ids, topk_logprobs) if topk_ids is not None else None
+        kw = {"alpha": d.alpha if teacher is not None or topk is not None else 0.0,
+              "temperature": d.temperature, "kind": d.divergence, "beta": d.jsd_beta, "topk_tail": d.topk_tail}
+        inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
+        if d.loss_impl == "naive":  # full [B, L, V] fp32 logits: the reference / benchmark baseline
+            teacher_logits = None
+            if teacher is not None:
+                with torch.no_grad():
+                    teacher_logits = teacher(**inputs).logits
+            sums = distill_loss(self.student(**inputs).logits, labels, teacher_logits, teacher_topk=topk, **kw)
+            return sums.loss, sums.ce, sums.kd
+        mask, targets = shift_mask(labels)
+        teacher_hidden = teacher_head = None
         if teacher is not None:
             with torch.no_grad():
-                t_out = teacher.model(input_ids=input_ids, attention_mask=attention_mask)
-                teacher_hidden = t_out.last_hidden_state[:, :-1][mask]
-        hidden = base.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        d = self.cfg
-        sums = chunked_distill_loss(
-            hidden[:, :-1][mask], targets, base.lm_head, teacher_hidden,
-            teacher.lm_head if teacher is not None else None,
-            alpha=d.alpha if teacher is not None else 0.0, temperature=d.temperature, kind=d.divergence,
-            beta=d.jsd_beta, chunk_tokens=d.loss_chunk_tokens)
+                # hidden states only; the teacher head runs per loss chunk on the selected positions
+                teacher_hidden = teacher.get_decoder()(**inputs).last_hidden_state[:, :-1][mask]
+            teacher_head = teacher.get_output_embeddings()
+        base = base_model(self.student)
+        hidden = base.get_decoder()(**inputs).last_hidden_state[:, :-1][mask]
+        sums = chunked_distill_loss(hidden, targets, base.get_output_embeddings(), teacher_hidden, teacher_head,
+                                    teacher_topk=topk, chunk_tokens=d.loss_chunk_tokens, **kw)
         return sums.loss, sums.ce, sums.kd
+
+
+# --------------------------------------------------------------------------------------------
+# Small helpers
+# --------------------------------------------------------------------------------------------
 
 
 def lr_lambda(step: int, total: int, warmup_ratio: float) -> float:
@@ -89,6 +129,7 @@ def lr_lambda(step: int, total: int, warmup_ratio: float) -> float:
 
 
 def collate(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded ``input_ids``, ``attention_mask``, ``labels`` ``[B, max_len]`` (labels -100 on pads)."""
     width = max(len(r["input_ids"]) for r in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
@@ -102,25 +143,78 @@ def collate(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
 
 
 def count_targets(rows: list[dict]) -> int:
+    """Next-token positions with a label (what the loss averages over)."""
     return sum(sum(1 for t in r["labels"][1:] if t != IGNORE_INDEX) for r in rows)
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident memory. Linux: VmHWM of its own address space (``ru_maxrss`` would
+    include the parent's peak when it was started by vfork+exec, as subprocess and torchrun do)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB; other systems: an estimate
+
+
 def peak_memory_mb(device: torch.device) -> float:
+    """Peak GPU memory allocated by torch, or the process's peak RSS on CPU."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    return peak_rss_mb()
+
+
+def training_hash(cfg: Config, dataset_hash: str | None) -> str:
+    """What a checkpoint's numbers depend on: data/teacher/student/distill config (less run
+    mechanics) and the prepared dataset. Resuming under a different hash is refused."""
+    data = cfg.to_dict()
+    distill = {k: v for k, v in data["distill"].items() if k not in RUN_MECHANICS}
+    blob = json.dumps({"data": data["data"], "teacher": data["teacher"], "student": data["student"],
+                       "distill": distill, "dataset_hash": dataset_hash}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------------------------
+# The recipe
+# --------------------------------------------------------------------------------------------
 
 
 class DistillTrainer:
-    """setup → train → save → cleanup (torchtune-style recipe)."""
+    """setup → train → save → cleanup (torchtune-style recipe).
+
+    Subclasses may override :meth:`load_student`, :meth:`load_teacher` and :meth:`load_tokenizer`
+    (the benchmark builds random-init models in memory that way)."""
 
     def __init__(self, workdir: str | Path):
-        self.workdir = Path(workdir)
         import yaml
 
+        self.workdir = Path(workdir)
         self.cfg: Config = config_from_dict(yaml.safe_load((self.workdir / "config.yaml").read_text()))
         self.inputs = json.loads((self.workdir / "inputs.json").read_text())
-        self.method = self.cfg.distill.method
+        self.d = self.cfg.distill
+        self.method = self.d.method
+        self.checkpoint_root = self.workdir / "checkpoint"
+        self.dataset_card = read_card(self.inputs["dataset"])
+        self.config_hash = training_hash(self.cfg, self.dataset_card.get("dataset_hash"))
+        self.rank, self.world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+        self.teacher: nn.Module | None = None
+        self.topk = None
+        self.start_step = 0
+        self.history: list[dict] = []
+        self.resumed_from: int | None = None
+        self._stop_signal: int | None = None
+
+    def already_complete(self) -> bool:
+        """A previous attempt finished with the same configuration (e.g. a KFP retry after the step
+        itself succeeded): nothing to do."""
+        path = self.workdir / "card.json"
+        if not self.d.resume or not path.is_file():
+            return False
+        card = json.loads(path.read_text())
+        out = self.workdir / ("adapter" if self.method in LORA_METHODS else "model")
+        return card.get("status") == "complete" and card.get("config_hash") == self.config_hash and out.is_dir()
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
@@ -129,10 +223,9 @@ class DistillTrainer:
         self._setup_model()
         self._setup_teacher()
         self._setup_optimizer()
+        self._setup_resume()
 
     def _setup_distributed(self) -> None:
-        self.world = int(os.environ.get("WORLD_SIZE", "1"))
-        self.rank = int(os.environ.get("RANK", "0"))
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         if torch.cuda.is_available():
             self.device = torch.device("cuda", local_rank)
@@ -141,12 +234,14 @@ class DistillTrainer:
             self.device = torch.device("cpu")
         if self.world > 1 and not dist.is_initialized():
             dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
-        d = self.cfg.distill
+        d = self.d
         if d.global_batch_size % (self.world * d.micro_batch_size):
             raise UserError(f"distill.global_batch_size={d.global_batch_size} must be a multiple of "
                             f"world size ({self.world}) × distill.micro_batch_size ({d.micro_batch_size})")
         self.accum = d.global_batch_size // (self.world * d.micro_batch_size)
-        # same init on every rank (DDP also broadcasts rank 0's); dropout differs per rank
+        bf16 = d.precision == "bf16" or (d.precision == "auto" and self.device.type == "cuda")
+        self.autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if bf16 else nullcontext())
+        # the same seed on every rank: identical initialization (LoRA A, MoSLoRA mixer) everywhere
         random.seed(d.seed)
         torch.manual_seed(d.seed)
 
@@ -154,153 +249,313 @@ class DistillTrainer:
         self.train_rows = read_split(self.inputs["dataset"], "train")
         if not self.train_rows:
             raise UserError(f"dataset {self.inputs['dataset']}: train split is empty")
-        self.dataset_card = read_card(self.inputs["dataset"])
+        self.targets_per_row = [count_targets([r]) for r in self.train_rows]
+        self.tokenizer = self.load_tokenizer()
+        pad = self.tokenizer.pad_token_id
+        self.pad_id = pad if pad is not None else (self.tokenizer.eos_token_id or 0)
+        self._perms: dict[int, list[int]] = {}
 
-    def _setup_model(self) -> None:
+    def load_tokenizer(self):
         from transformers import AutoTokenizer
 
-        d = self.cfg.distill
-        student_dir = self.inputs["student"]
-        self.tokenizer = AutoTokenizer.from_pretrained(student_dir)
-        student = load_causal_lm(student_dir, dtype=torch.float32)
-        if self.method in LORA_METHODS:
-            from peft import LoraConfig, get_peft_model
+        from llmneo.models import model_location
 
-            targets = d.lora_targets if d.lora_targets == "all-linear" else [
-                t.strip() for t in d.lora_targets.split(",")]
-            lcfg = LoraConfig(r=d.lora_rank, lora_alpha=d.lora_alpha, lora_dropout=d.lora_dropout,
-                              target_modules=targets, task_type="CAUSAL_LM")
-            student = get_peft_model(student, lcfg)
+        return AutoTokenizer.from_pretrained(model_location(self.inputs["student"])[0])
+
+    def load_student(self) -> nn.Module:
+        """The base student in fp32 (master weights; autocast computes in bf16 on GPU)."""
+        return load_causal_lm(self.inputs["student"], dtype=torch.float32)
+
+    def load_teacher(self) -> nn.Module:
+        """The teacher in ``teacher.dtype`` (auto: bf16 on GPU, fp32 on CPU)."""
+        return load_causal_lm(self.inputs["teacher"], dtype=torch_dtype(self.cfg.teacher.dtype, self.device.type))
+
+    def _setup_model(self) -> None:
+        d = self.d
+        student = self.load_student()
+        if self.method in LORA_METHODS:
+            student = apply_lora(student, d)
+        base = base_model(student)
+        if d.activation_checkpointing:  # non-reentrant: works with a frozen base and with FSDP2
+            base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         student.to(self.device)
         student.train()
         self.student = student
-        self.trainable = [p for p in student.parameters() if p.requires_grad]
-        module = DistillModule(student, self.cfg, None)
-        if self.world > 1:
+        self.distill_module = module = DistillModule(student, d)
+        if self.world > 1 and d.strategy == "fsdp":
+            from torch.distributed.fsdp import fully_shard
+
+            # one FSDP unit per decoder layer (all-gathered just in time), the rest (embeddings,
+            # final norm, head: the loss uses them directly) in the root unit
+            for layer in getattr(base.get_decoder(), "layers", []):
+                fully_shard(layer)
+            fully_shard(module)
+        elif self.world > 1:
             module = nn.parallel.DistributedDataParallel(
                 module, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         self.module = module
+        self.trainable = [p for p in module.parameters() if p.requires_grad]
+        self.trainable_count = sum(p.numel() for p in student.parameters() if p.requires_grad)
+        # dropout masks differ per rank (restored from the checkpoint on resume)
+        torch.manual_seed(d.seed + 1 + self.rank)
 
     def _setup_teacher(self) -> None:
-        teacher = None
-        if self.method in KD_METHODS:
-            dtype = torch_dtype(self.cfg.teacher.dtype, self.device.type)
-            teacher = load_causal_lm(self.inputs["teacher"], dtype=dtype).to(self.device)
-            teacher.eval()
-            teacher.requires_grad_(False)
-        unwrap_module = self.module.module if hasattr(self.module, "module") else self.module
-        unwrap_module._teacher[0] = teacher
+        if self.method not in KD_METHODS:
+            return
+        if self.cfg.teacher.mode == "offline":
+            self.topk = self._open_topk_cache()
+            return
+        teacher = self.load_teacher().to(self.device)
+        teacher.eval()
+        teacher.requires_grad_(False)
+        student_vocab = base_model(self.student).get_output_embeddings().out_features
+        if teacher.get_output_embeddings().out_features < student_vocab:
+            raise UserError(f"teacher {self.inputs['teacher']}: vocabulary smaller than the student's ({student_vocab})")
+        self.teacher = teacher
+        self.distill_module.set_teacher(teacher)
+
+    def _open_topk_cache(self):
+        from llmneo.topk import META, TopKCache
+
+        path = Path(self.inputs["teacher"]) / "topk"
+        if not (path / META).is_file():
+            raise UserError(f"teacher.mode=offline: no top-k cache in {path} (the teacher step writes it "
+                            f"when teacher.mode=offline; re-run that step)")
+        cache = TopKCache(path)
+        if cache.meta.get("split", "train") != "train" or len(cache) != len(self.train_rows):
+            raise UserError(f"{path}: top-k cache holds {len(cache)} rows of split {cache.meta.get('split')!r}, "
+                            f"the dataset's train split has {len(self.train_rows)}: re-run the teacher step")
+        cached_hash, ours = cache.meta.get("dataset_hash"), self.dataset_card.get("dataset_hash")
+        if cached_hash and ours and cached_hash != ours:
+            raise UserError(f"{path}: top-k cache was computed for dataset {cached_hash}, this dataset is "
+                            f"{ours}: re-run the teacher step")
+        return cache
 
     def _setup_optimizer(self) -> None:
-        d = self.cfg.distill
+        d = self.d
         self.optimizer = torch.optim.AdamW(self.trainable, lr=d.lr, weight_decay=d.weight_decay,
                                            fused=self.device.type == "cuda")
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_lambda(s, d.max_steps, d.warmup_ratio))
 
+    def _setup_resume(self) -> None:
+        path = checkpointing.latest(self.checkpoint_root) if self.d.resume else None
+        if path is None:
+            return
+        state = json.loads((path / checkpointing.TRAINER_STATE).read_text())
+        if state["config_hash"] != self.config_hash:
+            raise UserError(f"{path}: checkpoint of a different configuration or dataset (hash "
+                            f"{state['config_hash']}, now {self.config_hash}); use a fresh output folder "
+                            f"or distill.resume=false")
+        checkpointing.load(path, self.module, self.optimizer, self.rank, self.device)
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.start_step = self.resumed_from = state["step"]
+        self.history = state["history"]
+        if self.rank == 0:
+            print(f"distill: resuming from {path} (step {self.start_step}/{self.d.max_steps})",
+                  file=sys.stderr, flush=True)
+
     # ------------------------------------------------------------------ data order
-    def global_batch(self, step: int) -> list[dict]:
-        """The rows of optimizer step ``step``: a seeded permutation per epoch, concatenated."""
-        g, n = self.cfg.distill.global_batch_size, len(self.train_rows)
-        rows = []
+    def global_batch(self, step: int) -> list[int]:
+        """Train-row indices of optimizer step ``step``: a seeded permutation per epoch, concatenated."""
+        g, n = self.d.global_batch_size, len(self.train_rows)
+        out = []
         for pos in range(step * g, (step + 1) * g):
             epoch, idx = divmod(pos, n)
-            perm = list(range(n))
-            random.Random(self.cfg.distill.seed * 1_000_003 + epoch).shuffle(perm)
-            rows.append(self.train_rows[perm[idx]])
-        return rows
+            if epoch not in self._perms:
+                perm = list(range(n))
+                random.Random(self.d.seed * 1_000_003 + epoch).shuffle(perm)
+                self._perms = {epoch: perm}
+            out.append(self._perms[epoch][idx])
+        return out
+
+    def micro_batch(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        batch = collate([self.train_rows[i] for i in indices], self.pad_id)
+        if self.topk is not None:
+            ids, logprobs = [], []
+            for i in indices:
+                row_ids, row_lps = self.topk[i]
+                if row_ids.shape[0] != self.targets_per_row[i]:
+                    raise UserError(f"top-k cache row {i} has {row_ids.shape[0]} positions, the dataset row "
+                                    f"has {self.targets_per_row[i]} labelled positions: re-run the teacher step")
+                ids.append(row_ids)
+                logprobs.append(row_lps)
+            batch["topk_ids"], batch["topk_logprobs"] = torch.cat(ids), torch.cat(logprobs)
+        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
 
     # ------------------------------------------------------------------ train
+    def _grad_sync(self, enabled: bool):
+        """Skip the gradient all-reduce / reduce-scatter on all but the last micro-batch."""
+        if hasattr(self.module, "set_requires_gradient_sync"):  # FSDP2
+            self.module.set_requires_gradient_sync(enabled)
+            return nullcontext()
+        if hasattr(self.module, "no_sync") and not enabled:  # DDP
+            return self.module.no_sync()
+        return nullcontext()
+
+    def train_step(self, step: int) -> dict:
+        """One optimizer step over the global batch of ``step``; returns its log record."""
+        d = self.d
+        t0 = time.perf_counter()
+        batch = self.global_batch(step)
+        n_tokens = sum(self.targets_per_row[i] for i in batch)
+        share = len(batch) // self.world
+        mine = batch[self.rank * share:(self.rank + 1) * share]
+        ce_sum = torch.zeros((), device=self.device)
+        kd_sum = torch.zeros((), device=self.device)
+        seen_tokens = 0
+        for micro in range(self.accum):
+            inputs = self.micro_batch(mine[micro * d.micro_batch_size:(micro + 1) * d.micro_batch_size])
+            seen_tokens += int(inputs["attention_mask"].sum())
+            with self._grad_sync(micro == self.accum - 1):
+                with self.autocast:
+                    loss, ce, kd = self.module(**inputs)
+                # DDP/FSDP average gradients over ranks: scale by world / global target tokens
+                (loss * self.world / max(1, n_tokens)).backward()
+            ce_sum += ce
+            kd_sum += kd
+            del loss, inputs
+        if self.world > 1:
+            stats = torch.stack([ce_sum, kd_sum, torch.tensor(float(seen_tokens), device=self.device)])
+            dist.all_reduce(stats)
+            ce_sum, kd_sum, seen_tokens = stats[0], stats[1], int(stats[2])
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            self.trainable, d.max_grad_norm if d.max_grad_norm > 0 else float("inf"))
+        if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP
+            grad_norm = grad_norm.full_tensor()
+        lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        grad_norm = float(grad_norm)  # also waits for the GPU: the timing below is real
+        dt = time.perf_counter() - t0
+        ce_mean, kd_mean = float(ce_sum) / max(1, n_tokens), float(kd_sum) / max(1, n_tokens)
+        alpha = d.alpha if self.method in KD_METHODS else 0.0
+        return {"step": step + 1, "loss": (1 - alpha) * ce_mean + alpha * d.temperature**2 * kd_mean,
+                "ce": ce_mean, "kd": kd_mean, "lr": lr, "grad_norm": grad_norm,
+                "tokens_per_s": seen_tokens / dt, "tokens": seen_tokens, "target_tokens": n_tokens,
+                "peak_mem_mb": peak_memory_mb(self.device), "seconds": dt}
+
+    def _on_signal(self, signum, _frame) -> None:
+        self._stop_signal = signum
+
+    def _stop_requested(self) -> int:
+        """The signal that asked to stop, agreed by all ranks (0 = keep going)."""
+        flag = torch.tensor([self._stop_signal or 0], dtype=torch.int64, device=self.device)
+        if self.world > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return int(flag)
+
     def train(self) -> list[dict]:
         from tqdm import tqdm
 
-        d = self.cfg.distill
-        log_path = self.workdir / "train_log.jsonl"
-        log_f = open(log_path, "w") if self.rank == 0 else None
-        bar = tqdm(total=d.max_steps, desc=f"distill[{self.method}]", disable=self.rank != 0,
-                   file=sys.stderr, dynamic_ncols=True)
-        autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda"
-                    else nullcontext())
-        history = []
-        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        for step in range(d.max_steps):
-            t0 = time.time()
-            batch = self.global_batch(step)
-            n_tokens = count_targets(batch)
-            share = len(batch) // self.world
-            mine = batch[self.rank * share:(self.rank + 1) * share]
-            ce_sum = torch.zeros((), device=self.device)
-            kd_sum = torch.zeros((), device=self.device)
-            seen_tokens = 0
-            for micro in range(self.accum):
-                rows = mine[micro * d.micro_batch_size:(micro + 1) * d.micro_batch_size]
-                inputs = {k: v.to(self.device) for k, v in collate(rows, pad_id).items()}
-                seen_tokens += int(inputs["attention_mask"].sum())
-                sync = (nullcontext() if micro == self.accum - 1 or not hasattr(self.module, "no_sync")
-                        else self.module.no_sync())
-                with sync:
-                    with autocast:
-                        loss, ce, kd = self.module(**inputs)
-                    # DDP averages gradients over ranks: scale by world / global target tokens
-                    (loss * self.world / max(1, n_tokens)).backward()
-                ce_sum += ce
-                kd_sum += kd
-            if self.world > 1:
-                stats = torch.stack([ce_sum, kd_sum, torch.tensor(float(seen_tokens), device=self.device)])
-                dist.all_reduce(stats)
-                ce_sum, kd_sum, seen_tokens = stats[0], stats[1], int(stats[2])
-            grad_norm = torch.nn.utils.clip_grad_norm_(
-                self.trainable, d.max_grad_norm if d.max_grad_norm > 0 else float("inf"))
-            lr = self.scheduler.get_last_lr()[0]
-            self.optimizer.step()
-            self.scheduler.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            dt = time.time() - t0
-            ce_mean, kd_mean = float(ce_sum) / max(1, n_tokens), float(kd_sum) / max(1, n_tokens)
-            alpha = d.alpha if self.method in KD_METHODS else 0.0
-            record = {"step": step + 1, "loss": (1 - alpha) * ce_mean + alpha * d.temperature**2 * kd_mean,
-                      "ce": ce_mean, "kd": kd_mean, "lr": lr, "grad_norm": float(grad_norm),
-                      "tokens_per_s": seen_tokens / dt, "target_tokens": n_tokens,
-                      "peak_mem_mb": peak_memory_mb(self.device), "seconds": dt}
-            history.append(record)
-            if log_f and ((step + 1) % d.log_every == 0 or step + 1 == d.max_steps):
-                log_f.write(json.dumps(record) + "\n")
-                log_f.flush()
-            bar.set_postfix(loss=f"{record['loss']:.3f}", ce=f"{ce_mean:.3f}", kd=f"{kd_mean:.3f}")
-            bar.update(1)
-        bar.close()
-        if log_f:
-            log_f.close()
-        return history
+        d = self.d
+        previous = [signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)]
+        log_f = tb = None
+        if self.rank == 0:
+            log_f = open(self.workdir / "train_log.jsonl", "w")  # rewritten: a resumed run drops later lines
+            for record in self.history:
+                if record["step"] % d.log_every == 0:
+                    log_f.write(json.dumps(record) + "\n")
+            tb = self._tensorboard()
+        bar = tqdm(total=d.max_steps, initial=self.start_step, desc=f"distill[{self.method}]",
+                   disable=self.rank != 0, file=sys.stderr, dynamic_ncols=True)
+        try:
+            for step in range(self.start_step, d.max_steps):
+                record = self.train_step(step)
+                self.history.append(record)
+                if log_f and (record["step"] % d.log_every == 0 or record["step"] == d.max_steps):
+                    log_f.write(json.dumps(record) + "\n")
+                    log_f.flush()
+                if tb:
+                    for key in ("loss", "ce", "kd", "lr", "grad_norm", "tokens_per_s", "peak_mem_mb"):
+                        tb.add_scalar(f"train/{key}", record[key], record["step"])
+                bar.set_postfix(loss=f"{record['loss']:.3f}", ce=f"{record['ce']:.3f}", kd=f"{record['kd']:.3f}")
+                bar.update(1)
+                stop = self._stop_requested()
+                periodic = d.save_every and record["step"] % d.save_every == 0 and record["step"] < d.max_steps
+                if stop or periodic:
+                    self.save_checkpoint(record["step"])
+                if stop:
+                    raise Preempted(stop, record["step"])
+        finally:
+            bar.close()
+            if log_f:
+                log_f.close()
+            if tb:
+                tb.close()
+            for s, handler in zip((signal.SIGTERM, signal.SIGINT), previous, strict=True):
+                signal.signal(s, handler)
+        return self.history
+
+    def _tensorboard(self):
+        from torch.utils.tensorboard import SummaryWriter
+
+        # purge_step: events a killed attempt logged after its last checkpoint are dropped
+        return SummaryWriter(str(self.workdir / "tensorboard"), purge_step=self.start_step + 1)
 
     # ------------------------------------------------------------------ save
+    def save_checkpoint(self, step: int) -> Path:
+        state = {"step": step, "data_position": {"step": step, "rows_consumed": step * self.d.global_batch_size},
+                 "scheduler": self.scheduler.state_dict(), "history": self.history,
+                 "config_hash": self.config_hash, "world_size": self.world, "method": self.method}
+        return checkpointing.save(self.checkpoint_root, step, self.module, self.optimizer, state, self.rank,
+                                  self.device)
+
     def save(self, history: list[dict]) -> dict | None:
-        if self.rank != 0:
-            return None
-        if self.method in LORA_METHODS:
-            self.student.save_pretrained(self.workdir / "adapter")
-        else:
-            self.student.save_pretrained(self.workdir / "model", safe_serialization=True)
-            self.tokenizer.save_pretrained(self.workdir / "model")
-        d = self.cfg.distill
+        """Final weights (adapter/ or model/), loss curve, card.json (last). Collective."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        lora = self.method in LORA_METHODS
+        # full (unsharded) tensors on rank 0, gathered from FSDP shards when sharded
+        state = get_model_state_dict(self.module, options=StateDictOptions(
+            full_state_dict=True, cpu_offload=True, ignore_frozen_params=lora))
+        card = None
+        if self.rank == 0:
+            state = {k.removeprefix("student."): v for k, v in state.items()}
+            if lora:
+                save_adapter(self.student, self.workdir / "adapter", state)
+            else:
+                self.student.save_pretrained(self.workdir / "model", state_dict=state, safe_serialization=True)
+                self.tokenizer.save_pretrained(self.workdir / "model")
+            card = self._write_card(history)
+        if dist.is_initialized():
+            dist.barrier()
+        if not self.d.keep_checkpoint and self.rank == 0:
+            import shutil
+
+            shutil.rmtree(self.checkpoint_root, ignore_errors=True)
+        return card
+
+    def _write_card(self, history: list[dict]) -> dict:
+        from llmneo.report import plot_loss
+
+        d = self.d
+        png = plot_loss(history, self.workdir / "loss_curve.png")
         last = history[-1]
+        seconds = sum(h["seconds"] for h in history)
         card = {
             "kind": "adapter" if self.method in LORA_METHODS else "model",
-            "method": self.method, "steps": len(history), "world_size": self.world,
-            "global_batch_size": d.global_batch_size, "alpha": d.alpha, "divergence": d.divergence,
+            "status": "complete", "method": self.method, "steps": len(history), "world_size": self.world,
+            "strategy": d.strategy if self.world > 1 else "single", "global_batch_size": d.global_batch_size,
+            "alpha": d.alpha, "temperature": d.temperature, "divergence": d.divergence,
+            "teacher_mode": self.cfg.teacher.mode if self.method in KD_METHODS else None,
+            "topk_tail": d.topk_tail if self.topk is not None else None,
+            "lora_variant": d.lora_variant if self.method in LORA_METHODS else None,
             "lora_rank": d.lora_rank if self.method in LORA_METHODS else None,
-            "trainable_parameters": sum(p.numel() for p in self.trainable),
+            "trainable_parameters": self.trainable_count,
             "final": {k: last[k] for k in ("loss", "ce", "kd")},
-            "tokens_per_s": sum(h["tokens_per_s"] for h in history) / len(history),
+            "tokens_per_s": sum(h["tokens"] for h in history) / max(seconds, 1e-9),
             "peak_mem_mb": max(h["peak_mem_mb"] for h in history),
-            "seconds": round(sum(h["seconds"] for h in history), 2),
-            "dataset_hash": self.dataset_card.get("dataset_hash"),
+            "seconds": round(seconds, 2), "resumed_from_step": self.resumed_from,
+            "loss_curve": png.name if png else None,
+            "dataset_hash": self.dataset_card.get("dataset_hash"), "config_hash": self.config_hash,
         }
         return write_card(self.workdir, card)
 
-    def cleanup(self, ok: bool = True) -> None:
+    def cleanup(self, barrier: bool = True) -> None:
         if dist.is_initialized():
-            if ok:
+            if barrier:
                 dist.barrier()  # rank 0 may still be saving
             dist.destroy_process_group()
 
@@ -309,19 +564,35 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", required=True)
     args = parser.parse_args(argv)
-    trainer = DistillTrainer(args.workdir)
-    ok = False
+    rank0 = int(os.environ.get("RANK", "0")) == 0
+    try:
+        trainer = DistillTrainer(args.workdir)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if trainer.already_complete():
+        if rank0:
+            print(f"distill: {args.workdir} already holds a complete run of this configuration; nothing to do",
+                  file=sys.stderr)
+        return 0
+    barrier = False
     try:
         trainer.setup()
         history = trainer.train()
         trainer.save(history)
-        ok = True
+        barrier = True
+    except Preempted as e:
+        barrier = True
+        if rank0:
+            print(f"distill: {e}; checkpoint saved in {trainer.checkpoint_root}; re-run to resume",
+                  file=sys.stderr)
+        return 128 + e.signum
     except UserError as e:
-        if int(os.environ.get("RANK", "0")) == 0:
+        if rank0:
             print(f"error: {e}", file=sys.stderr)
         return 2
     finally:
-        trainer.cleanup(ok)
+        trainer.cleanup(barrier)
     return 0
 
 

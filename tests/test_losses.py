@@ -6,7 +6,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from llmneo.losses import IGNORE_INDEX, chunked_distill_loss, distill_loss, divergence, shift_mask
+from llmneo.losses import (
+    IGNORE_INDEX,
+    TeacherTopK,
+    chunked_distill_loss,
+    distill_loss,
+    divergence,
+    shift_mask,
+    token_loss,
+    topk_divergence,
+)
 
 
 def reference(student, teacher, labels, alpha, T=1.0):
@@ -109,7 +118,7 @@ def test_chunked_equals_unchunked_values_and_grads(kind, chunk):
     chunked = chunked_distill_loss(hidden[:, :-1][mask], targets, head, t_hidden[:, :-1][mask], t_head,
                                    alpha=0.7, temperature=2.0, kind=kind, beta=0.3, chunk_tokens=chunk)
     (g_chunk,) = torch.autograd.grad(chunked.loss, hidden)
-    assert float(chunked.loss) == pytest.approx(float(full.loss), rel=1e-5)
+    assert float(chunked.loss.detach()) == pytest.approx(float(full.loss.detach()), rel=1e-5)
     assert float(chunked.kd) == pytest.approx(float(full.kd), rel=1e-5)
     assert torch.allclose(g_chunk, g_full, atol=1e-6)
 
@@ -121,3 +130,174 @@ def test_jsd_endpoints():
     assert torch.allclose(divergence(s, t, "jsd", beta=1.0), divergence(s, t, "reverse_kl"))
     mid = divergence(s, t, "jsd", beta=0.5)
     assert (mid >= 0).all() and (mid <= math.log(2) + 1e-6).all()  # JSD is bounded by log 2
+
+
+# ---------------------------------------------------------------------------- trainable head (sft/kd)
+
+
+def test_chunked_trainable_head_gets_the_same_gradient():
+    """sft/kd train the LM head too: its gradient from the chunked loss equals the unchunked one."""
+    g = torch.Generator().manual_seed(3)
+    N, H, V = 9, 6, 17
+    hidden = torch.randn(N, H, generator=g, requires_grad=True)
+    targets = torch.randint(0, V, (N,), generator=g)
+    head = torch.nn.Linear(H, V, bias=True)
+    t_head = torch.nn.Linear(H, V, bias=False)
+    t_hidden = torch.randn(N, H, generator=g)
+    full = token_loss(head(hidden), targets, t_head(t_hidden), alpha=0.4, temperature=1.5)[0]
+    ref = torch.autograd.grad(full, [hidden, head.weight, head.bias])
+    chunked = chunked_distill_loss(hidden, targets, head, t_hidden, t_head, alpha=0.4, temperature=1.5,
+                                   chunk_tokens=4)
+    got = torch.autograd.grad(chunked.loss, [hidden, head.weight, head.bias])
+    assert float(chunked.loss.detach()) == pytest.approx(float(full.detach()), rel=1e-5)
+    for a, b in zip(got, ref, strict=True):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_chunked_without_grad_matches():
+    g = torch.Generator().manual_seed(4)
+    hidden, head = torch.randn(7, 5, generator=g), torch.nn.Linear(5, 11, bias=False)
+    targets = torch.randint(0, 11, (7,), generator=g)
+    with torch.no_grad():
+        a = chunked_distill_loss(hidden, targets, head, alpha=0.0, chunk_tokens=2)
+        b = token_loss(head(hidden), targets, None, alpha=0.0)
+    assert float(a.loss) == pytest.approx(float(b[0]), rel=1e-6) and float(a.kd) == 0.0
+
+
+# ---------------------------------------------------------------------------- offline teacher (top-k)
+
+
+def _topk(logits: torch.Tensor, k: int) -> TeacherTopK:
+    lp = torch.log_softmax(logits.double(), -1)
+    values, ids = lp.topk(k, dim=-1)
+    return TeacherTopK(ids, values.float())
+
+
+def test_topk_renormalize_matches_formula():
+    g = torch.Generator().manual_seed(5)
+    s, t = torch.randn(6, 13, generator=g), torch.randn(6, 13, generator=g)
+    top = _topk(t, 4)
+    T = 1.7
+    got = topk_divergence(s, top, "forward_kl", temperature=T, tail="renormalize")
+    pt = torch.softmax(t.gather(-1, top.ids).double() / T, -1)  # teacher restricted to its top-k
+    ps = torch.softmax(s.gather(-1, top.ids).double() / T, -1)  # student restricted to the same ids
+    want = (pt * (pt.log() - ps.log())).sum(-1)
+    assert torch.allclose(got.double(), want, atol=1e-6)
+
+
+def test_topk_tail_bucket_matches_formula_and_lower_bounds_full_kl():
+    g = torch.Generator().manual_seed(6)
+    s, t = torch.randn(6, 13, generator=g), 2 * torch.randn(6, 13, generator=g)
+    top = _topk(t, 4)
+    got = topk_divergence(s, top, "forward_kl", tail="tail")
+    pt_full, ps_full = torch.softmax(t.double(), -1), torch.softmax(s.double(), -1)
+    pt = torch.cat([pt_full.gather(-1, top.ids), 1 - pt_full.gather(-1, top.ids).sum(-1, keepdim=True)], -1)
+    ps = torch.cat([ps_full.gather(-1, top.ids), 1 - ps_full.gather(-1, top.ids).sum(-1, keepdim=True)], -1)
+    want = (pt * (pt.log() - ps.log())).sum(-1)  # exact KL of the (k+1)-category coarsening
+    assert torch.allclose(got.double(), want, atol=1e-6)
+    full = divergence(s, t)
+    assert (got <= full + 1e-6).all() and (got > 0).all()  # data processing: coarse KL <= full KL
+
+
+@pytest.mark.parametrize("tail", ["tail", "renormalize"])
+@pytest.mark.parametrize("kind", ["forward_kl", "reverse_kl", "jsd"])
+def test_topk_with_the_whole_vocabulary_equals_full_divergence(kind, tail):
+    g = torch.Generator().manual_seed(7)
+    s = torch.randn(5, 9, generator=g, requires_grad=True)
+    t = torch.randn(5, 9, generator=g)
+    got = topk_divergence(s, _topk(t, 9), kind, temperature=1.3, beta=0.3, tail=tail)
+    want = divergence(s, t, kind, temperature=1.3, beta=0.3)
+    assert torch.allclose(got, want, atol=1e-6)
+    (grad_got,) = torch.autograd.grad(got.sum(), s)
+    (grad_want,) = torch.autograd.grad(want.sum(), s)
+    assert torch.isfinite(grad_got).all() and torch.allclose(grad_got, grad_want, atol=1e-6)
+
+
+def test_topk_ids_beyond_student_vocab_are_dropped():
+    """A teacher with a padded vocabulary may rank padding ids in its top-k: they are ignored."""
+    g = torch.Generator().manual_seed(8)
+    s, t = torch.randn(4, 10, generator=g), torch.randn(4, 10, generator=g)
+    top = _topk(t, 3)
+    padded = TeacherTopK(torch.cat([top.ids, torch.full((4, 1), 12)], -1),
+                         torch.cat([top.logprobs, torch.full((4, 1), -30.0)], -1))
+    for tail in ("tail", "renormalize"):
+        assert torch.allclose(topk_divergence(s, padded, tail=tail), topk_divergence(s, top, tail=tail), atol=1e-6)
+
+
+@pytest.mark.parametrize("tail", ["tail", "renormalize"])
+@pytest.mark.parametrize("kind, T, k", [("forward_kl", 1.0, 4), ("forward_kl", 2.0, 4), ("forward_kl", 1.0, 11),
+                                        ("reverse_kl", 1.5, 4), ("forward_kl", 1.0, "padded")])
+def test_chunked_topk_equals_reference(tail, kind, T, k):
+    """The chunked top-k loss (closed-form gradient for forward KL, autograd otherwise, and for ids
+    beyond the vocabulary) equals the reference `distill_loss` on full logits, values and gradients."""
+    g = torch.Generator().manual_seed(9)
+    B, L, H, V = 2, 6, 5, 11
+    hidden = torch.randn(B, L, H, generator=g, requires_grad=True)
+    head = torch.nn.Linear(H, V, bias=False)
+    labels = torch.randint(0, V, (B, L), generator=g)
+    labels[1, :3] = IGNORE_INDEX
+    mask, targets = shift_mask(labels)
+    top = _topk(2 * torch.randn(int(mask.sum()), V, generator=g), V if k == 11 else 4)
+    if k == "padded":  # a padded teacher vocabulary ranked id 12 in its top-k
+        top = TeacherTopK(torch.cat([top.ids, torch.full_like(top.ids[:, :1], 12)], -1),
+                          torch.cat([top.logprobs, torch.full_like(top.logprobs[:, :1], -9.0)], -1))
+    kw = {"alpha": 0.6, "temperature": T, "kind": kind, "teacher_topk": top, "topk_tail": tail}
+    full = distill_loss(head(hidden), labels, None, **kw)
+    ref = torch.autograd.grad(full.loss, [hidden, head.weight])
+    chunked = chunked_distill_loss(hidden[:, :-1][mask], targets, head, chunk_tokens=3, **kw)
+    got = torch.autograd.grad(chunked.loss, [hidden, head.weight])
+    assert float(chunked.loss.detach()) == pytest.approx(float(full.loss.detach()), rel=1e-5)
+    assert float(chunked.kd) == pytest.approx(float(full.kd), rel=1e-5, abs=1e-6) and float(full.kd) >= 0
+    for a, b in zip(got, ref, strict=True):
+        assert torch.isfinite(a).all() and torch.allclose(a, b, atol=1e-6)
+
+
+def test_cached_topk_with_k_equal_vocab_gives_the_online_kd(tiny_workspace, tmp_path):
+    """The teacher's log-softmax over the prepared rows, written with TopKWriter (k = V, fp16) and
+    read back with TopKCache, gives the same KD loss as the online teacher logits."""
+    from llmneo.data import read_split
+    from llmneo.models import load_causal_lm
+    from llmneo.topk import TopKCache, TopKWriter
+    from llmneo.trainer import collate
+
+    teacher = load_causal_lm(tiny_workspace / "teacher").eval()
+    student = load_causal_lm(tiny_workspace / "student").eval()
+    rows = read_split(tiny_workspace / "dataset", "train")[:6]
+    vocab = teacher.config.vocab_size
+    batch = collate(rows, pad_id=0)
+    mask, _ = shift_mask(batch["labels"])
+    with torch.no_grad():
+        t_logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        s_logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    writer = TopKWriter(tmp_path / "topk", k=vocab, vocab_size=vocab, dtype="float16")
+    for i in range(len(rows)):
+        lp = torch.log_softmax(t_logits[i, :-1][mask[i]].float(), -1)
+        values, ids = lp.topk(vocab, dim=-1)
+        writer.add(ids, values)
+    writer.close()
+    cache = TopKCache(tmp_path / "topk")
+    ids, lps = zip(*(cache[i] for i in range(len(rows))), strict=True)
+    cached = TeacherTopK(torch.cat(ids), torch.cat(lps))
+    online = distill_loss(s_logits, batch["labels"], t_logits, alpha=1.0)
+    for tail in ("tail", "renormalize"):
+        offline = distill_loss(s_logits, batch["labels"], None, alpha=1.0, teacher_topk=cached, topk_tail=tail)
+        assert offline.tokens == online.tokens
+        assert float(offline.kd) == pytest.approx(float(online.kd), rel=2e-3)  # fp16 log-prob storage
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.3])
+def test_chunked_ce_only_equals_reference(alpha):
+    """sft/lora (no teacher): the closed-form CE gradient equals autograd's."""
+    g = torch.Generator().manual_seed(10)
+    hidden = torch.randn(2, 5, 4, generator=g, requires_grad=True)
+    head = torch.nn.Linear(4, 9, bias=False)
+    labels = torch.randint(0, 9, (2, 5), generator=g)
+    labels[0, 1] = IGNORE_INDEX
+    full = distill_loss(head(hidden), labels, None, alpha=alpha)
+    ref = torch.autograd.grad(full.loss, [hidden, head.weight])
+    mask, targets = shift_mask(labels)
+    chunked = chunked_distill_loss(hidden[:, :-1][mask], targets, head, alpha=alpha, chunk_tokens=2)
+    got = torch.autograd.grad(chunked.loss, [hidden, head.weight])
+    assert float(chunked.loss.detach()) == pytest.approx(float(full.loss.detach()), rel=1e-6)
+    for a, b in zip(got, ref, strict=True):
+        assert torch.allclose(a, b, atol=1e-6)

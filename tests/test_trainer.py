@@ -1,0 +1,305 @@
+"""The distill trainer, in process (one rank, CPU): which parameters each method trains, offline top-k
+teacher = online teacher, checkpoint/resume after a real SIGTERM, observability outputs.
+Multi-process runs (DDP, FSDP2, torchrun + SIGTERM) are in test_trainer_dist.py."""
+
+import json
+import math
+import os
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from llmneo.config import dump_yaml, load_config
+from llmneo.errors import UserError
+from llmneo.trainer import DistillTrainer, Preempted, lr_lambda, main
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny matmuls: intra-op threads only contend on a shared 2-core CI machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def make_workdir(path: Path, ws: Path, *overrides: str, teacher: Path | None = None) -> Path:
+    cfg = load_config("tiny", ["distill.max_steps=2", "distill.save_every=0", *overrides])
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.yaml").write_text(dump_yaml(cfg))
+    (path / "inputs.json").write_text(json.dumps({
+        "dataset": str(ws / "dataset"), "teacher": str(teacher or ws / "teacher"), "student": str(ws / "student")}))
+    return path
+
+
+def run(workdir: Path) -> DistillTrainer:
+    trainer = DistillTrainer(workdir)
+    trainer.setup()
+    trainer.save(trainer.train())
+    trainer.cleanup()
+    return trainer
+
+
+def log(workdir: Path) -> list[dict]:
+    return [json.loads(x) for x in (workdir / "train_log.jsonl").read_text().splitlines()]
+
+
+def adapter(workdir: Path) -> dict[str, torch.Tensor]:
+    return load_file(workdir / "adapter" / "adapter_model.safetensors")
+
+
+@pytest.fixture(scope="module")
+def neo_run(tiny_workspace, tmp_path_factory):
+    """The reference: neo, 2 steps, chunked loss, online teacher."""
+    workdir = make_workdir(tmp_path_factory.mktemp("neo"), tiny_workspace)
+    return workdir, run(workdir)
+
+
+# ---------------------------------------------------------------------------- what each method trains
+
+
+@pytest.mark.parametrize("method", ["sft", "lora", "kd", "neo"])
+def test_methods_train_the_right_parameters(method, tiny_workspace, tmp_path):
+    base = load_file(tiny_workspace / "student" / "model.safetensors")
+    workdir = make_workdir(tmp_path, tiny_workspace, f"distill.method={method}")
+    trainer = run(workdir)
+    card = json.loads((workdir / "card.json").read_text())
+    uses_teacher = method in ("kd", "neo")
+    assert (trainer.teacher is not None) == uses_teacher
+    assert all(r["kd"] > 0 for r in log(workdir)) == uses_teacher
+    if method in ("lora", "neo"):
+        names = [n for n, p in trainer.student.named_parameters() if p.requires_grad]
+        assert names and all("lora_" in n for n in names)
+        assert not (workdir / "model").exists()
+        trained = adapter(workdir)
+        assert any(float(v.abs().max()) > 0 for k, v in trained.items() if "lora_B" in k)  # B left zero
+        now = {k.replace("base_model.model.", "").replace(".base_layer", ""): v
+               for k, v in trainer.student.state_dict().items() if "lora_" not in k}
+        assert set(now) == set(base)
+        for key, value in base.items():
+            assert torch.equal(now[key], value), f"{key}: the frozen base changed"
+        assert card["trainable_parameters"] == sum(v.numel() for v in trained.values())
+    else:
+        assert not (workdir / "adapter").exists()
+        trained = load_file(workdir / "model" / "model.safetensors")
+        assert set(trained) == set(base)
+        for key, value in base.items():
+            if key == "model.embed_tokens.weight":  # rows of tokens absent from the batches stay put
+                assert not torch.equal(trained[key], value)
+            else:
+                assert not torch.allclose(trained[key], value), f"{key} did not train"
+        assert card["trainable_parameters"] == sum(v.numel() for v in base.values())
+
+
+def test_teacher_equal_to_student_gives_zero_kd_and_zero_gradient(tiny_workspace, tmp_path):
+    """KD and the student read the same next-token positions: an identical teacher gives KD = 0 exactly."""
+    workdir = make_workdir(tmp_path, tiny_workspace, "distill.method=kd", "distill.alpha=1.0",
+                           "distill.max_steps=1", teacher=tiny_workspace / "student")
+    run(workdir)
+    (record,) = log(workdir)
+    assert abs(record["kd"]) < 1e-6 and record["grad_norm"] < 1e-5 and record["ce"] > 1
+
+
+# ---------------------------------------------------------------------------- loss implementations
+
+
+@pytest.mark.parametrize("override", ["distill.loss_impl=naive", "distill.activation_checkpointing=true",
+                                      "distill.loss_chunk_tokens=7"])
+def test_same_numbers_with_other_memory_settings(override, neo_run, tiny_workspace, tmp_path):
+    ref_dir, _ = neo_run
+    workdir = make_workdir(tmp_path, tiny_workspace, override)
+    run(workdir)
+    for a, b in zip(log(workdir), log(ref_dir), strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["kd"] == pytest.approx(b["kd"], rel=1e-4)
+    ref = adapter(ref_dir)
+    for key, value in adapter(workdir).items():
+        assert torch.allclose(value, ref[key], atol=1e-6), key
+
+
+def test_bf16_autocast_and_bf16_teacher_as_on_gpu(neo_run, tiny_workspace, tmp_path):
+    """The GPU numerics (bf16 autocast, bf16 teacher, fp32 master weights) run here on CPU too."""
+    ref_dir, _ = neo_run
+    workdir = make_workdir(tmp_path, tiny_workspace, "distill.precision=bf16", "teacher.dtype=bfloat16")
+    trainer = run(workdir)
+    assert trainer.teacher.dtype == torch.bfloat16
+    assert all(p.dtype == torch.float32 for p in trainer.trainable)  # master weights stay fp32
+    for a, b in zip(log(workdir), log(ref_dir), strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=2e-2) and a["kd"] == pytest.approx(b["kd"], rel=0.2)
+    assert all(torch.isfinite(v).all() for v in adapter(workdir).values())
+
+
+# ---------------------------------------------------------------------------- offline teacher
+
+
+def write_full_vocab_cache(trainer_like_dir: Path, ws: Path, teacher_copy: Path) -> None:
+    """A top-k cache with k = V of the tiny teacher over the train split, in the teacher step's format."""
+    import shutil
+
+    from llmneo.data import read_split
+    from llmneo.losses import shift_mask
+    from llmneo.models import load_causal_lm
+    from llmneo.topk import TopKWriter
+    from llmneo.trainer import collate
+
+    shutil.copytree(ws / "teacher", teacher_copy)
+    teacher = load_causal_lm(teacher_copy).eval()
+    vocab = teacher.config.vocab_size
+    writer = TopKWriter(teacher_copy / "topk", k=vocab, vocab_size=vocab, dtype="float16",
+                        extra={"dataset_hash": json.loads((ws / "dataset" / "card.json").read_text())["dataset_hash"]})
+    for row in read_split(ws / "dataset", "train"):
+        batch = collate([row], pad_id=0)
+        mask, _ = shift_mask(batch["labels"])
+        with torch.no_grad():
+            lp = torch.log_softmax(teacher(input_ids=batch["input_ids"]).logits[0, :-1][mask[0]], -1)
+        values, ids = lp.topk(vocab, dim=-1)
+        writer.add(ids, values)
+    writer.close()
+
+
+def test_offline_topk_cache_with_k_equal_vocab_trains_like_the_online_teacher(neo_run, tiny_workspace, tmp_path):
+    ref_dir, _ = neo_run
+    teacher_copy = tmp_path / "teacher"
+    write_full_vocab_cache(tmp_path, tiny_workspace, teacher_copy)
+    workdir = make_workdir(tmp_path / "offline", tiny_workspace, "teacher.mode=offline", teacher=teacher_copy)
+    trainer = run(workdir)
+    assert trainer.teacher is None and trainer.topk is not None  # no teacher model was loaded
+    for a, b in zip(log(workdir), log(ref_dir), strict=True):
+        assert a["kd"] == pytest.approx(b["kd"], rel=2e-3)  # fp16 log-probs in the cache
+        assert a["ce"] == pytest.approx(b["ce"], rel=1e-4)
+    card = json.loads((workdir / "card.json").read_text())
+    assert card["teacher_mode"] == "offline" and card["topk_tail"] == "tail"
+
+
+def test_offline_without_a_cache_is_a_one_line_user_error(tiny_workspace, tmp_path):
+    workdir = make_workdir(tmp_path, tiny_workspace, "teacher.mode=offline")
+    with pytest.raises(UserError, match=r"teacher.mode=offline: no top-k cache in .*topk") as info:
+        DistillTrainer(workdir).setup()
+    assert "\n" not in str(info.value)
+
+
+# ---------------------------------------------------------------------------- checkpoint / resume
+
+
+def sigterm_after(trainer: DistillTrainer, step: int) -> None:
+    """Deliver a real SIGTERM to this process right after optimizer step ``step``."""
+    original = trainer.train_step
+
+    def train_step(s):
+        record = original(s)
+        if s + 1 == step:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return record
+
+    trainer.train_step = train_step
+
+
+def test_sigterm_checkpoints_and_resume_equals_uninterrupted(tiny_workspace, tmp_path):
+    overrides = ("distill.max_steps=5", "distill.lora_dropout=0.1")  # dropout: RNG state must resume too
+    ref_dir = make_workdir(tmp_path / "ref", tiny_workspace, *overrides)
+    run(ref_dir)
+
+    workdir = make_workdir(tmp_path / "cut", tiny_workspace, *overrides)
+    trainer = DistillTrainer(workdir)
+    trainer.setup()
+    sigterm_after(trainer, 2)
+    with pytest.raises(Preempted) as info:
+        trainer.train()
+    trainer.cleanup()
+    assert info.value.signum == signal.SIGTERM and info.value.step == 2
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers restored
+    assert (workdir / "checkpoint" / "latest").read_text().strip() == "step-000002"
+    assert not (workdir / "card.json").exists()
+
+    resumed = run(workdir)
+    assert resumed.resumed_from == 2
+    assert [r["step"] for r in log(workdir)] == [1, 2, 3, 4, 5]
+    assert [r["loss"] for r in log(workdir)] == [r["loss"] for r in log(ref_dir)]
+    ref = adapter(ref_dir)
+    for key, value in adapter(workdir).items():
+        assert torch.equal(value, ref[key]), key
+    assert not (workdir / "checkpoint").exists()  # removed after success (distill.keep_checkpoint=false)
+
+
+def test_resume_refuses_a_checkpoint_of_another_configuration(tiny_workspace, tmp_path):
+    workdir = make_workdir(tmp_path, tiny_workspace, "distill.max_steps=3")
+    trainer = DistillTrainer(workdir)
+    trainer.setup()
+    sigterm_after(trainer, 1)
+    with pytest.raises(Preempted):
+        trainer.train()
+    make_workdir(tmp_path, tiny_workspace, "distill.max_steps=3", "distill.alpha=0.9")
+    with pytest.raises(UserError, match="checkpoint of a different configuration"):
+        DistillTrainer(workdir).setup()
+    make_workdir(tmp_path, tiny_workspace, "distill.max_steps=3", "distill.alpha=0.9", "distill.resume=false")
+    assert DistillTrainer(workdir).already_complete() is False
+
+
+def test_periodic_checkpoints_keep_only_the_newest(tiny_workspace, tmp_path):
+    workdir = make_workdir(tmp_path, tiny_workspace, "distill.max_steps=5", "distill.save_every=2",
+                           "distill.keep_checkpoint=true", "distill.method=kd")
+    run(workdir)
+    root = workdir / "checkpoint"
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step-000004"]
+    state = json.loads((root / "step-000004" / "trainer_state.json").read_text())
+    assert state["step"] == 4 and state["data_position"]["rows_consumed"] == 32
+    assert [r["step"] for r in state["history"]] == [1, 2, 3, 4]
+    assert list((root / "step-000004" / "state").glob("*.distcp"))
+
+
+def test_a_complete_run_is_not_redone(neo_run, capsys):
+    workdir, _ = neo_run
+    before = (workdir / "card.json").stat().st_mtime_ns
+    assert main(["--workdir", str(workdir)]) == 0
+    assert "already holds a complete run" in capsys.readouterr().err
+    assert (workdir / "card.json").stat().st_mtime_ns == before
+    fresh = DistillTrainer(workdir)
+    assert fresh.already_complete()
+    fresh.d.resume = False  # distill.resume=false: train again
+    assert not fresh.already_complete()
+
+
+# ---------------------------------------------------------------------------- observability
+
+
+def test_log_tensorboard_plot_and_card(neo_run):
+    workdir, _ = neo_run
+    records = log(workdir)
+    assert [r["step"] for r in records] == [1, 2]
+    for r in records:
+        assert {"step", "ce", "kd", "loss", "lr", "grad_norm", "tokens_per_s", "peak_mem_mb"} <= set(r)
+        assert r["loss"] == pytest.approx(0.5 * r["ce"] + 0.5 * r["kd"], rel=1e-9)
+        assert r["tokens_per_s"] > 0 and r["peak_mem_mb"] > 0 and math.isfinite(r["grad_norm"])
+    assert records[0]["lr"] == pytest.approx(1e-3 * lr_lambda(0, 2, 0.1))
+    assert list((workdir / "tensorboard").glob("events.out.tfevents.*"))
+    assert (workdir / "loss_curve.png").read_bytes()[:4] == b"\x89PNG"
+    card = json.loads((workdir / "card.json").read_text())
+    assert card["status"] == "complete" and card["method"] == "neo" and card["steps"] == 2
+    assert card["final"]["loss"] == records[-1]["loss"]
+
+
+def test_cosine_schedule_with_warmup():
+    values = [lr_lambda(s, 20, 0.1) for s in range(20)]
+    assert values[:2] == [pytest.approx(1 / 3), pytest.approx(2 / 3)]  # 2 warmup steps
+    assert values[2] == 1.0 and values[-1] == pytest.approx(0.5 * (1 + math.cos(math.pi * 17 / 18)))
+    assert all(a >= b for a, b in zip(values[2:], values[3:], strict=False))
+
+
+# ---------------------------------------------------------------------------- MoSLoRA through the step
+
+
+def test_moslora_neo_trains_and_merges_through_evaluate(tiny_workspace, tmp_path):
+    from llmneo.evaluate import merge
+    from llmneo.lora import MOSLORA_CONFIG, base_model
+
+    workdir = make_workdir(tmp_path / "d", tiny_workspace, "distill.lora_variant=moslora")
+    trainer = run(workdir)
+    assert (workdir / "adapter" / MOSLORA_CONFIG).is_file()
+    assert any(".lora_mixer." in k for k in adapter(workdir))
+    merged, _ = merge(tiny_workspace / "student", workdir, tmp_path / "merged")
+    ids = torch.tensor([[5, 17, 42, 7, 99, 3]])
+    student = base_model(trainer.student).eval()
+    with torch.no_grad():
+        assert torch.allclose(merged.eval()(input_ids=ids).logits, student(input_ids=ids).logits, atol=1e-5)
