@@ -63,7 +63,7 @@ class DataConfig:
     min_rows: int = _f(4, lo=1, doc="fail when fewer valid rows remain")
     dedup: bool = _f(True, doc="drop exact duplicates (after normalizing the format) as rejects")
     seed: int = _f(0, doc="shuffle/split seed")
-    buffer_mb: float = _f(64.0, lo=0.0, lo_open=True, doc="records held in memory before a sorted run is "
+    buffer_mb: float = _f(32.0, lo=0.0, lo_open=True, doc="records held in memory before a sorted run is "
                           "spilled to disk (bounds prep memory; the output does not depend on it)")
 
 

@@ -3,9 +3,10 @@
 Every record gets a random sort key derived from its content and the seed,
 ``key = blake2b(digest, key=seed)`` with ``digest = blake2b(record)``, and the records are sorted by
 ``(key, row)`` with an external merge sort: up to ``buffer_bytes`` of records are sorted in memory
-and spilled to a temporary Parquet "run"; the runs are then merged lazily (``heapq.merge``), reading
-one small batch per run at a time. Peak memory is about ``buffer_bytes`` plus one batch per run,
-whatever the number of records.
+and spilled to a temporary Parquet "run" (row group by row group); at most ``MAX_FANIN`` runs are
+merged at once (``heapq.merge``, one row group per run in memory) — more runs are first merged in
+groups into longer runs. Peak memory is about ``buffer_bytes`` plus ``MAX_FANIN`` row groups of
+``RUN_ROW_GROUP`` records, whatever the number of records.
 
 Why this order:
 
@@ -21,12 +22,14 @@ from __future__ import annotations
 
 import hashlib
 import heapq
+import itertools
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 RUN_ROW_GROUP = 256
-ENTRY_OVERHEAD = 120  # bytes per buffered entry besides the record itself (tuple, ints, digest)
+MAX_FANIN = 64
+ENTRY_OVERHEAD = 250  # bytes per buffered entry besides the record itself (tuple, ints, digest, list slot)
 
 # (key, row, digest, where, blob): sorted by (key, row); rows are unique, so ties never reach digest
 Entry = tuple[int, int, bytes, "str | None", bytes]
@@ -47,6 +50,8 @@ class ExternalShuffle:
         self.buffered = 0
         self.runs: list[Path] = []
         self.count = 0
+        self._next = 0
+        shutil.rmtree(self.workdir, ignore_errors=True)  # runs left by an interrupted earlier prep
 
     def add(self, row: int, blob: bytes, where: str | None = None) -> None:
         digest = record_digest(blob)
@@ -58,42 +63,57 @@ class ExternalShuffle:
             self._spill()
 
     def _spill(self) -> None:
+        if not self.buffer:
+            return
+        self.buffer.sort()  # by (key, row): rows are unique, so later fields never compare
+        self.runs.append(self._write_run(self.buffer))
+        self.buffer, self.buffered = [], 0
+
+    def _write_run(self, entries) -> Path:
+        """Write sorted entries to a new run file, one row group at a time (no full copy in Arrow)."""
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        if not self.buffer:
-            return
-        self.buffer.sort(key=lambda e: (e[0], e[1]))
-        key, row, digest, where, blob = zip(*self.buffer, strict=True)
-        table = pa.table({"key": pa.array(key, pa.uint64()), "row": pa.array(row, pa.int64()),
-                          "digest": pa.array(digest, pa.binary(16)), "where": pa.array(where, pa.string()),
-                          "blob": pa.array(blob, pa.large_binary())})
+        schema = pa.schema([("key", pa.uint64()), ("row", pa.int64()), ("digest", pa.binary(16)),
+                            ("where", pa.string()), ("blob", pa.large_binary())])
         self.workdir.mkdir(parents=True, exist_ok=True)
-        path = self.workdir / f"run-{len(self.runs):05d}.parquet"
-        pq.write_table(table, path, row_group_size=RUN_ROW_GROUP, compression="lz4")
-        self.runs.append(path)
-        self.buffer, self.buffered = [], 0
+        path = self.workdir / f"run-{self._next:05d}.parquet"
+        self._next += 1
+        with pq.ParquetWriter(path, schema, compression="lz4") as writer:
+            chunk = []
+            for entry in itertools.chain(entries, [None]):
+                if entry is not None:
+                    chunk.append(entry)
+                if len(chunk) == RUN_ROW_GROUP or (entry is None and chunk):
+                    cols = list(zip(*chunk, strict=True))
+                    writer.write_batch(pa.record_batch([pa.array(c, t.type) for c, t in zip(cols, schema, strict=True)],
+                                                       schema=schema))
+                    chunk = []
+        return path
 
     def __iter__(self) -> Iterator[Entry]:
         if not self.runs:  # everything fit in memory: no disk round trip
-            self.buffer.sort(key=lambda e: (e[0], e[1]))
+            self.buffer.sort()  # by (key, row): rows are unique, so later fields never compare
             yield from self.buffer
             return
         self._spill()
-        # one batch per run in memory; fewer rows per batch when there are many runs
-        batch = max(16, min(RUN_ROW_GROUP, (1 << 16) // len(self.runs)))
-        yield from heapq.merge(*(_read_run(p, batch) for p in self.runs))
+        while len(self.runs) > MAX_FANIN:  # bound the merge's memory: merge groups into longer runs
+            groups = [self.runs[i:i + MAX_FANIN] for i in range(0, len(self.runs), MAX_FANIN)]
+            self.runs = []
+            for group in groups:
+                self.runs.append(self._write_run(heapq.merge(*(_read_run(p) for p in group))))
+                for p in group:
+                    p.unlink()
+        yield from heapq.merge(*(_read_run(p) for p in self.runs))
 
     def cleanup(self) -> None:
-        self.buffer = []
-        if self.runs:
-            shutil.rmtree(self.workdir, ignore_errors=True)
-            self.runs = []
+        self.buffer, self.runs = [], []
+        shutil.rmtree(self.workdir, ignore_errors=True)
 
 
-def _read_run(path: Path, batch_size: int) -> Iterator[Entry]:
+def _read_run(path: Path) -> Iterator[Entry]:
     import pyarrow.parquet as pq
 
-    for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_size):
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=RUN_ROW_GROUP):
         cols = [batch.column(name).to_pylist() for name in ("key", "row", "digest", "where", "blob")]
         yield from zip(*cols, strict=True)

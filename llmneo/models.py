@@ -212,7 +212,8 @@ def parse_hub_source(source: str, field: str) -> tuple[str, str | None]:
     return repo_id, revision or None
 
 
-HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken", "tokenizer*"]
+# transformers' weight names only: some repos also hold e.g. consolidated.safetensors (a second copy)
+HUB_PATTERNS = ["*.json", "model*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken", "tokenizer*"]
 
 
 def hub_snapshot(repo_id: str, revision: str | None, field: str = "teacher.source") -> tuple[Path, str]:
@@ -288,8 +289,17 @@ def safetensors_summary(path: str | Path) -> dict:
     headers only (an 8-byte length + JSON): no weights are loaded."""
     tensors = numel = 0
     dtypes: set[str] = set()
-    files = sorted(Path(path).glob("*.safetensors"))
+    folder = Path(path)
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():  # sharded: exactly the shards the index names (other copies may sit beside them)
+        files = sorted({folder / name for name in json.loads(index.read_text())["weight_map"].values()})
+    elif (folder / "model.safetensors").is_file():
+        files = [folder / "model.safetensors"]
+    else:
+        files = sorted(folder.glob("*.safetensors"))
     for file in files:
+        if not file.is_file():
+            raise UserError(f"{folder}: weight shard {file.name} (named in {index.name}) is missing")
         with open(file, "rb") as f:
             size = int.from_bytes(f.read(8), "little")
             try:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from llmneo.config import load_config
-from llmneo.data import IGNORE_INDEX, encode_batch, resolve_chat_template, run_prep, to_messages
+from llmneo.data import IGNORE_INDEX, ChatRenderer, encode_batch, resolve_chat_template, run_prep, to_messages
 from llmneo.data_sources import RecordError
 from llmneo.errors import UserError
 from llmneo.models import build_tiny_tokenizer
@@ -100,7 +100,7 @@ def test_labels_equal_per_turn_prefix_tokenization(tok):
         [{"role": "user", "content": "x"}, {"role": "assistant", "content": "\n\nstarts with newlines"}],
     ]
     dcfg = load_config("tiny", ["data.max_length=512"]).data
-    got = encode_batch(tok, convs, dcfg, resolve_chat_template(tok, dcfg))
+    got = encode_batch(tok, convs, dcfg, ChatRenderer(tok, resolve_chat_template(tok, dcfg)))
     for conv, (ids, labels, truncated) in zip(convs, got, strict=True):
         assert (ids, labels) == reference_encode(tok, conv)
         assert not truncated
@@ -358,3 +358,35 @@ def test_packed_forward_equals_separate_forwards(tmp_path, tok):
 
 def test_record_error_kind_default():
     assert RecordError("x").kind == "invalid"
+
+
+# ---------------------------------------------------------------------------- the external shuffle
+
+
+@pytest.mark.parametrize("buffer_bytes, fanin", [(1 << 30, 64), (4000, 64), (4000, 3)])
+def test_external_shuffle_order_is_independent_of_buffer_and_fanin(tmp_path, monkeypatch, buffer_bytes, fanin):
+    import random
+
+    from llmneo import data_shuffle
+
+    monkeypatch.setattr(data_shuffle, "MAX_FANIN", fanin)
+    rng = random.Random(1)
+    blobs = [bytes(rng.randrange(256) for _ in range(rng.randint(1, 40))) for _ in range(600)]
+    blobs += blobs[:50]  # duplicates: they must come out next to their first occurrence
+    shuffle = data_shuffle.ExternalShuffle(tmp_path / "runs", seed=7, buffer_bytes=buffer_bytes)
+    for row, blob in enumerate(blobs, start=1):
+        shuffle.add(row, blob, where=f"f:{row}")
+    got = list(shuffle)
+    expected = sorted(
+        (int.from_bytes(data_shuffle.hashlib.blake2b(data_shuffle.record_digest(b), digest_size=8,
+                                                     key=(7).to_bytes(16, "big", signed=True)).digest(), "big"), r)
+        for r, b in enumerate(blobs, start=1))
+    assert [(k, r) for k, r, *_ in got] == expected
+    assert all(blob == blobs[row - 1] and where == f"f:{row}" for _, row, _, where, blob in got)
+    if buffer_bytes < 1 << 20:
+        assert len(list((tmp_path / "runs").glob("run-*.parquet"))) <= fanin  # merged down to the fan-in
+    for i, (_, row, digest, _, _) in enumerate(got):
+        if row > 600:  # a duplicate directly follows its original (same key, higher row)
+            assert got[i - 1][1] == row - 600 and got[i - 1][2] == digest
+    shuffle.cleanup()
+    assert not (tmp_path / "runs").exists()
