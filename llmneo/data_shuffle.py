@@ -28,7 +28,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 RUN_ROW_GROUP = 256
-MAX_FANIN = 64
+MAX_FANIN = 16
 ENTRY_OVERHEAD = 250  # bytes per buffered entry besides the record itself (tuple, ints, digest, list slot)
 
 # (key, row, digest, where, blob): sorted by (key, row); rows are unique, so ties never reach digest
@@ -114,6 +114,7 @@ class ExternalShuffle:
 def _read_run(path: Path) -> Iterator[Entry]:
     import pyarrow.parquet as pq
 
-    for batch in pq.ParquetFile(path).iter_batches(batch_size=RUN_ROW_GROUP):
+    reader = pq.ParquetFile(path, pre_buffer=False, buffer_size=1 << 16)  # no read-ahead: one row group
+    for batch in reader.iter_batches(batch_size=RUN_ROW_GROUP, use_threads=False):
         cols = [batch.column(name).to_pylist() for name in ("key", "row", "digest", "where", "blob")]
         yield from zip(*cols, strict=True)

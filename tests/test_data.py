@@ -363,7 +363,7 @@ def test_record_error_kind_default():
 # ---------------------------------------------------------------------------- the external shuffle
 
 
-@pytest.mark.parametrize("buffer_bytes, fanin", [(1 << 30, 64), (4000, 64), (4000, 3)])
+@pytest.mark.parametrize("buffer_bytes, fanin", [(1 << 30, 16), (4000, 16), (4000, 3)])
 def test_external_shuffle_order_is_independent_of_buffer_and_fanin(tmp_path, monkeypatch, buffer_bytes, fanin):
     import random
 

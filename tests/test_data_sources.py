@@ -201,3 +201,15 @@ def test_s3_object_and_prefix(s3_bucket, tmp_path, tok, reference):
         prep(tok, f"s3://{s3_bucket}/nothing", tmp_path / "none")
     with pytest.raises(UserError, match=r"s3://no-such-bucket-zz/x.jsonl: .*"):
         prep(tok, "s3://no-such-bucket-zz/x.jsonl", tmp_path / "nobucket")
+
+
+def test_sharegpt_dataset_with_nested_features_saved_to_disk(tmp_path, tok):
+    """Infinity-Instruct's shape through datasets: conversations come back as lists of dicts."""
+    import datasets
+
+    records = [{"id": i, "conversations": [{"from": "human", "value": f"Name a number above {i}."},
+                                           {"from": "gpt", "value": f"{i + 1} is above {i}."}],
+                "label": {"cate": "math"}} for i in range(8)]
+    datasets.Dataset.from_list(records).save_to_disk(str(tmp_path / "saved"))
+    card = prep(tok, tmp_path / "saved", tmp_path / "out")
+    assert card["formats"] == {"sharegpt": 8} and card["counts"]["kept"] == 8
