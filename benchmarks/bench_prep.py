@@ -1,8 +1,8 @@
 """Data-prep throughput and peak memory on synthetic Infinity-Instruct-like JSONL (ShareGPT format).
 
-    python benchmarks/bench_prep.py                          # 20k and 200k rows, SmolLM2 tokenizer
-    python benchmarks/bench_prep.py --rows 20000 200000 --baseline-rows 20000 200000 --buffer-mb 32 4
-    python benchmarks/bench_prep.py --tokenizer tiny --rows 5000
+    python benchmarks/bench_prep.py           # the README table: 20k and 200k rows, SmolLM2 tokenizer (~20 min)
+    python benchmarks/bench_prep.py --rows 20000 --baseline-rows 20000 --buffer-mb 32   # ~2 min
+    python benchmarks/bench_prep.py --tokenizer tiny --rows 5000 --baseline-rows
 
 Each measurement runs `llmneo.data.run_prep` in a fresh child process and reads the child's own peak
 RSS (``os.wait4`` → ``ru_maxrss``), so runs do not see each other's memory. Printed side by side:
@@ -109,7 +109,7 @@ def measure(impl: str, source: Path | None, out: Path, args, buffer_mb: float = 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, nargs="+", default=[20_000, 200_000])
-    parser.add_argument("--baseline-rows", type=int, nargs="*", default=[20_000],
+    parser.add_argument("--baseline-rows", type=int, nargs="*", default=[20_000, 200_000],
                         help="sizes to run the in-memory baseline on (it is slow and grows with rows)")
     parser.add_argument("--baseline-rev", default=FOUNDATION_REV)
     parser.add_argument("--tokenizer", choices=["smollm2", "tiny"], default="smollm2")

@@ -394,6 +394,10 @@ def run_prep(cfg: Config, tokenizer, out_dir: str | Path) -> dict:
         if packer:
             packer.flush()
         rejects.close()
+        if kept == 0:
+            first = rejects.first
+            raise UserError(f"data.source {dcfg.source}: all {n_read} rows rejected (first: row {first['row']}: "
+                            f"{first['reason']}; see {rejects.path})")
         if kept < dcfg.min_rows:
             raise UserError(f"data.source {dcfg.source}: only {kept} valid rows, data.min_rows={dcfg.min_rows} "
                             f"({rejects.count} rejected; see {rejects.path})")

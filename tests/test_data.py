@@ -212,6 +212,13 @@ def test_all_rejected_is_a_clear_error(tmp_path, tok):
     assert not (tmp_path / "out" / "train.parquet").exists()
 
 
+def test_all_rejected_at_tokenization_is_a_clear_error(tmp_path, tok):
+    long = [{"instruction": f"long prompt {i} " * 40, "output": "y"} for i in range(3)]
+    with pytest.raises(UserError, match=r"all 3 rows rejected \(first: row \d: too long: \d+ tokens > "
+                                        r"data.max_length=64"):
+        prep(tmp_path, tok, long, "data.max_length=64", "data.truncation=drop")
+
+
 def test_fewer_than_min_rows_is_a_clear_error(tmp_path, tok):
     with pytest.raises(UserError, match=r"only 2 valid rows, data.min_rows=5 \(1 rejected"):
         prep(tmp_path, tok, [qa(1), qa(2), qa(1)], "data.min_rows=5")
