@@ -17,6 +17,7 @@ help:
 	@echo "make test       lint + all tests (unit + integration)"
 	@echo "make test-fast  unit tests only"
 	@echo "make pipeline   recompile pipelines/llm_neo.yaml"
+	@echo "make images     build the CUDA and the light CPU images (needs Docker)"
 
 setup: $(VENV)/.installed
 
@@ -52,6 +53,16 @@ pipeline: setup
 
 check-drift: pipeline
 	git diff --exit-code pipelines/llm_neo.yaml
+
+# Image references: components/images.py (override with LLMNEO_IMAGE / LLMNEO_CPU_IMAGE, e.g. your registry).
+IMAGE_REF = $(shell $(PYTHON) -c "import runpy; print(runpy.run_path('components/images.py')['$(1)'])")
+images:
+	@if ! command -v docker >/dev/null 2>&1 || ! docker info >/dev/null 2>&1; then \
+	  echo "make images: no Docker engine on this machine (docker missing or not running): nothing built."; \
+	  echo "  Run it where Docker works; LLMNEO_IMAGE=... LLMNEO_CPU_IMAGE=... set the tags (components/images.py)."; \
+	  exit 1; fi
+	docker build -f images/Dockerfile -t $(call IMAGE_REF,IMAGE) .
+	docker build -f images/Dockerfile.cpu -t $(call IMAGE_REF,CPU_IMAGE) .
 
 clean:
 	rm -rf $(VENV) .pytest_cache runs

@@ -1,4 +1,4 @@
-"""Component: NEO distillation (torchrun)."""
+"""Component: NEO distillation (torchrun on one node, or a Kubeflow Trainer TrainJob on several)."""
 
 from kfp import dsl
 from kfp.dsl import Dataset, Input, Metrics, Model, Output
@@ -7,24 +7,37 @@ from llmneo_components.images import IMAGE
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
-def distill(preset: str, overrides: list, dataset: Input[Dataset], teacher: Input[Model],
-            student: Input[Model], adapter: Output[Model], metrics: Output[Metrics]):
+def distill(preset: str, overrides: list, gpus: int, nodes: int, dataset: Input[Dataset], teacher: Input[Model],
+            student: Input[Model], adapter: Output[Model], metrics: Output[Metrics],
+            task_config: dsl.TaskConfig = None):
     """Train the student's LoRA branch on (1-a)*CE + a*T^2*KL(teacher||student) with torchrun.
 
     Args:
         preset: llmneo preset name (configs/) or YAML path inside the image.
         overrides: configuration overrides as key=value strings.
+        gpus: GPUs per node = torchrun processes per node (0: CPU, processes from the configuration).
+        nodes: nodes; more than 1 launches a Kubeflow Trainer TrainJob (llmneo/cluster.py).
         dataset: the prepared dataset.
         teacher: teacher model folder.
         student: base student model folder.
         adapter: output folder: adapter/ (lora, neo) or model/ (sft, kd), train_log.jsonl, card.json.
         metrics: final losses and throughput.
+        task_config: (multi-node) the task's resources, tolerations, node selector and env, forwarded
+            by KFP to the TrainJob.
     """
+    import dataclasses
+    import json
+    import os
+
     from llmneo.cli import guarded
     from llmneo.config import load_config
     from llmneo.steps import run_distill
 
-    cfg = guarded(load_config, preset, overrides)
+    # the pipeline's GPU/node counts win over the preset: the pod has exactly that many GPUs
+    cluster = [f"distill.nnodes={nodes}"] + ([f"distill.nproc_per_node={gpus}"] if gpus > 0 else [])
+    cfg = guarded(load_config, preset, [*overrides, *cluster])
+    if task_config is not None:
+        os.environ["LLMNEO_TASK_CONFIG"] = json.dumps(dataclasses.asdict(task_config))
     card = guarded(run_distill, cfg, dataset.path, teacher.path, student.path, adapter.path)
     metrics.log_metric("seconds", card["wall_seconds"])
     for key, value in card["final"].items():
@@ -32,3 +45,19 @@ def distill(preset: str, overrides: list, dataset: Input[Dataset], teacher: Inpu
     metrics.log_metric("tokens_per_s", card["tokens_per_s"])
     metrics.log_metric("trainable_parameters", card["trainable_parameters"])
     adapter.metadata.update({"method": card["method"], "steps": card["steps"]})
+
+
+# The same function as a TrainJob launcher for distill_nodes > 1: the pod itself stays small (CPU);
+# KFP hands the task's GPUs, tolerations, node selector and volumes to the function (task_config)
+# instead of applying them to the pod, and llmneo.cluster puts them on every training node.
+distill_multinode = dsl.component(
+    distill.python_func, base_image=IMAGE, install_kfp_package=False,
+    task_config_passthroughs=[
+        dsl.TaskConfigField.RESOURCES,
+        dsl.TaskConfigField.KUBERNETES_TOLERATIONS,
+        dsl.TaskConfigField.KUBERNETES_NODE_SELECTOR,
+        dsl.TaskConfigField.KUBERNETES_AFFINITY,
+        dsl.TaskConfigField.KUBERNETES_VOLUMES,
+        dsl.TaskConfigPassthrough(field=dsl.TaskConfigField.ENV, apply_to_task=True),  # S3 credentials
+    ])
+distill_multinode.component_spec.name = "distill-multinode"

@@ -1,9 +1,19 @@
 """Container image references for the components: the one place to change them.
 
-Override at compile time with LLMNEO_IMAGE (e.g. your registry's copy); `make images` builds it.
+    make images                                   # builds both (images/Dockerfile, images/Dockerfile.cpu)
+    LLMNEO_IMAGE=my-registry/llmneo:0.1.0 LLMNEO_CPU_IMAGE=my-registry/llmneo-cpu:0.1.0 make pipeline
+
+``IMAGE`` is the CUDA runtime image (torch 2.13.0 CUDA build + the pinned package): every step that
+loads a model. ``CPU_IMAGE`` is the light image without torch: registration and the GitOps schedule
+sync (k8s/base/schedule-sync-cronjob.yaml). The tag follows the package version; override both at
+compile time with the environment variables (your registry's copy). k8s/ overlays rewrite the
+CronJob's image with kustomize ``images:``.
 """
 
 import os
 
-DEFAULT_IMAGE = "llmneo/llmneo:0.1.0"
+VERSION = "0.1.0"  # = [project] version in pyproject.toml (tests/test_images.py checks)
+DEFAULT_IMAGE = f"llmneo/llmneo:{VERSION}"
+DEFAULT_CPU_IMAGE = f"llmneo/llmneo-cpu:{VERSION}"
 IMAGE = os.environ.get("LLMNEO_IMAGE", DEFAULT_IMAGE)
+CPU_IMAGE = os.environ.get("LLMNEO_CPU_IMAGE", DEFAULT_CPU_IMAGE)

@@ -1,7 +1,7 @@
 """Component: merge the adapter and evaluate."""
 
 from kfp import dsl
-from kfp.dsl import Dataset, Input, Markdown, Metrics, Model, Output
+from kfp.dsl import HTML, Dataset, Input, Markdown, Metrics, Model, Output
 
 from llmneo_components.images import IMAGE
 
@@ -9,8 +9,8 @@ from llmneo_components.images import IMAGE
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
 def merge_eval(preset: str, overrides: list, max_kl_to_teacher: float, dataset: Input[Dataset],
                teacher: Input[Model], student: Input[Model], adapter: Input[Model], model: Output[Model],
-               metrics: Output[Metrics], report: Output[Markdown]) -> str:
-    """Merge the LoRA adapter into the base student, evaluate fidelity to the teacher, apply the gate.
+               metrics: Output[Metrics], report: Output[Markdown], report_html: Output[HTML]) -> str:
+    """Merge the LoRA adapter into the base student, evaluate it against the teacher, apply the gate.
 
     Args:
         preset: llmneo preset name (configs/) or YAML path inside the image.
@@ -20,13 +20,15 @@ def merge_eval(preset: str, overrides: list, max_kl_to_teacher: float, dataset: 
         teacher: teacher model folder.
         student: base student model folder.
         adapter: distill output folder.
-        model: merged Hugging Face model folder with eval.json, report.md and README model card.
-        metrics: fidelity of the distilled student (KL, top-1 agreement, perplexity).
-        report: Markdown report (comparison table, loss curve data).
+        model: merged Hugging Face model folder with eval.json, report.md/html and README model card.
+        metrics: base student, distilled and teacher side by side (fidelity and lm-eval scores), gate.
+        report: Markdown report (comparison table, lm-eval scores, training table).
+        report_html: the same report as one self-contained HTML page, loss curves included.
 
     Returns:
         "pass" or "fail": the registration gate (all configured thresholds hold).
     """
+    import re
     import shutil
 
     from llmneo.cli import guarded
@@ -35,11 +37,14 @@ def merge_eval(preset: str, overrides: list, max_kl_to_teacher: float, dataset: 
 
     cfg = guarded(load_config, preset, [*overrides, f"eval.max_kl_to_teacher={max_kl_to_teacher}"])
     result = guarded(run_merge_eval, cfg, dataset.path, teacher.path, student.path, adapter.path, model.path)
-    metrics.log_metric("seconds", result["seconds"])
-    for name, row in result["fidelity"].items():
-        for key in ("kl_to_teacher", "top1_agreement", "perplexity"):
-            metrics.log_metric(f"{name}_{key}", row[key])
-    shutil.copy(f"{model.path}/report.md", report.path)
     passed = result["gate"]["passed"]
-    model.metadata.update({"gate": "pass" if passed else "fail", **result["metrics"]})
+    metrics.log_metric("seconds", result["seconds"])
+    metrics.log_metric("gate_passed", 1.0 if passed else 0.0)
+    for name, row in result["summary"].items():
+        for key, value in row.items():
+            metrics.log_metric(re.sub(r"[^A-Za-z0-9_.-]", "_", f"{name}_{key}"), float(value))
+    shutil.copy(f"{model.path}/report.md", report.path)
+    shutil.copy(f"{model.path}/report.html", report_html.path)
+    model.metadata.update({"gate": "pass" if passed else "fail",
+                           **{re.sub(r"[^A-Za-z0-9_.-]", "_", k): v for k, v in result["metrics"].items()}})
     return "pass" if passed else "fail"

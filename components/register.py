@@ -8,14 +8,18 @@ from llmneo_components.images import IMAGE
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
 def register(preset: str, overrides: list, run_id: str, model: Input[Model], metrics: Output[Metrics]) -> str:
-    """Copy the merged model and its manifest (sha256 and size of every file) into the registry.
+    """Upload the merged model and its manifest (sha256 and size of every file, lineage) into the registry.
+
+    The registry is registry.uri (a folder or s3://bucket/prefix; S3 credentials from the pod's
+    environment); registry.aliases are pointed at the new version; with registry.kubeflow_url set the
+    version is also recorded in the Kubeflow Model Registry.
 
     Args:
         preset: llmneo preset name (configs/) or YAML path inside the image.
         overrides: configuration overrides as key=value strings.
         run_id: pipeline run id, recorded in the manifest's lineage.
         model: merged model folder from merge-eval.
-        metrics: registered version.
+        metrics: registered size and file count, whether identical content was already registered.
 
     Returns:
         NAME:VERSION@URI of the registered model.
@@ -32,4 +36,5 @@ def register(preset: str, overrides: list, run_id: str, model: Input[Model], met
     metrics.log_metric("seconds", round(time.time() - t0, 2))
     metrics.log_metric("files", len(manifest["files"]))
     metrics.log_metric("bytes", sum(f["size"] for f in manifest["files"]))
+    metrics.log_metric("reused_existing_version", 1.0 if manifest.get("reused") else 0.0)
     return f"{manifest['name']}:{manifest['version']}@{manifest['uri']}"

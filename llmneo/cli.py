@@ -4,6 +4,7 @@
     llmneo prep --preset tiny --out runs/dbg/dataset      # one step alone, on local folders
     llmneo config --preset smollm2-demo distill.alpha=0.9 # print the resolved configuration
     llmneo config --keys                                  # every key, type, default, description
+    llmneo registry ls [NAME]                             # registered models (see `llmneo registry -h`)
 
 Every subcommand takes ``--preset`` and trailing ``key=value`` overrides. User mistakes print one
 line ``error: …`` and exit with code 2; no traceback.
@@ -85,10 +86,13 @@ def cmd_distill(args) -> int:
 
 
 def cmd_merge_eval(args) -> int:
+    from llmneo.report import comparison, gate_line, table
     from llmneo.steps import run_merge_eval
 
     result = run_merge_eval(_config(args), args.dataset, args.teacher, args.student, args.adapter, args.out)
-    _print_card({k: result[k] for k in ("fidelity", "gate")})
+    print(table(*comparison(result)))
+    print(f"gate: {gate_line(result['gate'])}")
+    print(f"model and reports: {args.out} (report.md, report.html, eval.json, README.md)")
     return 0
 
 
@@ -104,6 +108,57 @@ def cmd_run(args) -> int:
     # KFP lives outside the library: the local DAG runner is part of the pipelines package.
     local_run = importlib.import_module("llmneo_pipelines.local_run")
     return local_run.run_local(args.preset, args.overrides, pipeline_root=args.pipeline_root)
+
+
+# Kubeflow Pipelines (upload, submit, GitOps schedules): KFP client code lives in llmneo_pipelines.
+def _kfp_command(module: str, name: str) -> Callable:
+    def run(args) -> int:
+        return getattr(importlib.import_module(f"llmneo_pipelines.{module}"), name)(args)
+
+    return run
+
+
+def add_kubeflow_commands(sub) -> None:
+    """``upload``, ``submit`` and ``schedule sync`` (see README "Run on Kubeflow")."""
+
+    def connection(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--host", default=None, help="Kubeflow Pipelines URL (default: $KFP_HOST)")
+        p.add_argument("--namespace", default=None, help="KFP namespace / Kubeflow profile (default: $KFP_NAMESPACE)")
+
+    p = sub.add_parser("upload", help="upload the compiled pipeline (a new version) to Kubeflow Pipelines",
+                       description="upload pipelines/llm_neo.yaml as pipeline llm-neo, version --version")
+    connection(p)
+    p.add_argument("--version", default=None, help="version name (default: package version + content hash)")
+    p.add_argument("--description", default=None, help="version description shown in the UI")
+    p.add_argument("--package", default=None, help="compiled pipeline YAML (default: the packaged one)")
+    p.set_defaults(fn=_kfp_command("kfp_client", "cmd_upload"))
+
+    p = sub.add_parser("submit", help="create a Kubeflow Pipelines run and print its URL",
+                       description="validate the configuration locally, then create a run with kfp.Client")
+    connection(p)
+    p.add_argument("--preset", default="tiny", help="preset name or YAML path (default: tiny)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="configuration overrides")
+    p.add_argument("--pool-file", default=None, help="pipeline parameters of the GPU pool (k8s/overlays/*/pool.yaml)")
+    p.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
+                   help="a pipeline parameter, e.g. distill_nodes=2 (repeatable)")
+    p.add_argument("--version", default=None, help="run an uploaded version (default: the local compiled package)")
+    p.add_argument("--experiment", default="llmneo")
+    p.add_argument("--run-name", default=None)
+    p.add_argument("--service-account", default="llmneo-pipeline", help="runs' service account ('' = KFP default)")
+    p.add_argument("--no-cache", action="store_true", help="disable KFP caching for this run")
+    p.set_defaults(fn=_kfp_command("kfp_client", "cmd_submit"))
+
+    p = sub.add_parser("schedule", help="GitOps: recurring runs declared in k8s/schedules/*.yaml")
+    ssub = p.add_subparsers(dest="schedule_command", required=True, metavar="ACTION")
+    p = ssub.add_parser("sync", help="reconcile the schedule files into KFP recurring runs",
+                        description="create, replace (create new, pause and delete old) and delete recurring runs")
+    connection(p)
+    p.add_argument("--dir", default="k8s/schedules", help="folder of schedule YAML files")
+    p.add_argument("--pool-file", default=None, help="pipeline parameters of the GPU pool")
+    p.add_argument("--dry-run", action="store_true", help="print the plan, change nothing")
+    p.add_argument("--experiment", default=None, help="KFP experiment (default: $KFP_EXPERIMENT or llmneo)")
+    p.add_argument("--service-account", default=None, help="runs' service account (default: llmneo-pipeline)")
+    p.set_defaults(fn=_kfp_command("schedules", "cmd_schedule_sync"))
 
 
 # --------------------------------------------------------------------------------------------
@@ -151,6 +206,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("run", cmd_run, "run the whole DAG locally through kfp.local")
     p.add_argument("--pipeline-root", default="runs/kfp", help="where kfp.local keeps artifacts")
+
+    add_kubeflow_commands(sub)
+
+    # ---- model registry lookups: `llmneo registry ls|show|pull|promote|lineage|history`
+    from llmneo.registry.cli import add_parser as add_registry_parser
+
+    add_registry_parser(sub)
     return parser
 
 

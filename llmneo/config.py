@@ -130,17 +130,60 @@ class DistillConfig:
 
 @dataclass
 class EvalConfig:
-    batch_size: int = _f(4, lo=1)
+    # merge
+    max_shard_size: str = _f("2GB", doc="merged model: safetensors shard size (save_pretrained max_shard_size)")
+    merged_dtype: Literal["auto", "float32", "bfloat16", "float16"] = _f(
+        "auto", doc="merged model weights dtype; auto = the base student's dtype (merge itself runs in fp32)")
+    # fidelity to the teacher (val split)
+    batch_size: int = _f(4, lo=1, doc="val sequences per forward pass (fidelity)")
     max_batches: int = _f(0, lo=0, doc="cap on validation batches (0 = all)")
+    chunk_tokens: int = _f(256, lo=1, doc="positions per fp32 logits chunk in fidelity: ~8 x chunk x vocab x 4 bytes peak")
+    # lm-eval
+    lm_eval_tasks: list[str] = _f(factory=lambda: ["llmneo_mc", "llmneo_val_ppl"], doc=(
+        "lm-eval tasks: the repo's offline tasks (llmneo_mc, llmneo_val_ppl) and/or standard names "
+        "(arc_easy, arc_challenge, piqa, winogrande, hellaswag, mmlu; these need hub access); [] = none"))
+    lm_eval_models: list[str] = _f(factory=lambda: ["base_student", "distilled", "teacher"], doc=(
+        "which models lm-eval runs on (distilled always); base_student/teacher give the side-by-side"))
+    lm_eval_limit: int = _f(0, lo=0, doc="lm-eval: at most this many documents per task (0 = all)")
+    lm_eval_num_fewshot: int = _f(-1, lo=-1, doc="lm-eval few-shot examples (-1 = each task's default)")
+    lm_eval_batch_size: int = _f(32, lo=1, doc="lm-eval batch size (requests per forward pass)")
+    # gate: every threshold must hold for the DAG to register the model
     max_kl_to_teacher: float = _f(1e6, lo=0.0, doc="gate: register only if KL(teacher||student) <= this")
     max_perplexity: float = _f(1e9, lo=0.0, lo_open=True, doc="gate: register only if val perplexity <= this")
+    min_top1_agreement: float = _f(0.0, lo=0.0, hi=1.0, doc="gate: register only if top-1 agreement with the teacher >= this")
+    min_mc_accuracy: float = _f(0.0, lo=0.0, hi=1.0, doc="gate: register only if llmneo_mc accuracy >= this (0 = off)")
+    thresholds: list[str] = _f(factory=list, doc=(
+        "gate: extra 'METRIC>=VALUE' / 'METRIC<=VALUE' rules on eval.json metrics, e.g. 'arc_easy/acc_norm>=0.4'"))
 
 
 @dataclass
 class RegistryConfig:
-    uri: str = _f("runs/registry", doc="registry root: a local folder or s3://bucket/prefix")
+    uri: str = _f("runs/registry", doc="registry root: a local folder or s3://bucket/prefix "
+                  "(llmneo registry also takes --registry or $LLMNEO_REGISTRY)")
     name: str = _f("llmneo-student", doc="model name in the registry")
     aliases: list[str] = _f(factory=lambda: ["latest"], doc="aliases pointed at the new version")
+    multipart_threshold_mb: int = _f(64, lo=5, doc="S3: files larger than this upload in parts")
+    multipart_chunk_mb: int = _f(64, lo=5, doc="S3: part size (S3 minimum 5 MiB)")
+    max_concurrency: int = _f(8, lo=1, doc="S3: parallel part uploads/downloads per file")
+    kubeflow_url: str = _f("", doc="also register in this Kubeflow Model Registry "
+                           "(e.g. https://model-registry.kubeflow.svc:8443); empty = off")
+    kubeflow_author: str = _f("llmneo", doc="Kubeflow Model Registry: author/owner of registered versions")
+
+
+@dataclass
+class ClusterConfig:
+    """Multi-node distillation (distill.nnodes > 1) on Kubeflow Trainer: see llmneo/cluster.py."""
+
+    namespace: str = _f("", doc="namespace of the TrainJob ('' = the launcher pod's own namespace)")
+    runtime: str = _f("torch-distributed", doc="Kubeflow Trainer ClusterTrainingRuntime the TrainJob uses")
+    image: str = _f("", doc="image of the training nodes ('' = $LLMNEO_IMAGE, the distill component's image)")
+    staging_uri: str = _f("", doc="s3://bucket/prefix where the launcher stages inputs and nodes write the "
+                          "adapter (required when distill.nnodes > 1)")
+    gpu_resource: str = _f("nvidia.com/gpu", doc="resource requested per node (distill.nproc_per_node of "
+                           "them) when the KFP task forwards no resources")
+    timeout_hours: float = _f(72.0, lo=0.0, lo_open=True, doc="TrainJob deadline; the launcher gives up then")
+    poll_seconds: float = _f(10.0, lo=0.0, lo_open=True, doc="status polling interval of the launcher")
+    keep_job: bool = _f(False, doc="keep the finished TrainJob and staged files (debugging)")
 
 
 @dataclass
@@ -152,6 +195,7 @@ class Config:
     distill: DistillConfig = field(default_factory=DistillConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     registry: RegistryConfig = field(default_factory=RegistryConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

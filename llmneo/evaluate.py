@@ -1,76 +1,187 @@
-"""Merge the adapter into the base student, then evaluate fidelity to the teacher on the val split.
+"""Merge the adapter into the base student, then evaluate: fidelity to the teacher and lm-eval tasks.
 
-Fidelity metrics (per target token of the val split, next-token positions as in training):
-``kl_to_teacher`` = mean KL(teacher‖student), ``top1_agreement`` = share of positions where the
-student's argmax equals the teacher's, ``perplexity`` = exp(mean CE on the labels). Reported for the
-base (untrained) student, the distilled student and the teacher, side by side.
+    from llmneo.evaluate import evaluate_models
+    result = evaluate_models({"base": "runs/x/student", "neo": "runs/x/model"}, "runs/x/teacher",
+                             "runs/x/dataset", cfg)
+    result["summary"]["neo"]   # {"kl_to_teacher": …, "top1_agreement": …, "perplexity": …, "llmneo_mc/acc": …}
+
+Fidelity (per target token of the val split, next-token positions as in training):
+``kl_to_teacher`` = mean KL(teacher‖model), ``top1_agreement`` = share of positions where the model's
+argmax equals the teacher's, ``perplexity`` = exp(mean CE on the labels). Logits are computed from the
+final hidden states ``chunk_tokens`` positions at a time, so a 128k vocabulary never needs a full
+``[B, L, V]`` fp32 tensor.
+
+lm-eval (0.4.x, Python API, ``HFLM`` around the in-memory model): the repo's offline tasks in
+``llmneo/tasks/`` (``llmneo_mc`` multiple choice, ``llmneo_val_ppl`` held-out perplexity on the val
+split) and/or standard task names (arc_easy, mmlu, …) when the hub is reachable.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import math
+import re
 import shutil
+import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from llmneo.config import Config
 from llmneo.data import read_split
 from llmneo.errors import UserError
 from llmneo.losses import divergence, shift_mask
-from llmneo.models import load_causal_lm, model_location, read_card, write_card
+from llmneo.models import load_causal_lm, load_tokenizer, model_location, read_card, write_card
 from llmneo.trainer import collate
 
+TASK_DIR = Path(__file__).resolve().parent / "tasks"
+FIDELITY_KEYS = ("kl_to_teacher", "top1_agreement", "perplexity")
+MC_TASK = "llmneo_mc"
+VAL_PPL_TASK = "llmneo_val_ppl"
 
-def merge(student_artifact: str | Path, distill_dir: str | Path, out_dir: str | Path):
-    """Base student + LoRA adapter → merged HF model in ``out_dir`` (or copy a full-weights result)."""
-    from transformers import AutoTokenizer
 
+def eval_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def eval_dtype(device: torch.device) -> torch.dtype:
+    """bf16 weights on GPU (logits are upcast per chunk), fp32 on CPU (bf16 matmuls are slow there)."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+# --------------------------------------------------------------------------------------------
+# Merge
+# --------------------------------------------------------------------------------------------
+
+
+def merge_adapter(base_model: torch.nn.Module, adapter_dir: str | Path) -> torch.nn.Module:
+    """Base model + adapter folder → a plain model with the adapter folded into its weights.
+
+    The one place where adapters are merged. peft's ``merge_and_unload`` covers LoRA; MoSLoRA (a
+    learnable r×r mixer, not in peft) is merged by ``llmneo.lora.merge_adapter`` once it exists.
+    """
+    import importlib.util
+
+    if importlib.util.find_spec("llmneo.lora") is not None:  # the MoSLoRA-aware merge, once it exists
+        from llmneo.lora import merge_adapter as lora_merge_adapter
+
+        return lora_merge_adapter(base_model, adapter_dir)
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(base_model, str(adapter_dir)).merge_and_unload()
+
+
+def _saved_dtype(location: str) -> torch.dtype:
+    """The dtype a model folder's config.json declares (fp32 when it says nothing)."""
+    config = json.loads((Path(location) / "config.json").read_text()) if (Path(location) / "config.json").is_file() else {}
+    name = config.get("dtype") or config.get("torch_dtype") or "float32"
+    return getattr(torch, str(name).removeprefix("torch."), torch.float32)
+
+
+def merge(student_artifact: str | Path, distill_dir: str | Path, out_dir: str | Path,
+          max_shard_size: str | int = "2GB", dtype: str = "auto"):
+    """Base student + adapter → a Hugging Face folder in ``out_dir``; returns (model, tokenizer).
+
+    The merge runs in fp32; the saved weights are cast to ``dtype`` (``auto`` = the student's own)
+    and sharded above ``max_shard_size``. The returned model holds exactly the saved values (upcast
+    to fp32), so what is evaluated is what gets registered.
+    """
     distill_dir, out_dir = Path(distill_dir), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    tokenizer = AutoTokenizer.from_pretrained(model_location(student_artifact)[0])
+    location = model_location(student_artifact)[0]
+    tokenizer = load_tokenizer(location)
     if (distill_dir / "adapter").is_dir():
-        from peft import PeftModel
-
         base = load_causal_lm(student_artifact, dtype=torch.float32)
-        model = PeftModel.from_pretrained(base, str(distill_dir / "adapter")).merge_and_unload()
-    elif (distill_dir / "model").is_dir():
+        model = merge_adapter(base, distill_dir / "adapter")
+    elif (distill_dir / "model").is_dir():  # sft/kd train every weight: nothing to merge
         model = load_causal_lm(distill_dir / "model", dtype=torch.float32)
     else:
         raise UserError(f"{distill_dir}: neither adapter/ nor model/ found; is it a distill output?")
-    model.save_pretrained(out_dir, safe_serialization=True)
+    save_dtype = _saved_dtype(location) if dtype == "auto" else getattr(torch, dtype)
+    model = model.to(save_dtype)
+    try:
+        model.save_pretrained(out_dir, max_shard_size=max_shard_size)
+    except ValueError as e:  # a malformed size string, e.g. "2 GiB"
+        raise UserError(f"eval.max_shard_size: {max_shard_size!r}: {e}") from None
     tokenizer.save_pretrained(out_dir)
     if model.generation_config is not None:
         model.generation_config.save_pretrained(out_dir)
-    return model, tokenizer
+    return model.float().eval(), tokenizer
+
+
+# --------------------------------------------------------------------------------------------
+# Fidelity to the teacher
+# --------------------------------------------------------------------------------------------
+
+
+def _hidden_and_head(model: torch.nn.Module) -> tuple[Callable, Callable]:
+    """(final hidden states ``[B, L, H]`` of a batch, hidden ``[N, H]`` → logits ``[N, V]``).
+
+    For a ``*ForCausalLM`` the decoder is ``base_model`` and the head is the output embedding, so
+    logits can be made for selected positions only. Other models fall back to full logits (the
+    "hidden state" is then the logits and the head the identity).
+    """
+    decoder, head = getattr(model, "base_model", model), model.get_output_embeddings()
+    if decoder is model or head is None:
+        return (lambda ids, attn: model(input_ids=ids, attention_mask=attn).logits), (lambda x: x)
+    softcap = getattr(model.config, "final_logit_softcapping", None)
+
+    def logits(hidden):
+        out = head(hidden)
+        return torch.tanh(out / softcap) * softcap if softcap else out
+
+    return (lambda ids, attn: decoder(input_ids=ids, attention_mask=attn).last_hidden_state), logits
 
 
 @torch.no_grad()
 def fidelity(models: dict[str, torch.nn.Module], teacher: torch.nn.Module, rows: list[dict], pad_id: int,
-             batch_size: int = 4, max_batches: int = 0) -> dict[str, dict[str, float]]:
-    """KL(teacher‖model), top-1 agreement with the teacher and perplexity for each model."""
-    sums = {name: {"kl": 0.0, "agree": 0.0, "nll": 0.0} for name in models}
-    sums["teacher"] = {"kl": 0.0, "agree": 0.0, "nll": 0.0}
+             batch_size: int = 4, max_batches: int = 0, chunk_tokens: int = 256) -> dict[str, dict[str, float]]:
+    """KL(teacher‖model), top-1 agreement with the teacher and perplexity, for each model and the teacher.
+
+    Args:
+        models: name → causal LM (same tokenizer as the teacher; the teacher's vocabulary may be
+            padded wider, extra columns are ignored).
+        rows: val rows (``input_ids``, unshifted ``labels`` with -100 outside targets).
+        chunk_tokens: positions per fp32 logits chunk: peak extra memory is about
+            ``chunk_tokens × V × 4`` bytes per model, whatever the batch and sequence length.
+    Returns:
+        name → {kl_to_teacher, top1_agreement, perplexity, tokens}; the teacher's own row has
+        KL 0 and agreement 1 by definition.
+    """
+    device = next(teacher.parameters()).device
+    runners = {name: _hidden_and_head(m) for name, m in models.items()}
+    t_hidden_fn, t_head = _hidden_and_head(teacher)
+    sums = {name: {"kl": 0.0, "agree": 0.0, "nll": 0.0} for name in [*models, "teacher"]}
     n_tokens = 0
     for b, start in enumerate(range(0, len(rows), batch_size)):
         if max_batches and b >= max_batches:
             break
-        batch = collate(rows[start:start + batch_size], pad_id)
+        batch = {k: v.to(device) for k, v in collate(rows[start:start + batch_size], pad_id).items()}
         mask, targets = shift_mask(batch["labels"])
-        t_logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        t_sel = t_logits[:, :-1][mask].float()
-        n_tokens += int(mask.sum())
-        sums["teacher"]["agree"] += float(mask.sum())
-        sums["teacher"]["nll"] += float(torch.nn.functional.cross_entropy(t_sel, targets, reduction="sum"))
-        for name, model in models.items():
-            s_sel = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            s_sel = s_sel[:, :-1][mask].float()
-            vocab = s_sel.shape[-1]
-            sums[name]["kl"] += float(divergence(s_sel, t_sel).sum())
-            sums[name]["agree"] += float((s_sel.argmax(-1) == t_sel[:, :vocab].argmax(-1)).sum())
-            sums[name]["nll"] += float(torch.nn.functional.cross_entropy(s_sel, targets, reduction="sum"))
+        if not mask.any():
+            continue
+        ids, attn = batch["input_ids"], batch["attention_mask"]
+        t_hidden = t_hidden_fn(ids, attn)[:, :-1][mask]  # [N, H_t]: selected positions only
+        s_hidden = {name: fn(ids, attn)[:, :-1][mask] for name, (fn, _) in runners.items()}
+        for c in range(0, targets.shape[0], chunk_tokens):
+            tgt = targets[c:c + chunk_tokens]
+            t_logits = t_head(t_hidden[c:c + chunk_tokens]).float()  # [n, V_t]
+            sums["teacher"]["nll"] += float(F.cross_entropy(t_logits, tgt, reduction="sum"))
+            sums["teacher"]["agree"] += tgt.numel()
+            for name, (_, head) in runners.items():
+                s_logits = head(s_hidden[name][c:c + chunk_tokens]).float()  # [n, V]
+                vocab = s_logits.shape[-1]
+                sums[name]["kl"] += float(divergence(s_logits, t_logits).sum())
+                sums[name]["agree"] += float((s_logits.argmax(-1) == t_logits[:, :vocab].argmax(-1)).sum())
+                sums[name]["nll"] += float(F.cross_entropy(s_logits, tgt, reduction="sum"))
+                del s_logits
+            del t_logits
+        n_tokens += int(targets.numel())
     if n_tokens == 0:
         raise UserError("val split has no target tokens to evaluate")
     return {name: {"kl_to_teacher": s["kl"] / n_tokens, "top1_agreement": s["agree"] / n_tokens,
@@ -78,55 +189,265 @@ def fidelity(models: dict[str, torch.nn.Module], teacher: torch.nn.Module, rows:
             for name, s in sums.items()}
 
 
+# --------------------------------------------------------------------------------------------
+# lm-eval
+# --------------------------------------------------------------------------------------------
+
+
+def local_task_names() -> set[str]:
+    """Task names defined by the YAMLs shipped in ``llmneo/tasks/``."""
+    names = set()
+    for path in TASK_DIR.glob("*.yaml"):
+        m = re.search(r"^task:\s*(\S+)", path.read_text(), re.MULTILINE)
+        if m:
+            names.add(m.group(1))
+    return names
+
+
+def export_val_text(dataset_dir: str | Path, tokenizer, path: Path) -> Path:
+    """The val split's rows decoded back to text, one ``{"text": …}`` per line (llmneo_val_ppl's data)."""
+    rows = read_split(dataset_dir, "val")
+    with open(path, "w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps({"text": tokenizer.decode(r["input_ids"], skip_special_tokens=False)}) + "\n")
+    return path
+
+
+class _DropExpectedNotices(logging.Filter):
+    """lm-eval warns about what llmneo does on purpose (custom datasets for its own tasks, an
+    in-memory model instead of a hub id): drop those lines, keep every other warning."""
+
+    EXPECTED = ("Custom kwargs can be passed", "`pretrained` model kwarg is not of type",
+                "Passed an already-initialized model")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(text in message for text in self.EXPECTED)
+
+
+_NOTICE_FILTER = _DropExpectedNotices()
+
+
+def _quiet_lm_eval() -> None:
+    for name in ["lm_eval", *[n for n in logging.root.manager.loggerDict if n.startswith("lm_eval.")]]:
+        logging.getLogger(name).addFilter(_NOTICE_FILTER)  # idempotent: one filter object
+
+
+@contextlib.contextmanager
+def _without_env_report():
+    """simple_evaluate ends by collecting an environment report (torch's collect_env, which shells out
+    to pip: ~2 s per call) that llmneo does not keep; skip it for the duration of the call."""
+    import lm_eval.evaluator as evaluator
+
+    original = getattr(evaluator, "add_env_info", None)
+    if original is not None:
+        evaluator.add_env_info = lambda results: None
+    try:
+        yield
+    finally:
+        if original is not None:
+            evaluator.add_env_info = original
+
+
+def lm_eval_scores(model: torch.nn.Module, tokenizer, tasks: list[str], *, val_jsonl: Path | None = None,
+                   limit: int = 0, num_fewshot: int = -1, batch_size: int = 16) -> dict[str, dict[str, float]]:
+    """Run lm-eval tasks on an in-memory model; returns task → {metric: value, metric_stderr: value}.
+
+    The repo's tasks load from ``llmneo/tasks`` only (``include_defaults=False``: fast, offline);
+    any other name switches on lm-eval's own task catalogue (those datasets come from the hub).
+    """
+    if not tasks:
+        return {}
+    local = local_task_names()
+    typos = [t for t in tasks if t.startswith("llmneo_") and t not in local]  # caught before indexing lm-eval's catalogue
+    if typos:
+        raise UserError(f"eval.lm_eval_tasks: unknown task(s) {', '.join(typos)}; repo tasks: {', '.join(sorted(local))}")
+    if VAL_PPL_TASK in tasks and val_jsonl is None:
+        raise UserError(f"eval.lm_eval_tasks: {VAL_PPL_TASK} needs the dataset's val split")
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    manager = TaskManager(include_path=str(TASK_DIR), include_defaults=not set(tasks) <= local,
+                          metadata={"llmneo_val_jsonl": str(val_jsonl) if val_jsonl else ""})
+    unknown = [t for t in tasks if t not in set(manager.all_tasks)]
+    if unknown:
+        raise UserError(f"eval.lm_eval_tasks: unknown task(s) {', '.join(unknown)}; repo tasks: "
+                        f"{', '.join(sorted(local))}, or any lm-eval 0.4 task name")
+    _quiet_lm_eval()
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    try:
+        with _without_env_report():
+            out = simple_evaluate(model=lm, tasks=list(tasks), task_manager=manager, limit=limit or None,
+                                  num_fewshot=None if num_fewshot < 0 else num_fewshot, log_samples=False,
+                                  bootstrap_iters=1000, verbosity="WARNING")
+    except (ConnectionError, FileNotFoundError) as e:  # a standard task whose dataset is not reachable
+        raise UserError(f"eval.lm_eval_tasks {','.join(tasks)}: cannot load a task's dataset ({str(e).splitlines()[0]}); "
+                        f"standard tasks need the hub (HF_HUB_OFFLINE/HF_DATASETS_OFFLINE unset) or a "
+                        f"pre-filled HF datasets cache; offline runs use {', '.join(sorted(local))}") from None
+    scores: dict[str, dict[str, float]] = {}
+    for task, metrics in (out or {}).get("results", {}).items():
+        row = {}
+        for key, value in metrics.items():
+            metric, _, _filter = key.partition(",")
+            if _filter and isinstance(value, (int, float)) and not isinstance(value, bool):
+                row[metric] = float(value)
+        if row:
+            scores[task] = row
+    return scores
+
+
+# --------------------------------------------------------------------------------------------
+# The whole evaluation
+# --------------------------------------------------------------------------------------------
+
+ModelSpec = str | Path | tuple  # an artifact folder, or an already-loaded (model, tokenizer)
+
+
+def _load(spec: ModelSpec, device: torch.device):
+    if isinstance(spec, tuple):
+        model, tokenizer = spec
+    else:
+        model = load_causal_lm(spec, dtype=eval_dtype(device))
+        tokenizer = load_tokenizer(model_location(spec)[0])
+    return model.to(device).eval(), tokenizer
+
+
+def summary(fidelity_row: dict, lm_eval_row: dict) -> dict[str, float]:
+    """One flat metrics dict per model: fidelity keys plus ``task/metric`` lm-eval scores."""
+    flat = {k: fidelity_row[k] for k in FIDELITY_KEYS if k in fidelity_row}
+    for task, metrics in sorted(lm_eval_row.items()):
+        flat.update({f"{task}/{m}": v for m, v in metrics.items() if not m.endswith("_stderr")})
+    return flat
+
+
+def evaluate_models(models: dict[str, ModelSpec], teacher: ModelSpec, dataset_dir: str | Path, cfg: Config,
+                    lm_eval_on: list[str] | None = None) -> dict:
+    """Evaluate models against a teacher on a prepared dataset: fidelity (val split) + lm-eval tasks.
+
+    Args:
+        models: name → model artifact folder (weights, or a card that references them) or a loaded
+            ``(model, tokenizer)``. All models are held in memory together with the teacher.
+        teacher: the same for the teacher (its tokenizer must be the students').
+        dataset_dir: a prepared dataset (``val.parquet``); the val split drives fidelity and
+            ``llmneo_val_ppl``.
+        cfg: ``cfg.eval`` gives batch sizes, chunking, the lm-eval tasks and limits.
+        lm_eval_on: names (from ``models`` or ``"teacher"``) to run lm-eval on; default all.
+    Returns:
+        {"fidelity": name → metrics (teacher included), "lm_eval": name → task → metrics,
+         "summary": name → flat metrics (see :func:`summary`), "seconds": …}
+    """
+    t0 = time.time()
+    device = eval_device()
+    loaded = {name: _load(spec, device) for name, spec in models.items()}
+    teacher_model, teacher_tok = _load(teacher, device)
+    rows = read_split(dataset_dir, "val")
+    pad_id = teacher_tok.pad_token_id if teacher_tok.pad_token_id is not None else 0
+    e = cfg.eval
+    table = fidelity({n: m for n, (m, _) in loaded.items()}, teacher_model, rows, pad_id, e.batch_size,
+                     e.max_batches, e.chunk_tokens)
+    everything = {**loaded, "teacher": (teacher_model, teacher_tok)}
+    lm_eval_on = list(everything) if lm_eval_on is None else [n for n in lm_eval_on if n in everything]
+    scores: dict[str, dict] = {}
+    if e.lm_eval_tasks:
+        with tempfile.TemporaryDirectory(prefix="llmneo-eval-") as tmp:
+            val_jsonl = export_val_text(dataset_dir, teacher_tok, Path(tmp) / "val.jsonl")
+            for name in lm_eval_on:
+                model, tokenizer = everything[name]
+                print(f"lm-eval: {name} on {', '.join(e.lm_eval_tasks)}", flush=True)
+                scores[name] = lm_eval_scores(model, tokenizer, e.lm_eval_tasks, val_jsonl=val_jsonl,
+                                              limit=e.lm_eval_limit, num_fewshot=e.lm_eval_num_fewshot,
+                                              batch_size=e.lm_eval_batch_size)
+    return {"fidelity": table, "lm_eval": scores,
+            "summary": {name: summary(table[name], scores.get(name, {})) for name in table},
+            "seconds": round(time.time() - t0, 2)}
+
+
+# --------------------------------------------------------------------------------------------
+# Gate
+# --------------------------------------------------------------------------------------------
+
+_RULE = re.compile(r"^\s*(?P<metric>[^<>=\s]+)\s*(?P<op>>=|<=)\s*(?P<value>[-+0-9.eE]+)\s*$")
+
+
+def thresholds(cfg: Config) -> list[tuple[str, str, float, str]]:
+    """Every active gate rule as (metric, op, value, config key)."""
+    e = cfg.eval
+    rules = [("kl_to_teacher", "<=", e.max_kl_to_teacher, "eval.max_kl_to_teacher"),
+             ("perplexity", "<=", e.max_perplexity, "eval.max_perplexity")]
+    if e.min_top1_agreement > 0:
+        rules.append(("top1_agreement", ">=", e.min_top1_agreement, "eval.min_top1_agreement"))
+    if e.min_mc_accuracy > 0:
+        rules.append((f"{MC_TASK}/acc", ">=", e.min_mc_accuracy, "eval.min_mc_accuracy"))
+    for i, rule in enumerate(e.thresholds):
+        m = _RULE.match(rule)
+        if not m:
+            raise UserError(f"eval.thresholds[{i}]: {rule!r} is not METRIC>=VALUE or METRIC<=VALUE")
+        rules.append((m["metric"], m["op"], float(m["value"]), f"eval.thresholds[{i}]"))
+    return rules
+
+
 def gate(cfg: Config, metrics: dict[str, float]) -> tuple[bool, list[str]]:
-    """Thresholds from ``cfg.eval``; returns (passed, reasons for failing)."""
+    """Apply every threshold to the distilled model's flat metrics; returns (passed, reasons for failing)."""
     reasons = []
-    if not metrics["kl_to_teacher"] <= cfg.eval.max_kl_to_teacher:
-        reasons.append(f"kl_to_teacher {metrics['kl_to_teacher']:.4f} > eval.max_kl_to_teacher "
-                       f"{cfg.eval.max_kl_to_teacher}")
-    if not metrics["perplexity"] <= cfg.eval.max_perplexity:
-        reasons.append(f"perplexity {metrics['perplexity']:.2f} > eval.max_perplexity {cfg.eval.max_perplexity}")
+    for metric, op, limit, key in thresholds(cfg):
+        value = metrics.get(metric)
+        if value is None:
+            reasons.append(f"{metric} not evaluated ({key} needs it; check eval.lm_eval_tasks)")
+        elif not (value <= limit if op == "<=" else value >= limit):  # NaN fails too
+            reasons.append(f"{metric} {value:.4g} {'>' if op == '<=' else '<'} {key} {limit:g}")
     return not reasons, reasons
+
+
+# --------------------------------------------------------------------------------------------
+# Step 4
+# --------------------------------------------------------------------------------------------
 
 
 def run_merge_eval(cfg: Config, dataset_dir: str | Path, teacher_artifact: str | Path,
                    student_artifact: str | Path, distill_dir: str | Path, model_out: str | Path) -> dict:
-    """Merge, evaluate, write ``eval.json`` and the model card into ``model_out``; returns eval dict."""
+    """Merge, evaluate base student / distilled / teacher, gate; write eval.json, reports and the
+    model card into ``model_out`` (the merged model folder). Returns the eval dict."""
+    from llmneo.registry import git_commit
+    from llmneo.report import write_model_card, write_report
+
     t0 = time.time()
-    model_out = Path(model_out)
-    merged, tokenizer = merge(student_artifact, distill_dir, model_out)
-    merged.eval()
-    base = load_causal_lm(student_artifact, dtype=torch.float32).eval()
-    teacher = load_causal_lm(teacher_artifact, dtype=torch.float32).eval()
-    rows = read_split(dataset_dir, "val")
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    table = fidelity({"base_student": base, "distilled": merged}, teacher, rows, pad_id,
-                     cfg.eval.batch_size, cfg.eval.max_batches)
-    passed, reasons = gate(cfg, table["distilled"])
+    model_out, distill_dir = Path(model_out), Path(distill_dir)
+    merged, tokenizer = merge(student_artifact, distill_dir, model_out, cfg.eval.max_shard_size,
+                              cfg.eval.merged_dtype)
+    device = eval_device()
+    merged = merged.to(eval_dtype(device))
+    lm_eval_on = [n for n in cfg.eval.lm_eval_models if n != "distilled"] + ["distilled"]
+    evaluation = evaluate_models({"base_student": student_artifact, "distilled": (merged, tokenizer)},
+                                 teacher_artifact, dataset_dir, cfg, lm_eval_on=lm_eval_on)
+    metrics = evaluation["summary"]["distilled"]
+    passed, reasons = gate(cfg, metrics)
     distill_card = read_card(distill_dir)
+    dataset_card = read_card(dataset_dir)
     result = {
         "kind": "eval",
-        "fidelity": table,
-        "metrics": table["distilled"],
+        "fidelity": evaluation["fidelity"],
+        "lm_eval": evaluation["lm_eval"],
+        "summary": evaluation["summary"],
+        "metrics": metrics,
         "gate": {"passed": passed, "reasons": reasons,
-                 "thresholds": {"max_kl_to_teacher": cfg.eval.max_kl_to_teacher,
-                                "max_perplexity": cfg.eval.max_perplexity}},
+                 "thresholds": [f"{m}{op}{v:g}" for m, op, v, _ in thresholds(cfg)]},
         "method": distill_card.get("method"),
         "teacher": read_card(teacher_artifact).get("source"),
         "student": read_card(student_artifact).get("source"),
-        "dataset_hash": read_card(dataset_dir).get("dataset_hash"),
+        "dataset": {"source": dataset_card.get("source"), "counts": dataset_card.get("counts")},
+        "dataset_hash": dataset_card.get("dataset_hash"),
         "config_hash": cfg.hash(),
+        "git_commit": git_commit(),
         "seconds": round(time.time() - t0, 2),
     }
     (model_out / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
-    from llmneo.report import write_model_card, write_report
-
-    log = Path(distill_dir) / "train_log.jsonl"
+    log = distill_dir / "train_log.jsonl"
+    if log.is_file():
+        shutil.copy(log, model_out / "train_log.jsonl")
     write_report(model_out, result, log if log.is_file() else None, cfg)
     write_model_card(model_out, result, cfg)
-    if (Path(distill_dir) / "train_log.jsonl").is_file():
-        shutil.copy(Path(distill_dir) / "train_log.jsonl", model_out / "train_log.jsonl")
     write_card(model_out, {"kind": "model", "role": "distilled", **{k: result[k] for k in (
-        "method", "teacher", "student", "dataset_hash", "config_hash")}, "metrics": result["metrics"],
-        "seconds": result["seconds"]})
+        "method", "teacher", "student", "dataset_hash", "config_hash")}, "metrics": metrics,
+        "gate": result["gate"], "seconds": result["seconds"]})
     return result

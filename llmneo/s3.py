@@ -73,6 +73,24 @@ def errors(what: str):
         raise UserError(f"{what}: S3 error {code}: {e.response.get('Error', {}).get('Message', '')}") from None
 
 
+def check_bucket(s3, bucket: str, what: str) -> None:
+    """Raise a one-line UserError unless ``bucket`` exists and the credentials may use it.
+
+    Needed before writes: some S3-compatible stores (SeaweedFS) create a missing bucket on the first
+    PutObject instead of failing, which would hide a typo in the URI.
+    """
+    from botocore.exceptions import ClientError
+
+    with errors(what):
+        try:
+            s3.head_bucket(Bucket=bucket)
+        except ClientError as e:  # HEAD has no error body: only the status code tells what happened
+            status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            if status == 404 or e.response.get("Error", {}).get("Code") in ("404", "NoSuchBucket", "NotFound"):
+                raise UserError(f"{what}: bucket {bucket!r} does not exist at {_endpoint()}") from None
+            raise
+
+
 def sha256_b64(path: Path) -> str:
     """SHA-256 of a file, base64 (the form S3's ChecksumSHA256 uses)."""
     h = hashlib.sha256()

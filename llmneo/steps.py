@@ -42,6 +42,10 @@ def torchrun_command(cfg: Config, workdir: Path) -> list[str]:
 def run_distill(cfg: Config, dataset_dir: str | Path, teacher_dir: str | Path, student_dir: str | Path,
                 out_dir: str | Path) -> dict:
     """Step 3: NEO distillation under torchrun (gloo on CPU, nccl on GPU)."""
+    if cfg.distill.nnodes > 1:  # several nodes: a Kubeflow Trainer TrainJob runs the same entry point
+        from llmneo.cluster import run_distill_multinode
+
+        return run_distill_multinode(cfg, dataset_dir, teacher_dir, student_dir, out_dir)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(dump_yaml(cfg))
@@ -69,14 +73,22 @@ def run_merge_eval(cfg: Config, dataset_dir, teacher_dir, student_dir, distill_d
 
 
 def run_register(cfg: Config, model_dir: str | Path, run_id: str | None = None) -> dict:
-    """Step 5: copy the merged model + manifest (sha256/size of every file) into the registry."""
+    """Step 5: upload the merged model into the registry (manifest with sha256/size of every file and
+    the lineage, written last), point ``registry.aliases`` at it, mirror it into a Kubeflow Model
+    Registry when ``registry.kubeflow_url`` is set. Returns the manifest."""
     from llmneo.registry import git_commit, open_registry
+    from llmneo.registry.kubeflow import mirror
 
     model_dir = Path(model_dir)
+    if not (model_dir / "eval.json").is_file():
+        raise UserError(f"{model_dir}: no eval.json; register takes the output folder of merge-eval")
     result = json.loads((model_dir / "eval.json").read_text())
     lineage = {"pipeline_run_id": run_id, "git_commit": git_commit(), "config_hash": cfg.hash(),
                "dataset_hash": result.get("dataset_hash"), "teacher": result.get("teacher"),
                "student": result.get("student"), "method": result.get("method"), "preset": cfg.name,
+               "eval_config_hash": result.get("config_hash"), "gate": result.get("gate"),
                "config": yaml.safe_load(dump_yaml(cfg))}
-    registry = open_registry(cfg.registry.uri)
-    return registry.register(cfg.registry.name, model_dir, lineage, result["metrics"])
+    registry = open_registry(cfg.registry)
+    manifest = registry.register(cfg.registry.name, model_dir, lineage, result["metrics"], cfg.registry.aliases)
+    kubeflow = mirror(cfg.registry, manifest)
+    return {**manifest, **({"kubeflow_model_registry": kubeflow} if kubeflow else {})}

@@ -11,55 +11,144 @@ image tag is not seen: bump the image tag, or submit with caching off (``llmneo 
 
 Retries: steps that touch the network or storage (prep, load-teacher, register) retry 2× with
 backoff; distill retries once (preemption).
+
+Kubernetes (kfp-kubernetes; kfp.local ignores it): distill asks for ``distill_gpus`` GPUs on the pool
+chosen by ``gpu_node_selector`` / ``gpu_tolerations`` (pipeline parameters, e.g. from a
+k8s/overlays/*/pool.yaml), with /dev/shm; merge-and-eval for ``eval_gpus``; prep, teacher loading
+and register are CPU only. Every step gets the S3/hub secrets as env, the cache volume and a
+deadline. ``distill_nodes`` > 1 takes the other branch: the same component as a small launcher pod
+whose GPU/pool settings KFP forwards (TaskConfig passthrough) to a Kubeflow Trainer TrainJob.
 """
 
 import argparse
 
-from kfp import compiler, dsl
+from kfp import compiler, dsl, kubernetes
 
-from llmneo_components.distill import distill
+from llmneo.cluster import SECRET_ENV
+from llmneo_components.distill import distill, distill_multinode
+from llmneo_components.images import CPU_IMAGE
 from llmneo_components.merge_eval import merge_eval
 from llmneo_components.prep import prep_data
 from llmneo_components.register import register
 from llmneo_components.teacher import load_teacher
 
 PIPELINE_NAME = "llm-neo"
+GPU = "nvidia.com/gpu"
+CACHE_PVC = "llmneo-cache"  # k8s/base/pvc.yaml: HF_HOME and LLMNEO_CACHE of the image live under /cache
+# Pod deadlines (activeDeadlineSeconds): a hung step fails instead of holding its node forever.
+TIMEOUT_S = {"prep": 4 * 3600, "teacher": 6 * 3600, "distill": 72 * 3600, "eval": 12 * 3600, "register": 2 * 3600}
+# CPU/memory requests of the light steps (no GPU): enough to tokenize and to load/verify an 8B teacher.
+LIGHT = {"prep": ("2", "8Gi"), "teacher": ("4", "48Gi"), "register": ("1", "2Gi")}
+A100_TOLERATIONS = [{"key": GPU, "operator": "Exists", "effect": "NoSchedule"}]
+
+
+def _secrets_and_cache(task: dsl.PipelineTask, cache: bool = True) -> dsl.PipelineTask:
+    """S3 and hub credentials from the Kubernetes secrets (optional), and the cache volume."""
+    for secret, keys in SECRET_ENV.items():
+        kubernetes.use_secret_as_env(task, secret_name=secret, secret_key_to_env={k: k for k in keys}, optional=True)
+    if cache:
+        kubernetes.mount_pvc(task, pvc_name=CACHE_PVC, mount_path="/cache")
+    return task
+
+
+def _gpu_pool(task: dsl.PipelineTask, gpus, node_selector, tolerations) -> dsl.PipelineTask:
+    """GPUs (a pipeline parameter), node selector and tolerations of the A100 pool, /dev/shm."""
+    task.set_accelerator_type(GPU).set_accelerator_limit(gpus)
+    kubernetes.add_node_selector_json(task, node_selector)
+    kubernetes.add_toleration_json(task, tolerations)
+    return task
+
+
+def _light(task: dsl.PipelineTask, step: str) -> dsl.PipelineTask:
+    cpu, memory = LIGHT[step]
+    return task.set_cpu_request(cpu).set_memory_request(memory)
 
 
 @dsl.pipeline(name=PIPELINE_NAME, description="LLM-NEO: distill a teacher LLM into a student's LoRA branch "
               "(CE + KL to the teacher, base frozen), evaluate, and register the merged model.")
-def llm_neo(preset: str = "tiny", overrides: list = [], max_kl_to_teacher: float = 1000000.0):  # noqa: B006
+def llm_neo(preset: str = "tiny", overrides: list = [], max_kl_to_teacher: float = 1000000.0,  # noqa: B006
+            distill_gpus: int = 6, distill_nodes: int = 1, eval_gpus: int = 1,
+            gpu_node_selector: dict = {}, gpu_tolerations: list = A100_TOLERATIONS):  # noqa: B006
     """LLM-NEO distillation.
 
     Args:
         preset: configuration preset (tiny, smollm2-demo, llama3.1-8b_to_3.2-1b, ...).
         overrides: configuration overrides as key=value strings, e.g. ["distill.alpha=0.9"].
         max_kl_to_teacher: register the model only if KL(teacher||student) on val is at most this.
+        distill_gpus: GPUs per node for distill = torchrun processes per node (0 = CPU, processes from the preset).
+        distill_nodes: nodes for distill; more than 1 runs a Kubeflow Trainer TrainJob (set cluster.staging_uri).
+        eval_gpus: GPUs for merge-and-eval (0 = CPU).
+        gpu_node_selector: node selector of the GPU pool as JSON, e.g. {"cloud.google.com/gke-accelerator": "nvidia-tesla-a100"}.
+        gpu_tolerations: tolerations for the GPU pool's taints as a JSON list of Kubernetes tolerations.
     """
     prep_task = prep_data(preset=preset, overrides=overrides)
     prep_task.set_display_name("data prep").set_retry(num_retries=2, backoff_duration="30s")
+    _secrets_and_cache(_light(prep_task, "prep"))
+    kubernetes.set_timeout(prep_task, TIMEOUT_S["prep"])
 
     teacher_task = load_teacher(preset=preset, overrides=overrides, dataset=prep_task.outputs["dataset"])
     teacher_task.set_display_name("teacher loading").set_retry(num_retries=2, backoff_duration="60s")
+    _secrets_and_cache(_light(teacher_task, "teacher"))
+    kubernetes.set_timeout(teacher_task, TIMEOUT_S["teacher"])
 
-    distill_task = distill(preset=preset, overrides=overrides, dataset=prep_task.outputs["dataset"],
-                           teacher=teacher_task.outputs["teacher"], student=teacher_task.outputs["student"])
-    distill_task.set_display_name("NEO distill").set_retry(num_retries=1, backoff_duration="60s")
+    distill_inputs = dict(preset=preset, overrides=overrides, gpus=distill_gpus, nodes=distill_nodes,
+                          dataset=prep_task.outputs["dataset"], teacher=teacher_task.outputs["teacher"],
+                          student=teacher_task.outputs["student"])
+    with dsl.If(distill_nodes == 1, name="one-node"):  # torchrun in the pod, which holds the GPUs
+        distill_task = distill(**distill_inputs)
+        distill_task.set_display_name("NEO distill").set_retry(num_retries=1, backoff_duration="60s")
+        _secrets_and_cache(_gpu_pool(distill_task, distill_gpus, gpu_node_selector, gpu_tolerations))
+        kubernetes.empty_dir_mount(distill_task, volume_name="dshm", mount_path="/dev/shm", medium="Memory")
+        kubernetes.set_timeout(distill_task, TIMEOUT_S["distill"])
+    with dsl.Else(name="several-nodes"):  # a CPU launcher pod; the GPU settings go to the TrainJob
+        multinode_task = distill_multinode(**distill_inputs)
+        multinode_task.set_display_name("NEO distill (TrainJob)").set_retry(num_retries=1, backoff_duration="60s")
+        _secrets_and_cache(_gpu_pool(multinode_task, distill_gpus, gpu_node_selector, gpu_tolerations))
+        multinode_task.set_env_variable("LLMNEO_IMAGE", multinode_task.container_spec.image)
+        kubernetes.set_timeout(multinode_task, TIMEOUT_S["distill"])
+    adapter = dsl.OneOf(distill_task.outputs["adapter"], multinode_task.outputs["adapter"])
 
     eval_task = merge_eval(preset=preset, overrides=overrides, max_kl_to_teacher=max_kl_to_teacher,
                            dataset=prep_task.outputs["dataset"], teacher=teacher_task.outputs["teacher"],
-                           student=teacher_task.outputs["student"], adapter=distill_task.outputs["adapter"])
+                           student=teacher_task.outputs["student"], adapter=adapter)
     eval_task.set_display_name("merge and eval")
+    _secrets_and_cache(_gpu_pool(eval_task, eval_gpus, gpu_node_selector, gpu_tolerations))
+    kubernetes.empty_dir_mount(eval_task, volume_name="dshm", mount_path="/dev/shm", medium="Memory")
+    kubernetes.set_timeout(eval_task, TIMEOUT_S["eval"])
 
     with dsl.If(eval_task.outputs["Output"] == "pass", name="registration-gate"):
         register_task = register(preset=preset, overrides=overrides, run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
                                  model=eval_task.outputs["model"])
         register_task.set_display_name("register").set_caching_options(False)
         register_task.set_retry(num_retries=2, backoff_duration="30s")
+        register_task.set_container_image(CPU_IMAGE)  # no torch needed: the light image
+        _secrets_and_cache(_light(register_task, "register"), cache=False)
+        kubernetes.set_timeout(register_task, TIMEOUT_S["register"])
+
+
+def _sorted(value):
+    if isinstance(value, dict):
+        return {k: _sorted(value[k]) for k in sorted(value)}
+    return [_sorted(v) for v in value] if isinstance(value, list) else value
+
+
+def _stable_header(path: str) -> None:
+    """kfp writes dict defaults into the YAML's header comment in protobuf map order, which varies
+    between processes: sort their keys so that compiling twice gives the same file (drift test)."""
+    import ast
+    import re
+
+    lines = open(path).read().split("\n")
+    for i, line in enumerate(lines):
+        m = re.match(r"^(#    \w+: \w+ \[Default: )(.*)(\])$", line)
+        if m and m.group(2)[:1] in "[{":
+            lines[i] = m.group(1) + str(_sorted(ast.literal_eval(m.group(2)))) + m.group(3)
+    open(path, "w").write("\n".join(lines))
 
 
 def compile_pipeline(output: str) -> str:
     compiler.Compiler().compile(llm_neo, output)
+    _stable_header(output)
     return output
 
 

@@ -70,7 +70,10 @@ def summarize(run_dir: Path, wall: float) -> tuple[str, dict]:
 def run_local(preset: str, overrides: list[str], pipeline_root: str = "runs/kfp") -> int:
     from kfp import local
 
+    from llmneo_pipelines import local_oneof
     from llmneo_pipelines.llm_neo import llm_neo
+
+    local_oneof.install()
 
     cfg = load_config(preset, overrides)  # validate before anything runs
     overrides = list(overrides)
@@ -85,7 +88,9 @@ def run_local(preset: str, overrides: list[str], pipeline_root: str = "runs/kfp"
     before = {p.name for p in root.iterdir()}
     t0 = time.time()
     try:
-        llm_neo(preset=preset, overrides=overrides, max_kl_to_teacher=cfg.eval.max_kl_to_teacher)
+        # distill_gpus=0: torchrun processes from the preset (no GPUs here); kfp.local ignores the rest
+        llm_neo(preset=preset, overrides=overrides, max_kl_to_teacher=cfg.eval.max_kl_to_teacher,
+                distill_gpus=0, distill_nodes=cfg.distill.nnodes)
     except RuntimeError as e:
         print(f"error: pipeline failed: {str(e).splitlines()[0]}", file=sys.stderr)
         return 1

@@ -13,10 +13,15 @@ TASKS = {"prep-data", "load-teacher", "distill", "merge-eval", "register"}
 
 def compile_to(tmp_path):
     out = tmp_path / "llm_neo.yaml"
-    env_clean = {k: v for k, v in __import__("os").environ.items() if k != "LLMNEO_IMAGE"}
+    env_clean = {k: v for k, v in __import__("os").environ.items() if k not in ("LLMNEO_IMAGE", "LLMNEO_CPU_IMAGE")}
     subprocess.run([sys.executable, "-m", "llmneo_pipelines.llm_neo", "--output", str(out)], check=True,
                    env=env_clean, capture_output=True)
     return out
+
+
+def pipeline_spec(path):
+    """The pipeline spec (first YAML document; the second is the kfp-kubernetes platform spec)."""
+    return next(yaml.safe_load_all(path.read_text()))
 
 
 def all_tasks(spec):
@@ -27,19 +32,21 @@ def all_tasks(spec):
 
 
 def test_compiles_with_five_tasks_and_gate(tmp_path):
-    spec = yaml.safe_load(compile_to(tmp_path).read_text())
+    spec = pipeline_spec(compile_to(tmp_path))
     tasks = all_tasks(spec)
     assert TASKS <= set(tasks)
-    gate = tasks["condition-1"]
+    (gate_id,) = [k for k, t in spec["root"]["dag"]["tasks"].items() if t["taskInfo"]["name"] == "registration-gate"]
+    gate = tasks[gate_id]
     assert "trigger_policy" not in gate  # the gate is the condition *around* register
-    register = spec["components"]["comp-condition-1"]["dag"]["tasks"]["register"]
+    register = spec["components"][f"comp-{gate_id}"]["dag"]["tasks"]["register"]
     assert register["cachingOptions"] == {}  # never cached (side effects)
-    cond = spec["root"]["dag"]["tasks"]["condition-1"]["triggerPolicy"]["condition"]
+    cond = spec["root"]["dag"]["tasks"][gate_id]["triggerPolicy"]["condition"]
     assert "merge-eval-Output" in cond and "'pass'" in cond
     for name in ("prep-data", "load-teacher", "distill"):
         assert tasks[name]["retryPolicy"]["maxRetryCount"] >= 1
     params = spec["root"]["inputDefinitions"]["parameters"]
-    assert set(params) == {"preset", "overrides", "max_kl_to_teacher"}
+    assert set(params) == {"preset", "overrides", "max_kl_to_teacher", "distill_gpus", "distill_nodes", "eval_gpus",
+                           "gpu_node_selector", "gpu_tolerations"}
     assert all(p.get("description") for p in params.values())
 
 

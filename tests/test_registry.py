@@ -1,19 +1,61 @@
+"""The model registry, the same behaviours on both backends: a local folder, and S3 against a real
+SeaweedFS server (the ``s3`` cases are integration tests: they start the server)."""
+
 import hashlib
 import json
+import os
+import signal
+import subprocess
+import sys
 import threading
+import uuid
 
 import pytest
 
 from llmneo.errors import UserError
-from llmneo.registry import LocalRegistry, file_entries, verify
+from llmneo.registry import LocalRegistry, file_entries, open_registry, parse_ref, verify
+
+SMALL_PARTS = {"multipart_threshold_mb": 5, "multipart_chunk_mb": 5, "max_concurrency": 2}
 
 
-def make_model(d, content=b"weights"):
+class Settings:
+    """A stand-in RegistryConfig with small multipart sizes, so a 12 MiB file goes up in 3 parts."""
+
+    def __init__(self, uri):
+        self.uri = uri
+        self.__dict__.update(SMALL_PARTS)
+
+
+@pytest.fixture(params=["local", pytest.param("s3", marks=pytest.mark.integration)])
+def registry_uri(request, tmp_path):
+    if request.param == "local":
+        return str(tmp_path / "registry")
+    bucket = request.getfixturevalue("s3_bucket")
+    return f"s3://{bucket}/models"
+
+
+def open_(uri):
+    return open_registry(Settings(uri))
+
+
+def make_model(d, content=b"weights", big: int = 0):
+    """A small model-like folder; ``big`` adds a file of that many random bytes (first in order)."""
     (d / "sub").mkdir(parents=True)
     (d / "model.safetensors").write_bytes(content)
     (d / "config.json").write_text('{"a": 1}')
     (d / "sub" / "tok.json").write_text("{}")
+    if big:
+        (d / "a_big.bin").write_bytes(os.urandom(big))
     return d
+
+
+def tree(d):
+    return {p.relative_to(d).as_posix(): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+# --------------------------------------------------------------------------------------------
+# Content and references (no store)
+# --------------------------------------------------------------------------------------------
 
 
 def test_manifest_checksums_and_sizes(tmp_path):
@@ -24,56 +66,254 @@ def test_manifest_checksums_and_sizes(tmp_path):
     assert st["size"] == 1000 and st["sha256"] == hashlib.sha256(b"x" * 1000).hexdigest()
 
 
-def test_register_writes_manifest_last_and_verifies(tmp_path):
-    reg = LocalRegistry(tmp_path / "reg")
-    manifest = reg.register("demo", make_model(tmp_path / "m"), {"git_commit": "abc"}, {"kl": 0.1})
-    assert manifest["version"] == "v1"
-    vdir = tmp_path / "reg" / "demo" / "v1"
-    on_disk = json.loads((vdir / "manifest.json").read_text())
-    assert on_disk["files"] == manifest["files"] and on_disk["lineage"]["git_commit"] == "abc"
-    verify(vdir, on_disk)
-    assert (vdir / "model.safetensors").read_bytes() == b"weights"
+@pytest.mark.parametrize("ref, parsed", [
+    ("m", ("m", None, None)), ("m:v3", ("m", "v3", None)), ("m:3", ("m", "v3", None)),
+    ("my.model-2@production", ("my.model-2", None, "production")),
+])
+def test_parse_ref(ref, parsed):
+    assert parse_ref(ref) == parsed
 
 
-def test_corruption_names_the_file(tmp_path):
-    reg = LocalRegistry(tmp_path / "reg")
-    reg.register("demo", make_model(tmp_path / "m"), {}, {})
-    vdir = tmp_path / "reg" / "demo" / "v1"
-    (vdir / "sub" / "tok.json").write_text("{tampered}")
-    with pytest.raises(UserError, match=r"sub/tok.json: sha256 mismatch"):
-        verify(vdir, reg.manifest("demo", "v1"))
+@pytest.mark.parametrize("ref", ["", "a:b:c", "m@", "m:x1", "../evil", "m@a@b"])
+def test_bad_refs_are_clear(ref):
+    with pytest.raises(UserError, match="expected NAME|version must look like"):
+        parse_ref(ref)
 
 
-def test_idempotent_and_new_versions(tmp_path):
-    reg = LocalRegistry(tmp_path / "reg")
-    a = reg.register("demo", make_model(tmp_path / "a", b"A"), {}, {})
-    again = reg.register("demo", tmp_path / "a", {}, {})
-    b = reg.register("demo", make_model(tmp_path / "b", b"B"), {}, {})
+# --------------------------------------------------------------------------------------------
+# Behaviours on both backends
+# --------------------------------------------------------------------------------------------
+
+
+def test_round_trip_is_byte_equal(registry_uri, tmp_path):
+    src = make_model(tmp_path / "m", os.urandom(3000), big=12 * 2**20)  # 12 MiB: 3 parts on S3
+    reg = open_(registry_uri)
+    manifest = reg.register("demo", src, {"git_commit": "abc"}, {"kl_to_teacher": 0.1}, aliases=["latest"])
+    assert manifest["version"] == "v1" and manifest["uri"].endswith("demo/v1")
+    assert manifest["size"] == sum(len(b) for b in tree(src).values())
+    pulled = reg.pull("demo@latest", tmp_path / "out")
+    assert pulled["version"] == "v1"
+    out = tree(tmp_path / "out")
+    assert json.loads(out.pop("manifest.json")) == manifest
+    assert out == tree(src)  # byte-equal, same relative paths
+    verify(tmp_path / "out", manifest)
+    # a pulled folder is the same content: registering it again is the same version
+    assert reg.register("demo", tmp_path / "out", {}, {})["version"] == "v1"
+
+
+def test_multipart_upload_with_sha256_per_part(s3_bucket, tmp_path):
+    from llmneo.s3 import client
+
+    src = make_model(tmp_path / "m", big=12 * 2**20)
+    open_(f"s3://{s3_bucket}/models").register("demo", src, {}, {})
+    head = client().head_object(Bucket=s3_bucket, Key="models/demo/v1/a_big.bin", ChecksumMode="ENABLED")
+    assert head["ChecksumSHA256"].endswith("-3")  # composite checksum of 3 SHA-256-checked parts
+    assert head["Metadata"]["sha256"] == hashlib.sha256((src / "a_big.bin").read_bytes()).hexdigest()
+
+
+def test_idempotent_new_versions_and_aliases(registry_uri, tmp_path):
+    reg = open_(registry_uri)
+    a = reg.register("demo", make_model(tmp_path / "a", b"A"), {}, {}, aliases=["latest"])
+    again = reg.register("demo", tmp_path / "a", {}, {}, aliases=["latest"])
+    b = reg.register("demo", make_model(tmp_path / "b", b"B"), {}, {}, aliases=["latest"])
     assert (a["version"], again["version"], b["version"]) == ("v1", "v1", "v2")
-    assert again.get("reused") is True
+    assert again.get("reused") is True and "reused" not in b
     assert reg.versions("demo") == ["v1", "v2"]
+    assert reg.aliases("demo") == {"latest": "v2"}
+    assert [(e["previous"], e["version"]) for e in reg.alias_history("demo", "latest")] == [(None, "v1"), ("v1", "v2")]
+    assert reg.resolve("demo") == ("demo", "v2") and reg.resolve("demo:1") == ("demo", "v1")
 
 
-def test_incomplete_version_is_invisible(tmp_path):
-    reg = LocalRegistry(tmp_path / "reg")
-    (tmp_path / "reg" / "demo" / "v1").mkdir(parents=True)  # an interrupted registration
-    assert reg.versions("demo") == []
-    assert reg.register("demo", make_model(tmp_path / "m"), {}, {})["version"] == "v2"
+def test_promote_history_and_lookups(registry_uri, tmp_path):
+    reg = open_(registry_uri)
+    for i in range(3):
+        reg.register("demo", make_model(tmp_path / f"m{i}", f"w{i}".encode()),
+                     {"pipeline_run_id": f"run-{i}", "git_commit": "c0ffee", "config_hash": "h", "dataset_hash": "d",
+                      "teacher": "T", "student": "S"}, {"kl_to_teacher": 0.1 * i})
+    assert reg.promote("demo:v2", "production")["previous"] is None
+    event = reg.promote("demo:v3", "production")
+    assert (event["previous"], event["version"]) == ("v2", "v3")
+    assert reg.resolve("demo@production") == ("demo", "v3")
+    assert reg.show("demo@production")["aliases"] == ["production"]
+    lineage = reg.lineage("demo:v2")
+    assert (lineage["pipeline_run_id"], lineage["git_commit"], lineage["teacher"], lineage["metrics"]) == \
+        ("run-1", "c0ffee", "T", {"kl_to_teacher": 0.1})
+    assert [e["version"] for e in reg.alias_history("demo", "production")] == ["v2", "v3"]
+    assert reg.names() == ["demo"]
+    headers, rows = reg.version_rows("demo")
+    assert [r[0] for r in rows] == ["v1", "v2", "v3"] and rows[2][headers.index("aliases")] == "production"
+    with pytest.raises(UserError, match="demo has no alias 'staging' \\(aliases: production\\)"):
+        reg.resolve("demo@staging")
+    with pytest.raises(UserError, match=r"demo:v9 not found \(versions: v1, v2, v3\)"):
+        reg.show("demo:v9")
+    with pytest.raises(UserError, match="no model named 'nope'"):
+        reg.pull("nope@latest", tmp_path / "x")
+    with pytest.raises(UserError, match="must match"):
+        reg.promote("demo:v1", "v7")  # an alias that looks like a version would be ambiguous
 
 
-def test_concurrent_registrations_get_distinct_versions(tmp_path):
-    reg = LocalRegistry(tmp_path / "reg")
-    models = [make_model(tmp_path / f"m{i}", f"content {i}".encode()) for i in range(8)]
-    results = []
-    threads = [threading.Thread(target=lambda m=m: results.append(reg.register("demo", m, {}, {})))
-               for m in models]
+def test_concurrent_registrations_get_distinct_versions(registry_uri, tmp_path):
+    models = [make_model(tmp_path / f"m{i}", f"content {i}".encode()) for i in range(10)]
+    results, errors = {}, []
+
+    def register(i):
+        try:  # each thread its own registry object (own S3 client), as separate processes would
+            results[i] = open_(registry_uri).register("demo", models[i], {}, {}, aliases=["latest"])
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=register, args=(i,)) for i in range(10)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    assert sorted(int(r["version"][1:]) for r in results) == list(range(1, 9))
+    assert not errors
+    reg = open_(registry_uri)
+    assert sorted(int(r["version"][1:]) for r in results.values()) == list(range(1, 11))
+    assert reg.versions("demo") == [f"v{n}" for n in range(1, 11)]
+    for i, manifest in results.items():  # each version holds what its registrar uploaded
+        stored = reg.manifest("demo", manifest["version"])
+        assert next(f for f in stored["files"] if f["path"] == "model.safetensors")["sha256"] == \
+            hashlib.sha256(f"content {i}".encode()).hexdigest()
+    assert len(reg.alias_history("demo", "latest")) == 10  # every move kept, none lost
 
 
-def test_bad_name(tmp_path):
+KILL_CHILD = r"""
+import sys, time
+from llmneo.registry import open_registry
+from llmneo.registry.stores import LocalStore, S3Store
+
+class S: pass
+s = S(); s.uri = sys.argv[1]; s.multipart_threshold_mb = 5; s.multipart_chunk_mb = 5; s.max_concurrency = 1
+for store in (LocalStore, S3Store):
+    original = store.put_file
+    def put_file(self, key, src, sha256, progress=None, original=original):
+        sent = [0]
+        def hook(n):
+            sent[0] += n
+            if sent[0] >= 6 * 2**20:  # half-way through the first (12 MiB) file: stop here
+                print("MIDWAY", flush=True)
+                time.sleep(120)
+        return original(self, key, src, sha256, hook)
+    store.put_file = put_file
+open_registry(s).register("demo", sys.argv[2], {}, {})
+print("FINISHED", flush=True)
+"""
+
+
+def test_upload_killed_midway_leaves_no_visible_version(registry_uri, tmp_path):
+    src = make_model(tmp_path / "m", big=12 * 2**20)
+    proc = subprocess.Popen([sys.executable, "-c", KILL_CHILD, registry_uri, str(src)], stdout=subprocess.PIPE,
+                            text=True)
+    try:
+        assert proc.stdout.readline().strip() == "MIDWAY"
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+    reg = open_(registry_uri)
+    assert reg.versions("demo") == [] and reg.names() == []
+    with pytest.raises(UserError, match="no model named 'demo'"):
+        reg.show("demo")
+    # the killed registration's number stays taken; the next one is complete and visible
+    assert reg.register("demo", src, {}, {})["version"] == "v2"
+    assert reg.versions("demo") == ["v2"]
+
+
+def corrupt(registry_uri, key, data):
+    if registry_uri.startswith("s3://"):
+        from llmneo.s3 import client, parse_uri
+
+        bucket, prefix = parse_uri(registry_uri)
+        client().put_object(Bucket=bucket, Key=f"{prefix}/{key}", Body=data)
+    else:
+        from pathlib import Path
+
+        (Path(registry_uri) / key).write_bytes(data)
+
+
+@pytest.mark.parametrize("damage", [b"[]", b"{tampered}"])  # same size, other size
+def test_corrupted_object_fails_pull_naming_the_file(registry_uri, tmp_path, damage):
+    reg = open_(registry_uri)
+    reg.register("demo", make_model(tmp_path / "m"), {}, {}, aliases=["production"])
+    corrupt(registry_uri, "demo/v1/sub/tok.json", damage)
+    with pytest.raises(UserError, match=r"demo:v1: sub/tok.json: sha256 mismatch"):
+        reg.pull("demo@production", tmp_path / "out")
+    assert not (tmp_path / "out").exists()  # nothing half-pulled left behind
+    assert not [p.name for p in tmp_path.iterdir() if ".pull-" in p.name]  # nor a temporary folder
+
+
+def test_pull_refuses_a_non_empty_folder(registry_uri, tmp_path):
+    reg = open_(registry_uri)
+    reg.register("demo", make_model(tmp_path / "m"), {}, {})
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("mine")
+    with pytest.raises(UserError, match="not an empty folder"):
+        reg.pull("demo", tmp_path / "out")
+    assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
+
+
+def test_bad_names(registry_uri, tmp_path):
+    reg = open_(registry_uri)
     with pytest.raises(UserError, match="registry.name"):
-        LocalRegistry(tmp_path).register("../evil", make_model(tmp_path / "m"), {}, {})
+        reg.register("../evil", make_model(tmp_path / "m"), {}, {})
+    with pytest.raises(UserError, match="not a folder"):
+        reg.register("demo", tmp_path / "missing", {}, {})
+
+
+# --------------------------------------------------------------------------------------------
+# S3 errors
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.integration
+def test_wrong_credentials_are_clear(s3_bucket, tmp_path, monkeypatch):
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong")
+    reg = open_(f"s3://{s3_bucket}/models")
+    with pytest.raises(UserError, match=r"registry s3://.*: access denied .*check the S3 credentials"):
+        reg.register("demo", make_model(tmp_path / "m"), {}, {})
+    with pytest.raises(UserError, match="access denied"):
+        reg.versions("demo")
+
+
+@pytest.mark.integration
+def test_missing_bucket_is_clear(s3_env, tmp_path):
+    from llmneo.s3 import client
+
+    bucket = f"missing-{uuid.uuid4().hex[:8]}"
+    reg = open_(f"s3://{bucket}/models")
+    with pytest.raises(UserError, match=f"bucket '{bucket}' does not exist"):
+        reg.register("demo", make_model(tmp_path / "m"), {}, {})
+    with pytest.raises(UserError, match="does not exist"):
+        reg.names()
+    assert bucket not in [b["Name"] for b in client().list_buckets().get("Buckets", [])]  # not auto-created
+
+
+def test_local_registry_class_is_the_same_registry(tmp_path):
+    reg = LocalRegistry(tmp_path / "reg")
+    reg.register("demo", make_model(tmp_path / "m"), {}, {})
+    assert (tmp_path / "reg" / "demo" / "v1" / "manifest.json").is_file()
+    assert open_registry(str(tmp_path / "reg")).versions("demo") == ["v1"]
+
+
+def test_register_step_records_lineage_and_aliases(tmp_path, monkeypatch):
+    from llmneo.config import load_config
+    from llmneo.steps import run_register
+
+    monkeypatch.setenv("LLMNEO_GIT_SHA", "0123abc")
+    model = make_model(tmp_path / "model")
+    (model / "eval.json").write_text(json.dumps({
+        "metrics": {"kl_to_teacher": 0.2, "llmneo_mc/acc": 0.5}, "teacher": "smollm2", "student": "prune",
+        "method": "neo", "dataset_hash": "ds123", "gate": {"passed": True, "reasons": []}}))
+    cfg = load_config("tiny", [f"registry.uri={tmp_path / 'reg'}", "registry.aliases=latest,candidate"])
+    manifest = run_register(cfg, model, "run-9")
+    lineage = manifest["lineage"]
+    assert (lineage["pipeline_run_id"], lineage["git_commit"], lineage["config_hash"], lineage["dataset_hash"],
+            lineage["teacher"], lineage["student"]) == ("run-9", "0123abc", cfg.hash(), "ds123", "smollm2", "prune")
+    assert lineage["config"]["distill"]["alpha"] == cfg.distill.alpha  # the full resolved configuration
+    assert manifest["metrics"] == {"kl_to_teacher": 0.2, "llmneo_mc/acc": 0.5}
+    reg = open_registry(str(tmp_path / "reg"))
+    assert reg.aliases("tiny-neo") == {"candidate": "v1", "latest": "v1"}
+    assert run_register(cfg, model, "run-10")["reused"] is True  # a retried step is the same version
+    assert reg.versions("tiny-neo") == ["v1"]
+    with pytest.raises(UserError, match="no eval.json"):
+        run_register(cfg, tmp_path / "m-missing", "run-11")

@@ -1,0 +1,379 @@
+"""The model registry, the same on every store: versions, manifests, aliases with history, pull.
+
+Layout under the registry root (a folder or ``s3://bucket/prefix``)::
+
+    <name>/v<N>/<files…>                 the model folder, file by file
+    <name>/v<N>/.claim                   version N is taken (conditional create; first writer wins)
+    <name>/v<N>/manifest.json            written last, conditionally: the version exists from here on
+    <name>/_aliases/<alias>/<seq>.json   alias events (seq 1, 2, …: conditional create); the highest
+                                         seq is where the alias points now, all of them its history
+
+Readers only see versions with a manifest, so an interrupted registration leaves nothing visible
+(its number stays claimed and is skipped). Concurrent registrations of one name claim different
+numbers. Registering content identical to an existing version (same files, same sha256) returns
+that version. References: ``NAME`` (newest version), ``NAME:v3`` (or ``NAME:3``), ``NAME@production``.
+"""
+
+from __future__ import annotations
+
+import getpass
+import hashlib
+import json
+import os
+import re
+import socket
+import subprocess
+import time
+import uuid
+from pathlib import Path
+
+from llmneo.errors import UserError
+
+MANIFEST = "manifest.json"
+CLAIM = ".claim"
+ALIASES = "_aliases"
+SCHEMA = "llmneo.registry/v1"
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+VERSION_RE = re.compile(r"^v?(\d+)$")
+REF_RE = re.compile(r"^(?P<name>[^:@\s]+)(?::(?P<version>[^:@\s]+)|@(?P<alias>[^:@\s]+))?$")
+# files at the root of a model folder that belong to the registry, not to the model
+RESERVED = {MANIFEST, CLAIM}
+
+
+# --------------------------------------------------------------------------------------------
+# Content: checksums, manifests, lineage helpers
+# --------------------------------------------------------------------------------------------
+
+
+def sha256_file(path: Path, block: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(block):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def file_entries(model_dir: Path) -> list[dict]:
+    """sha256 and size of every file under ``model_dir`` (sorted relative paths).
+
+    A ``manifest.json`` at the root is the registry's own (``pull`` writes it) and not content, so a
+    pulled folder re-registers as the same version.
+    """
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise UserError(f"{model_dir}: not a folder")
+    files = sorted(p for p in model_dir.rglob("*") if p.is_file())
+    entries = [{"path": p.relative_to(model_dir).as_posix(), "sha256": sha256_file(p), "size": p.stat().st_size}
+               for p in files]
+    entries = [e for e in entries if e["path"] not in RESERVED]
+    if not entries:
+        raise UserError(f"{model_dir}: no files to register")
+    return entries
+
+
+def content_digest(entries: list[dict]) -> str:
+    blob = json.dumps([[e["path"], e["sha256"]] for e in entries], separators=(",", ":")).encode()
+    return hashlib.sha256(blob).hexdigest()
+
+
+def git_commit() -> str | None:
+    """The code version for lineage: $LLMNEO_GIT_SHA (set in images) or the checkout's HEAD."""
+    if os.environ.get("LLMNEO_GIT_SHA"):
+        return os.environ["LLMNEO_GIT_SHA"]
+    try:
+        out = subprocess.run(["git", "rev-parse", "--verify", "-q", "HEAD"], capture_output=True, text=True,
+                             timeout=5, cwd=Path(__file__).parent)
+        return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def check_file(path: Path, entry: dict, label: str = "") -> None:
+    """Raise UserError naming the file when it is missing or its size/sha256 differ from ``entry``."""
+    where = f"{label}: " if label else ""
+    if not path.is_file():
+        raise UserError(f"{where}{entry['path']}: missing")
+    if path.stat().st_size != entry["size"]:
+        raise UserError(f"{where}{entry['path']}: sha256 mismatch (size {path.stat().st_size}, the manifest "
+                        f"says {entry['size']}: corrupted or modified)")
+    digest = sha256_file(path)
+    if digest != entry["sha256"]:
+        raise UserError(f"{where}{entry['path']}: sha256 mismatch (expected {entry['sha256'][:16]}…, got "
+                        f"{digest[:16]}…: corrupted or modified)")
+
+
+def verify(directory: Path, manifest: dict) -> None:
+    """Check every file of ``manifest`` in ``directory``; raise UserError naming the first bad one."""
+    for entry in manifest["files"]:
+        check_file(Path(directory) / entry["path"], entry)
+
+
+def parse_ref(ref: str) -> tuple[str, str | None, str | None]:
+    """``NAME`` / ``NAME:VERSION`` / ``NAME@ALIAS`` → (name, "vN" or None, alias or None)."""
+    m = REF_RE.match(ref.strip())
+    if not m or not NAME_RE.match(m["name"]):
+        raise UserError(f"{ref!r}: expected NAME, NAME:VERSION or NAME@ALIAS (e.g. smollm2-neo@production)")
+    version = None
+    if m["version"] is not None:
+        vm = VERSION_RE.match(m["version"])
+        if not vm:
+            raise UserError(f"{ref!r}: version must look like v3 or 3")
+        version = f"v{int(vm.group(1))}"
+    return m["name"], version, m["alias"]
+
+
+def _check_name(name: str, what: str = "registry.name") -> None:
+    if not NAME_RE.match(name or ""):
+        raise UserError(f"{what}: {name!r} must match {NAME_RE.pattern}")
+
+
+def _check_alias(alias: str) -> None:
+    if not NAME_RE.match(alias or "") or VERSION_RE.match(alias):
+        raise UserError(f"alias {alias!r}: must match {NAME_RE.pattern} and not look like a version")
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def _who() -> str:
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = "unknown"
+    return f"{user}@{socket.gethostname()}"
+
+
+def _dumps(obj) -> bytes:
+    return (json.dumps(obj, indent=2) + "\n").encode()
+
+
+# --------------------------------------------------------------------------------------------
+# The registry
+# --------------------------------------------------------------------------------------------
+
+
+class Registry:
+    """Registry operations on a store (:class:`~llmneo.registry.stores.LocalStore` or ``S3Store``)."""
+
+    def __init__(self, store):
+        self.store = store
+
+    @property
+    def uri(self) -> str:
+        return self.store.uri
+
+    # ------------------------------------------------------------------ reading
+    def _scan(self, name: str) -> tuple[set[int], list[str], dict[str, list[int]]]:
+        """One listing of ``<name>/``: (claimed numbers, complete versions sorted, alias → event seqs)."""
+        claimed, complete, events = set(), [], {}
+        for key in self.store.list(f"{name}/"):
+            parts = key.split("/")
+            if len(parts) == 3 and VERSION_RE.match(parts[1]) and parts[1].startswith("v"):
+                n = int(parts[1][1:])
+                if parts[2] == CLAIM:
+                    claimed.add(n)
+                elif parts[2] == MANIFEST:
+                    complete.append(n)
+            elif len(parts) == 4 and parts[1] == ALIASES and parts[3].endswith(".json") and parts[3][:-5].isdigit():
+                events.setdefault(parts[2], []).append(int(parts[3][:-5]))
+        return claimed | set(complete), [f"v{n}" for n in sorted(complete)], \
+            {a: sorted(s) for a, s in sorted(events.items())}
+
+    def names(self) -> list[str]:
+        """Model names with at least one complete version."""
+        return [n for n in self.store.children("") if NAME_RE.match(n) and self.versions(n)]
+
+    def versions(self, name: str) -> list[str]:
+        """Complete versions of ``name``, oldest first (``["v1", "v2", …]``)."""
+        _check_name(name, "model name")
+        return self._scan(name)[1]
+
+    def manifest(self, name: str, version: str) -> dict:
+        data = self.store.get_bytes(f"{name}/{version}/{MANIFEST}")
+        if data is None:
+            known = self.versions(name)
+            raise UserError(f"registry {self.uri}: {name}:{version} not found"
+                            + (f" (versions: {', '.join(known)})" if known else f"; no model named {name!r}"))
+        return json.loads(data)
+
+    def _event(self, name: str, alias: str, seq: int) -> dict:
+        return json.loads(self.store.get_bytes(f"{name}/{ALIASES}/{alias}/{seq:08d}.json") or b"{}")
+
+    def aliases(self, name: str) -> dict[str, str]:
+        """alias → version it points at now."""
+        return {alias: self._event(name, alias, seqs[-1])["version"] for alias, seqs in self._scan(name)[2].items()}
+
+    def alias_history(self, name: str, alias: str | None = None) -> list[dict]:
+        """Every alias move (oldest first): {alias, version, previous, seq, time, by}."""
+        events = self._scan(name)[2]
+        if alias is not None:
+            if alias not in events:
+                raise UserError(f"registry {self.uri}: {name} has no alias {alias!r}"
+                                + (f" (aliases: {', '.join(events)})" if events else ""))
+            events = {alias: events[alias]}
+        history = [self._event(name, a, s) for a, seqs in events.items() for s in seqs]
+        return sorted(history, key=lambda e: (e.get("time", ""), e.get("alias", ""), e.get("seq", 0)))
+
+    def resolve(self, ref: str) -> tuple[str, str]:
+        """A reference → (name, version) of a complete version."""
+        name, version, alias = parse_ref(ref)
+        _, versions, events = self._scan(name)
+        if not versions:
+            raise UserError(f"registry {self.uri}: no model named {name!r}")
+        if alias is not None:
+            if alias not in events:
+                raise UserError(f"registry {self.uri}: {name} has no alias {alias!r}"
+                                + (f" (aliases: {', '.join(events)})" if events else ""))
+            return name, self._event(name, alias, events[alias][-1])["version"]
+        if version is None:
+            return name, versions[-1]
+        if version not in versions:
+            raise UserError(f"registry {self.uri}: {name}:{version} not found (versions: {', '.join(versions)})")
+        return name, version
+
+    def show(self, ref: str) -> dict:
+        """The manifest of a reference, with ``aliases`` (those pointing at it now) added."""
+        name, version = self.resolve(ref)
+        manifest = self.manifest(name, version)
+        manifest["aliases"] = sorted(a for a, v in self.aliases(name).items() if v == version)
+        return manifest
+
+    def lineage(self, ref: str) -> dict:
+        manifest = self.show(ref)
+        return {"name": manifest["name"], "version": manifest["version"], "created": manifest["created"],
+                "uri": manifest["uri"], "content_digest": manifest["content_digest"],
+                **(manifest.get("lineage") or {}), "metrics": manifest.get("metrics") or {}}
+
+    # ------------------------------------------------------------------ writing
+    def register(self, name: str, model_dir: str | Path, lineage: dict | None = None,
+                 metrics: dict | None = None, aliases: list[str] | tuple[str, ...] = ()) -> dict:
+        """Upload a model folder as the next version of ``name`` (or return the identical one).
+
+        Returns the manifest (``reused: True`` when identical content was already registered).
+        """
+        _check_name(name)
+        for alias in aliases:
+            _check_alias(alias)
+        model_dir = Path(model_dir)
+        entries = file_entries(model_dir)
+        digest = content_digest(entries)
+        claimed, complete, _ = self._scan(name)
+        for version in reversed(complete):
+            manifest = self.manifest(name, version)
+            if manifest.get("content_digest") == digest:
+                self._point(name, version, aliases)
+                return {**manifest, "reused": True}
+        n = max(claimed, default=0) + 1
+        claim = {"token": uuid.uuid4().hex, "by": _who(), "pid": os.getpid(), "time": _now(),
+                 "content_digest": digest}
+        while not self.store.create(f"{name}/v{n}/{CLAIM}", _dumps(claim)):
+            n += 1  # a concurrent registration took it
+        version = f"v{n}"
+        total = sum(e["size"] for e in entries)
+        from tqdm import tqdm
+
+        with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=f"upload {name}:{version}",
+                  disable=None) as bar:
+            for e in entries:
+                self.store.put_file(f"{name}/{version}/{e['path']}", model_dir / e["path"], e["sha256"], bar.update)
+        manifest = {"schema": SCHEMA, "name": name, "version": version, "created": _now(),
+                    "uri": self.store.url(f"{name}/{version}"), "files": entries, "size": total,
+                    "content_digest": digest, "lineage": lineage or {}, "metrics": metrics or {}}
+        if not self.store.create(f"{name}/{version}/{MANIFEST}", _dumps(manifest)):
+            raise UserError(f"registry {self.uri}: {name}:{version} was completed by someone else")
+        self._point(name, version, aliases)
+        return manifest
+
+    def promote(self, ref: str, alias: str) -> dict:
+        """Point ``alias`` at ``NAME:VERSION`` (or at whatever another reference resolves to)."""
+        name, version = self.resolve(ref)
+        _check_alias(alias)
+        return self._move(name, version, alias)
+
+    def _point(self, name: str, version: str, aliases) -> None:
+        current = self.aliases(name) if aliases else {}
+        for alias in aliases:
+            if current.get(alias) != version:
+                self._move(name, version, alias)
+
+    def _move(self, name: str, version: str, alias: str) -> dict:
+        seqs = self._scan(name)[2].get(alias, [])
+        seq = (seqs[-1] if seqs else 0) + 1
+        while True:
+            previous = self._event(name, alias, seq - 1).get("version") if seq > 1 else None
+            event = {"alias": alias, "version": version, "previous": previous, "seq": seq, "time": _now(),
+                     "by": _who()}
+            if self.store.create(f"{name}/{ALIASES}/{alias}/{seq:08d}.json", _dumps(event)):
+                return event
+            seq += 1  # a concurrent move: go after it
+
+    # ------------------------------------------------------------------ pulling
+    def pull(self, ref: str, dest: str | Path) -> dict:
+        """Download a version into ``dest`` (new or empty), checking every file's size and sha256.
+
+        Files land in a hidden sibling folder first and ``dest`` appears only once all of them
+        verified; a mismatch raises a UserError naming the file and leaves ``dest`` untouched.
+        ``manifest.json`` is written next to the model files.
+        """
+        name, version = self.resolve(ref)
+        manifest = self.manifest(name, version)
+        dest = Path(dest).expanduser()
+        if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
+            raise UserError(f"{dest}: exists and is not an empty folder; pull into a new folder")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.parent / f".{dest.name}.pull-{uuid.uuid4().hex[:8]}"
+        import shutil
+
+        from tqdm import tqdm
+
+        try:
+            with tqdm(total=manifest.get("size") or sum(e["size"] for e in manifest["files"]), unit="B",
+                      unit_scale=True, unit_divisor=1024, desc=f"pull {name}:{version}", disable=None) as bar:
+                for e in manifest["files"]:
+                    target = tmp / e["path"]
+                    self.store.get_file(f"{name}/{version}/{e['path']}", target, bar.update)
+                    check_file(target, e, f"{name}:{version}")
+            (tmp / MANIFEST).write_bytes(_dumps(manifest))
+            if dest.exists():
+                dest.rmdir()
+            os.replace(tmp, dest)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return manifest
+
+    # ------------------------------------------------------------------ tables
+    def model_rows(self) -> tuple[list[str], list[list]]:
+        rows = []
+        for name in self.names():
+            versions = self.versions(name)
+            latest = self.manifest(name, versions[-1])
+            aliases = self.aliases(name)
+            rows.append([name, len(versions), versions[-1], latest["created"],
+                         ", ".join(f"{a}→{v}" for a, v in aliases.items()) or "-"])
+        return ["name", "versions", "newest", "created", "aliases"], rows
+
+    def version_rows(self, name: str) -> tuple[list[str], list[list]]:
+        versions = self.versions(name)
+        if not versions:
+            raise UserError(f"registry {self.uri}: no model named {name!r}")
+        aliases = self.aliases(name)
+        rows = []
+        for version in versions:
+            m = self.manifest(name, version)
+            metrics = m.get("metrics") or {}
+            rows.append([version, m["created"], _size(m.get("size") or sum(f["size"] for f in m["files"])),
+                         len(m["files"]), ", ".join(a for a, v in aliases.items() if v == version) or "-",
+                         metrics.get("kl_to_teacher"), metrics.get("top1_agreement"),
+                         metrics.get("llmneo_mc/acc"), (m.get("lineage") or {}).get("pipeline_run_id") or "-"])
+        return ["version", "created", "size", "files", "aliases", "kl_to_teacher", "top1_agreement",
+                "llmneo_mc/acc", "run"], rows
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)

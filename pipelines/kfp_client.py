@@ -1,0 +1,257 @@
+"""Kubeflow Pipelines from the command line: upload the compiled DAG, submit runs.
+
+    llmneo upload --host URL [--version NAME] [--description TEXT]
+    llmneo submit --host URL --preset llama3.1-8b_to_3.2-1b --pool-file k8s/overlays/gke-a100/pool.yaml \\
+        [--param distill_nodes=2] [key=value ...]
+
+``--host`` defaults to ``$KFP_HOST`` and ``--namespace`` to ``$KFP_NAMESPACE`` (multi-user Kubeflow:
+the profile namespace). Inside a cluster, kfp.Client authenticates with the projected service
+account token (``$KF_PIPELINES_SA_TOKEN_PATH``); from a laptop, port-forward the UI or pass a
+token through your usual kfp set-up. Everything is checked locally first (configuration, pipeline
+parameter names and types): a mistake is one ``error:`` line and nothing is created.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from llmneo.config import load_config
+from llmneo.errors import UserError
+
+PIPELINE_NAME = "llm-neo"  # = pipelines/llm_neo.py PIPELINE_NAME (a test checks)
+DEFAULT_EXPERIMENT = "llmneo"
+DEFAULT_SERVICE_ACCOUNT = "llmneo-pipeline"  # k8s/base/serviceaccounts.yaml
+PARAM_TYPES = {"STRING": str, "NUMBER_INTEGER": int, "NUMBER_DOUBLE": (int, float), "BOOLEAN": bool,
+               "LIST": list, "STRUCT": dict}
+
+
+def package_path() -> Path:
+    """The compiled pipeline shipped with the package (pipelines/llm_neo.yaml)."""
+    return Path(str(resources.files("llmneo_pipelines").joinpath("llm_neo.yaml")))
+
+
+def pipeline_spec(package: str | Path | None = None) -> dict:
+    return next(yaml.safe_load_all(Path(package or package_path()).read_text()))
+
+
+def package_version(package: str | Path | None = None) -> str:
+    """Default version name: the package version and the compiled YAML's content hash, so that
+    re-uploading the same pipeline is a no-op and a changed one gets a new version."""
+    from importlib.metadata import version
+
+    digest = hashlib.sha256(Path(package or package_path()).read_bytes()).hexdigest()[:10]
+    return f"{version('llmneo')}-{digest}"
+
+
+# --------------------------------------------------------------------------------------------
+# Run parameters: configuration validated locally, pool file, --param overrides
+# --------------------------------------------------------------------------------------------
+
+
+def parse_params(items: list[str]) -> dict[str, Any]:
+    """``["distill_nodes=2", 'gpu_node_selector={"pool": "a100"}']`` → values parsed as YAML."""
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise UserError(f"--param {item!r}: expected name=value, e.g. distill_nodes=2")
+        name, raw = item.split("=", 1)
+        try:
+            out[name.strip()] = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            raise UserError(f"--param {name}: value is not valid YAML/JSON") from None
+    return out
+
+
+def read_pool(pool_file: str | Path | None) -> dict[str, Any]:
+    if not pool_file:
+        return {}
+    path = Path(pool_file)
+    if not path.is_file():
+        raise UserError(f"--pool-file: {path} does not exist")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: a pool file is a mapping of pipeline parameters")
+    return data
+
+
+def run_parameters(preset: str, overrides: list[str], pool: dict | None = None, params: dict | None = None,
+                   package: str | Path | None = None, where: str = "") -> dict[str, Any]:
+    """The pipeline arguments of one run: the configuration (validated here, so a typo fails now and
+    not an hour into the run), the pool's parameters, then explicit ones. ``where`` prefixes errors."""
+    prefix = f"{where}: " if where else ""
+    try:
+        cfg = load_config(preset, overrides)
+    except UserError as e:
+        raise UserError(f"{prefix}{e}") from None
+    declared = pipeline_spec(package)["root"]["inputDefinitions"]["parameters"]
+    args: dict[str, Any] = {"preset": preset, "overrides": list(overrides),
+                            "max_kl_to_teacher": cfg.eval.max_kl_to_teacher}
+    for source, values in (("pool file", pool or {}), ("parameter", params or {})):
+        for name, value in values.items():
+            if name not in declared:
+                raise UserError(f"{prefix}{source} {name}: not a pipeline parameter; known: {', '.join(sorted(declared))}")
+            if name in ("preset", "overrides"):
+                raise UserError(f"{prefix}{source} {name}: use --preset / key=value overrides")
+            want = PARAM_TYPES[declared[name]["parameterType"]]
+            if not isinstance(value, want) or (want is int and isinstance(value, bool)):
+                raise UserError(f"{prefix}{source} {name}: expected {declared[name]['parameterType'].lower()}, got {value!r}")
+            args[name] = value
+    nodes = args.get("distill_nodes", declared.get("distill_nodes", {}).get("defaultValue", 1))
+    if nodes > 1 and not cfg.cluster.staging_uri.startswith("s3://"):
+        raise UserError(f"{prefix}cluster.staging_uri: set an s3:// prefix for distill_nodes={nodes} "
+                        f"(the TrainJob's nodes exchange inputs and the adapter there)")
+    return args
+
+
+# --------------------------------------------------------------------------------------------
+# KFP client calls
+# --------------------------------------------------------------------------------------------
+
+
+def connect(host: str | None, namespace: str | None = None):
+    """A kfp.Client for ``host`` (or ``$KFP_HOST``)."""
+    host = host or os.environ.get("KFP_HOST")
+    if not host:
+        raise UserError("--host: the Kubeflow Pipelines URL is required (or set KFP_HOST)")
+    import warnings
+
+    import kfp
+
+    with _api_errors(f"connect to {host}"), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "This client only works with Kubeflow Pipeline v2", FutureWarning)
+        return kfp.Client(host=host, namespace=namespace or os.environ.get("KFP_NAMESPACE") or None)
+
+
+@contextlib.contextmanager
+def _api_errors(what: str):
+    """KFP API and connection failures as one line (the server's message, not a traceback)."""
+    import urllib3
+    from kfp_server_api.exceptions import ApiException
+
+    try:
+        yield
+    except ApiException as e:
+        message = ""
+        try:
+            body = json.loads(e.body or "{}")
+            message = body.get("message") or body.get("error") or ""
+        except (ValueError, AttributeError):
+            message = str(e.body or "")[:200]
+        raise UserError(f"{what}: HTTP {e.status} {message or e.reason}".rstrip()) from None
+    except (OSError, urllib3.exceptions.HTTPError) as e:
+        raise UserError(f"{what}: cannot reach Kubeflow Pipelines ({type(e).__name__}: {str(e)[:160]})") from None
+
+
+def all_pages(call, attr: str, **kwargs) -> list:
+    """Every item of a paginated KFP list call."""
+    items, token = [], ""
+    while True:
+        resp = call(page_token=token, page_size=100, **kwargs)
+        items += getattr(resp, attr, None) or []
+        token = getattr(resp, "next_page_token", None) or ""
+        if not token:
+            return items
+
+
+def find_version(client, pipeline_id: str, name: str | None):
+    """The pipeline version called ``name`` (None or "latest": the newest), or None."""
+    versions = all_pages(client.list_pipeline_versions, "pipeline_versions", pipeline_id=pipeline_id)
+    if not name or name == "latest":
+        return max(versions, key=lambda v: str(v.created_at), default=None)
+    return next((v for v in versions if v.display_name == name), None)
+
+
+def resolve_version(client, version: str | None, pipeline: str = PIPELINE_NAME) -> tuple[str, Any]:
+    """(pipeline id, version) of an uploaded pipeline version, or a one-line error naming it."""
+    with _api_errors(f"pipeline {pipeline}"):
+        pipeline_id = client.get_pipeline_id(pipeline)
+        if pipeline_id is None:
+            raise UserError(f"pipeline {pipeline!r} is not uploaded: run `llmneo upload` first")
+        found = find_version(client, pipeline_id, version)
+    if found is None:
+        raise UserError(f"pipeline {pipeline}: no version {version or 'at all'}: run `llmneo upload"
+                        f"{' --version ' + version if version and version != 'latest' else ''}`")
+    return pipeline_id, found
+
+
+def upload(client, version: str | None = None, description: str | None = None,
+           package: str | Path | None = None, pipeline: str = PIPELINE_NAME) -> dict:
+    """Upload the compiled pipeline as ``pipeline``/``version`` (created on first use). The same
+    version name twice is a no-op when the content matches (default names are content hashes)."""
+    package = Path(package or package_path())
+    version = version or package_version(package)
+    spec = pipeline_spec(package)
+    pipeline_description = spec["pipelineInfo"].get("description") or "llmneo"
+    description = description or f"llmneo {version}: {pipeline_description}"
+    with _api_errors(f"upload {pipeline} {version}"):
+        pipeline_id = client.get_pipeline_id(pipeline)
+        if pipeline_id is None:
+            created = client.upload_pipeline(str(package), pipeline_name=pipeline, description=pipeline_description)
+            pipeline_id = created.pipeline_id
+        existing = find_version(client, pipeline_id, version)
+        if existing is not None:
+            return {"pipeline_id": pipeline_id, "version_id": existing.pipeline_version_id, "version": version,
+                    "created": False}
+        made = client.upload_pipeline_version(str(package), pipeline_version_name=version, pipeline_id=pipeline_id,
+                                              description=description)
+    return {"pipeline_id": pipeline_id, "version_id": made.pipeline_version_id, "version": version, "created": True}
+
+
+def run_url(host: str, run_id: str) -> str:
+    return f"{host.rstrip('/')}/#/runs/details/{run_id}"
+
+
+def submit(client, host: str, preset: str, overrides: list[str], pool: dict | None = None,
+           params: dict | None = None, experiment: str = DEFAULT_EXPERIMENT, version: str | None = None,
+           run_name: str | None = None, service_account: str | None = DEFAULT_SERVICE_ACCOUNT,
+           enable_caching: bool | None = None, namespace: str | None = None) -> dict:
+    """Create one run (of the local compiled package, or of an uploaded ``version``); returns its id and URL."""
+    import time
+
+    args = run_parameters(preset, overrides, pool, params)
+    name = run_name or f"{preset}-{time.strftime('%Y%m%d-%H%M%S')}"
+    with _api_errors(f"submit to {host}"):
+        exp = client.create_experiment(experiment, namespace=namespace)
+        kwargs = dict(experiment_id=exp.experiment_id, job_name=name, params=args, enable_caching=enable_caching,
+                      service_account=service_account or None)
+        if version:
+            pipeline_id, found = resolve_version(client, version)
+            run = client.run_pipeline(pipeline_id=pipeline_id, version_id=found.pipeline_version_id, **kwargs)
+        else:
+            run = client.run_pipeline(pipeline_package_path=str(package_path()), **kwargs)
+    return {"run_id": run.run_id, "name": name, "url": run_url(host, run.run_id), "parameters": args}
+
+
+# --------------------------------------------------------------------------------------------
+# CLI entry points (called lazily from llmneo/cli.py)
+# --------------------------------------------------------------------------------------------
+
+
+def cmd_upload(args) -> int:
+    host = args.host or os.environ.get("KFP_HOST", "")
+    result = upload(connect(host, args.namespace), args.version, args.description, args.package)
+    verb = "uploaded" if result["created"] else "already uploaded"
+    print(f"{verb} {PIPELINE_NAME} version {result['version']} (pipeline {result['pipeline_id']}, "
+          f"version {result['version_id']})")
+    print(f"{host.rstrip('/')}/#/pipelines/details/{result['pipeline_id']}/version/{result['version_id']}")
+    return 0
+
+
+def cmd_submit(args) -> int:
+    host = args.host or os.environ.get("KFP_HOST", "")
+    pool, params = read_pool(args.pool_file), parse_params(args.param)
+    run_parameters(args.preset, args.overrides, pool, params)  # validate before connecting
+    result = submit(connect(host, args.namespace), host, args.preset, args.overrides, pool, params,
+                    experiment=args.experiment, version=args.version, run_name=args.run_name,
+                    service_account=args.service_account, enable_caching=False if args.no_cache else None,
+                    namespace=args.namespace or os.environ.get("KFP_NAMESPACE") or None)
+    print(f"run {result['name']} ({result['run_id']}): {result['url']}")
+    return 0

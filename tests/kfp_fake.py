@@ -1,0 +1,131 @@
+"""A recording fake of kfp.Client (no KFP backend runs here): the methods llmneo calls, with the
+real kfp_server_api response models, small pages (so pagination is exercised) and the same
+argument checks the server makes (parameters must be declared by the pipeline)."""
+
+from __future__ import annotations
+
+import datetime
+import itertools
+import json
+from pathlib import Path
+
+import kfp_server_api as api
+import yaml
+
+
+class FakeKfp:
+    PAGE = 2
+
+    def __init__(self):
+        self.calls: list[tuple] = []
+        self.pipelines: dict[str, api.V2beta1Pipeline] = {}
+        self.versions: dict[str, list[api.V2beta1PipelineVersion]] = {}
+        self.recurring: dict[str, api.V2beta1RecurringRun] = {}
+        self.runs: list[dict] = []
+        self._ids = (f"id-{i}" for i in itertools.count(1))
+        self._clock = itertools.count(1)
+
+    def mutations(self) -> list[tuple]:
+        return [c for c in self.calls if not c[0].startswith(("list_", "get_", "create_experiment"))]
+
+    # ------------------------------------------------------------------ pipelines
+    def get_pipeline_id(self, name):
+        self.calls.append(("get_pipeline_id", name))
+        p = self.pipelines.get(name)
+        return p.pipeline_id if p else None
+
+    def _add_version(self, pipeline_id, name, description, path):
+        yaml.safe_load_all(Path(path).read_text())  # a real package must parse
+        v = api.V2beta1PipelineVersion(pipeline_id=pipeline_id, pipeline_version_id=next(self._ids), display_name=name,
+                                       description=description,
+                                       created_at=datetime.datetime(2026, 1, 1) + datetime.timedelta(seconds=next(self._clock)))
+        self.versions[pipeline_id].append(v)
+        return v
+
+    def upload_pipeline(self, pipeline_package_path, pipeline_name=None, description=None, namespace=None):
+        self.calls.append(("upload_pipeline", pipeline_name, description))
+        p = api.V2beta1Pipeline(pipeline_id=next(self._ids), display_name=pipeline_name, description=description)
+        self.pipelines[pipeline_name] = p
+        self.versions[p.pipeline_id] = []
+        self._add_version(p.pipeline_id, pipeline_name, description, pipeline_package_path)  # KFP's default version
+        return p
+
+    def upload_pipeline_version(self, pipeline_package_path, pipeline_version_name, pipeline_id=None,
+                                pipeline_name=None, description=None):
+        self.calls.append(("upload_pipeline_version", pipeline_version_name, pipeline_id, description))
+        if any(v.display_name == pipeline_version_name for v in self.versions[pipeline_id]):
+            raise api.ApiException(status=409, reason="Conflict")
+        return self._add_version(pipeline_id, pipeline_version_name, description, pipeline_package_path)
+
+    def list_pipeline_versions(self, pipeline_id, page_token="", page_size=10, sort_by="", filter=None):
+        self.calls.append(("list_pipeline_versions", pipeline_id, page_token))
+        items, token = self._page(self.versions.get(pipeline_id, []), page_token)
+        return api.V2beta1ListPipelineVersionsResponse(pipeline_versions=items, next_page_token=token)
+
+    def _page(self, items, token):
+        start = int(token or 0)
+        end = start + self.PAGE
+        return items[start:end], (str(end) if end < len(items) else "")
+
+    # ------------------------------------------------------------------ runs
+    def create_experiment(self, name, description=None, namespace=None):
+        self.calls.append(("create_experiment", name, namespace))
+        return api.V2beta1Experiment(experiment_id=f"exp-{name}", display_name=name, namespace=namespace)
+
+    def _check_params(self, params, package=None, version_id=None):
+        if package:
+            spec = next(yaml.safe_load_all(Path(package).read_text()))
+        else:
+            assert any(v.pipeline_version_id == version_id for vs in self.versions.values() for v in vs), version_id
+            spec = next(yaml.safe_load_all((Path(__file__).parents[1] / "pipelines" / "llm_neo.yaml").read_text()))
+        declared = spec["root"]["inputDefinitions"]["parameters"]
+        unknown = set(params) - set(declared)
+        if unknown:
+            raise api.ApiException(status=400, reason=f"unknown parameters {unknown}")
+        json.dumps(params)  # must serialize
+
+    def run_pipeline(self, experiment_id, job_name, pipeline_package_path=None, params=None, pipeline_id=None,
+                     version_id=None, pipeline_root=None, enable_caching=None, cache_key=None, service_account=None):
+        self._check_params(params or {}, pipeline_package_path, version_id)
+        run = dict(experiment_id=experiment_id, job_name=job_name, package=pipeline_package_path, params=params,
+                   pipeline_id=pipeline_id, version_id=version_id, enable_caching=enable_caching,
+                   service_account=service_account)
+        self.calls.append(("run_pipeline", run))
+        self.runs.append(run)
+        return api.V2beta1Run(run_id=next(self._ids), display_name=job_name, experiment_id=experiment_id)
+
+    # ------------------------------------------------------------------ recurring runs
+    def list_recurring_runs(self, page_token="", page_size=10, sort_by="", experiment_id=None, namespace=None,
+                            filter=None):
+        self.calls.append(("list_recurring_runs", experiment_id, page_token))
+        mine = [r for r in self.recurring.values() if r.experiment_id == experiment_id]
+        items, token = self._page(mine, page_token)
+        return api.V2beta1ListRecurringRunsResponse(recurring_runs=items, next_page_token=token)
+
+    def create_recurring_run(self, experiment_id, job_name, description=None, start_time=None, end_time=None,
+                             interval_second=None, cron_expression=None, max_concurrency=1, no_catchup=None,
+                             params=None, pipeline_package_path=None, pipeline_id=None, version_id=None,
+                             enabled=True, pipeline_root=None, enable_caching=None, cache_key=None,
+                             service_account=None):
+        self._check_params(params or {}, pipeline_package_path, version_id)
+        assert cron_expression and len(cron_expression.split()) == 6, cron_expression  # KFP: seconds first
+        run = api.V2beta1RecurringRun(
+            recurring_run_id=next(self._ids), display_name=job_name, description=description,
+            experiment_id=experiment_id, pipeline_version_reference=api.V2beta1PipelineVersionReference(
+                pipeline_id=pipeline_id, pipeline_version_id=version_id),
+            runtime_config=api.V2beta1RuntimeConfig(parameters=params), service_account=service_account,
+            max_concurrency=str(max_concurrency), no_catchup=no_catchup, status="ENABLED" if enabled else "DISABLED",
+            trigger=api.V2beta1Trigger(cron_schedule=api.V2beta1CronSchedule(cron=cron_expression)))
+        self.recurring[run.recurring_run_id] = run
+        self.calls.append(("create_recurring_run", job_name, run.recurring_run_id))
+        return run
+
+    def disable_recurring_run(self, recurring_run_id):
+        self.calls.append(("disable_recurring_run", recurring_run_id))
+        self.recurring[recurring_run_id].status = "DISABLED"
+        return {}
+
+    def delete_recurring_run(self, recurring_run_id):
+        self.calls.append(("delete_recurring_run", recurring_run_id))
+        del self.recurring[recurring_run_id]
+        return {}

@@ -1,0 +1,220 @@
+"""Merge and evaluation: merged = adapter model, chunked fidelity = full-logits reference, the repo's
+lm-eval tasks score what a hand computation scores, the gate, the reports and the model card."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from llmneo.config import load_config
+from llmneo.data import read_split
+from llmneo.errors import UserError
+from llmneo.evaluate import evaluate_models, fidelity, gate, lm_eval_scores, merge
+from llmneo.models import load_causal_lm, load_tokenizer
+from llmneo.trainer import collate
+
+
+@pytest.fixture(scope="module")
+def adapter_run(tiny_workspace, tmp_path_factory):
+    """A distill output folder with a LoRA adapter whose B is random (non-zero), like a trained one."""
+    from peft import LoraConfig, get_peft_model
+
+    root = tmp_path_factory.mktemp("adapter")
+    base = load_causal_lm(tiny_workspace / "student", dtype=torch.float32)
+    torch.manual_seed(0)
+    peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
+                                                 init_lora_weights=False))
+    (root / "distill").mkdir()
+    peft_model.save_pretrained(root / "distill" / "adapter")
+    (root / "distill" / "card.json").write_text(json.dumps({"method": "neo"}))
+    return root, peft_model.eval()
+
+
+def test_merged_logits_equal_the_adapter_models(tiny_workspace, adapter_run):
+    root, peft_model = adapter_run
+    ids = torch.tensor([read_split(tiny_workspace / "dataset", "val")[0]["input_ids"]])
+    with torch.no_grad():
+        expected = peft_model(input_ids=ids).logits
+    merge(tiny_workspace / "student", root / "distill", root / "merged")
+    saved = load_causal_lm(root / "merged", dtype=torch.float32)
+    with torch.no_grad():
+        got = saved(input_ids=ids).logits
+    base = load_causal_lm(tiny_workspace / "student", dtype=torch.float32)
+    with torch.no_grad():
+        base_logits = base(input_ids=ids).logits
+    assert (expected - base_logits).abs().max() > 1e-3  # the adapter does change the model
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    for name in ("model.safetensors", "config.json", "generation_config.json", "tokenizer.json"):
+        assert (root / "merged" / name).is_file(), name
+
+
+def test_large_models_are_sharded_and_dtype_follows_the_student(tiny_workspace, adapter_run, tmp_path):
+    root, _ = adapter_run
+    merge(tiny_workspace / "student", root / "distill", tmp_path / "sharded", max_shard_size="200KB")
+    index = json.loads((tmp_path / "sharded" / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 1 and all((tmp_path / "sharded" / s).is_file() for s in shards)
+    sharded = load_causal_lm(tmp_path / "sharded", dtype=torch.float32)
+    single = load_causal_lm(root / "merged", dtype=torch.float32)
+    for (n, a), (_, b) in zip(sharded.state_dict().items(), single.state_dict().items(), strict=True):
+        assert torch.equal(a, b), n
+    merge(tiny_workspace / "student", root / "distill", tmp_path / "bf16", dtype="bfloat16")
+    assert json.loads((tmp_path / "bf16" / "config.json").read_text())["dtype"] == "bfloat16"
+    with pytest.raises(UserError, match="eval.max_shard_size"):
+        merge(tiny_workspace / "student", root / "distill", tmp_path / "bad", max_shard_size="lots")
+
+
+def reference_fidelity(model, teacher, rows, pad_id):
+    """Full [B, L, V] logits, one batch: the straightforward computation."""
+    batch = collate(rows, pad_id)
+    mask = batch["labels"][:, 1:] != -100
+    targets = batch["labels"][:, 1:][mask]
+    with torch.no_grad():
+        s = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1][mask]
+        t = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1][mask]
+    kl = F.kl_div(F.log_softmax(s, -1), F.log_softmax(t, -1), log_target=True, reduction="sum") / len(targets)
+    agree = (s.argmax(-1) == t.argmax(-1)).float().mean()
+    ppl = math.exp(F.cross_entropy(s, targets))
+    return {"kl_to_teacher": float(kl), "top1_agreement": float(agree), "perplexity": ppl}
+
+
+@pytest.mark.parametrize("chunk_tokens, batch_size", [(7, 3), (100000, 100)])
+def test_chunked_fidelity_matches_the_full_logits_reference(tiny_workspace, chunk_tokens, batch_size):
+    student = load_causal_lm(tiny_workspace / "student", dtype=torch.float32).eval()
+    teacher = load_causal_lm(tiny_workspace / "teacher", dtype=torch.float32).eval()
+    rows = read_split(tiny_workspace / "dataset", "val")
+    pad_id = load_tokenizer(tiny_workspace / "teacher").pad_token_id
+    got = fidelity({"student": student, "same": teacher}, teacher, rows, pad_id, batch_size=batch_size,
+                   chunk_tokens=chunk_tokens)
+    want = reference_fidelity(student, teacher, rows, pad_id)
+    for key, value in want.items():
+        assert got["student"][key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
+    assert got["same"]["kl_to_teacher"] == pytest.approx(0.0, abs=1e-6)
+    assert got["same"]["top1_agreement"] == 1.0
+    assert got["same"]["perplexity"] == pytest.approx(got["teacher"]["perplexity"], rel=1e-6)
+    assert got["student"]["tokens"] == sum(sum(1 for t in r["labels"][1:] if t != -100) for r in rows)
+
+
+def test_gate_applies_every_threshold():
+    cfg = load_config("tiny", ["eval.max_kl_to_teacher=0.5", "eval.min_mc_accuracy=0.3",
+                               "eval.min_top1_agreement=0.2", "eval.thresholds=arc_easy/acc_norm>=0.4"])
+    good = {"kl_to_teacher": 0.4, "perplexity": 10.0, "top1_agreement": 0.5, "llmneo_mc/acc": 0.3,
+            "arc_easy/acc_norm": 0.41}
+    assert gate(cfg, good) == (True, [])
+    passed, reasons = gate(cfg, {**good, "kl_to_teacher": 0.6, "llmneo_mc/acc": 0.25})
+    assert not passed and reasons == ["kl_to_teacher 0.6 > eval.max_kl_to_teacher 0.5",
+                                      "llmneo_mc/acc 0.25 < eval.min_mc_accuracy 0.3"]
+    passed, reasons = gate(cfg, {k: v for k, v in good.items() if k != "arc_easy/acc_norm"})
+    assert reasons == ["arc_easy/acc_norm not evaluated (eval.thresholds[0] needs it; check eval.lm_eval_tasks)"]
+    assert not gate(cfg, {**good, "kl_to_teacher": float("nan")})[0]  # NaN never passes
+    with pytest.raises(UserError, match=r"eval.thresholds\[0\]: 'acc > 3'"):
+        gate(load_config("tiny", ["eval.thresholds=acc > 3"]), good)
+
+
+# --------------------------------------------------------------------------------------------
+# lm-eval (integration: imports lm-eval and runs it)
+# --------------------------------------------------------------------------------------------
+
+
+def loglikelihood(model, ids: list[int], start: int) -> float:
+    """Sum of log p(ids[i] | ids[:i]) for i >= start."""
+    with torch.no_grad():
+        logp = F.log_softmax(model(input_ids=torch.tensor([ids])).logits[0].float(), -1)
+    return float(sum(logp[i - 1, ids[i]] for i in range(start, len(ids))))
+
+
+@pytest.mark.integration
+def test_repo_tasks_score_what_a_hand_computation_scores(tiny_workspace, tmp_path):
+    from llmneo.evaluate import TASK_DIR, export_val_text
+
+    model = load_causal_lm(tiny_workspace / "teacher", dtype=torch.float32).eval()
+    tok = load_tokenizer(tiny_workspace / "teacher")
+    val = export_val_text(tiny_workspace / "dataset", tok, tmp_path / "val.jsonl")
+    scores = lm_eval_scores(model, tok, ["llmneo_mc", "llmneo_val_ppl"], val_jsonl=val, limit=12, batch_size=8)
+
+    # multiple choice: argmax over choices of log p(" " + choice | "Question: …\nAnswer:")
+    questions = [json.loads(x) for x in (TASK_DIR / "llmneo_mc.jsonl").read_text().splitlines()][:12]
+    correct = 0
+    for q in questions:
+        context = f"Question: {q['question']}\nAnswer:"
+        n_ctx = len(tok.encode(context))
+        lls = [loglikelihood(model, tok.encode(f"{context} {c}"), n_ctx) for c in q["choices"]]
+        correct += int(max(range(len(lls)), key=lls.__getitem__) == q["answer"])
+    assert scores["llmneo_mc"]["acc"] == pytest.approx(correct / len(questions))
+
+    # held-out perplexity: rolling log-likelihood of each val text after the prefix token
+    texts = [json.loads(x)["text"] for x in val.read_text().splitlines()][:12]
+    prefix = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+    total_ll = sum(loglikelihood(model, [prefix, *tok.encode(t)], 1) for t in texts)
+    total_bytes = sum(len(t.encode("utf-8")) for t in texts)
+    assert scores["llmneo_val_ppl"]["byte_perplexity"] == pytest.approx(math.exp(-total_ll / total_bytes), rel=1e-4)
+    assert scores["llmneo_val_ppl"]["bits_per_byte"] == pytest.approx(-total_ll / total_bytes / math.log(2), rel=1e-4)
+
+
+def test_unknown_repo_task_is_a_clear_error(tiny_workspace):
+    model = load_causal_lm(tiny_workspace / "teacher", dtype=torch.float32)
+    with pytest.raises(UserError, match="eval.lm_eval_tasks: unknown task.*llmneo_nope; repo tasks: llmneo_mc"):
+        lm_eval_scores(model, load_tokenizer(tiny_workspace / "teacher"), ["llmneo_mc", "llmneo_nope"])
+
+
+@pytest.mark.integration
+def test_standard_task_offline_is_a_clear_error(tiny_workspace):
+    """Standard names resolve through lm-eval's catalogue; offline, their datasets cannot load."""
+    model = load_causal_lm(tiny_workspace / "teacher", dtype=torch.float32)
+    with pytest.raises(UserError, match=r"eval.lm_eval_tasks arc_easy: cannot load a task's dataset "
+                                        r"\(Couldn't reach 'allenai/ai2_arc'.*offline runs use llmneo_mc"):
+        lm_eval_scores(model, load_tokenizer(tiny_workspace / "teacher"), ["arc_easy"], limit=2)
+
+
+@pytest.mark.integration
+def test_evaluate_models_side_by_side(tiny_workspace):
+    cfg = load_config("tiny", ["eval.lm_eval_tasks=[llmneo_mc]", "eval.lm_eval_limit=8"])
+    result = evaluate_models({"student": tiny_workspace / "student"}, tiny_workspace / "teacher",
+                             tiny_workspace / "dataset", cfg, lm_eval_on=["student", "teacher"])
+    assert set(result["summary"]) == {"student", "teacher"}
+    assert result["summary"]["teacher"]["kl_to_teacher"] == 0.0
+    for row in result["summary"].values():
+        assert 0.0 <= row["llmneo_mc/acc"] <= 1.0 and math.isfinite(row["perplexity"])
+
+
+@pytest.mark.integration
+def test_run_merge_eval_writes_model_reports_and_card(tiny_workspace, adapter_run, tmp_path):
+    from llmneo.evaluate import run_merge_eval
+
+    root, _ = adapter_run
+    log = root / "distill" / "train_log.jsonl"
+    log.write_text("".join(json.dumps({"step": s, "loss": 3.0 / s, "ce": 5.0 / s, "kd": 1.0 / s, "lr": 1e-3,
+                                       "tokens_per_s": 100.0}) + "\n" for s in (1, 2, 3)))
+    cfg = load_config("tiny", ["eval.lm_eval_limit=8", "eval.min_mc_accuracy=0.99"])
+    out = tmp_path / "model"
+    result = run_merge_eval(cfg, tiny_workspace / "dataset", tiny_workspace / "teacher", tiny_workspace / "student",
+                            root / "distill", out)
+    assert set(result["fidelity"]) == {"base_student", "distilled", "teacher"}
+    assert set(result["lm_eval"]) == {"base_student", "distilled", "teacher"}
+    assert result["metrics"] == result["summary"]["distilled"]
+    assert "llmneo_mc/acc" in result["metrics"] and "llmneo_val_ppl/bits_per_byte" in result["metrics"]
+    assert not result["gate"]["passed"] and result["gate"]["reasons"][0].startswith("llmneo_mc/acc ")
+    assert json.loads((out / "eval.json").read_text())["gate"] == result["gate"]
+    md, page, card = (out / "report.md").read_text(), (out / "report.html").read_text(), (out / "README.md").read_text()
+    assert "| distilled |" in md and "![loss curve](loss_curve.png)" in md and "Gate: FAIL" in md
+    assert 'src="data:image/png;base64,' in page and "<td>distilled</td>" in page
+    for section in ("## Hyper-parameters", "## Evaluation", "## Lineage", "| dataset hash |", "| teacher |"):
+        assert section in card, section
+    assert Path(out / "loss_curve.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_merge_eval_component_outputs_reports_metrics_and_gate():
+    """The compiled DAG: merge-eval hands out Markdown + HTML reports and Metrics, register is gated."""
+    import yaml
+
+    from conftest import REPO
+
+    spec = next(yaml.safe_load_all((REPO / "pipelines" / "llm_neo.yaml").read_text()))  # doc 2: k8s platform spec
+    outputs = spec["components"]["comp-merge-eval"]["outputDefinitions"]
+    types = {name: a["artifactType"]["schemaTitle"] for name, a in outputs["artifacts"].items()}
+    assert types == {"model": "system.Model", "metrics": "system.Metrics", "report": "system.Markdown",
+                     "report_html": "system.HTML"}
+    assert outputs["parameters"]["Output"]["parameterType"] == "STRING"  # "pass" / "fail"

