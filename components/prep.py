@@ -13,8 +13,8 @@ def prep_data(preset: str, overrides: list, dataset: Output[Dataset], metrics: O
     Args:
         preset: llmneo preset name (configs/) or YAML path inside the image.
         overrides: configuration overrides as key=value strings, e.g. ["data.limit=10000"].
-        dataset: output folder with train.parquet, val.parquet, rejects.jsonl, card.json.
-        metrics: row and token counts.
+        dataset: output folder with train.parquet, val.parquet, rejects.jsonl, card.json, length_histogram.png.
+        metrics: row counts (read/kept/rejected, rejected per reason), token statistics, throughput.
     """
     from llmneo.cli import guarded
     from llmneo.config import load_config
@@ -23,7 +23,14 @@ def prep_data(preset: str, overrides: list, dataset: Output[Dataset], metrics: O
     cfg = guarded(load_config, preset, overrides)
     card = guarded(run_prep, cfg, dataset.path)
     metrics.log_metric("seconds", card["seconds"])
+    metrics.log_metric("rows_per_second", card["rows_per_second"])
     for key, value in card["counts"].items():
         metrics.log_metric(f"rows_{key}", value)
-    metrics.log_metric("tokens_total", card["tokens"]["total"])
-    dataset.metadata.update({"dataset_hash": card["dataset_hash"], "source": card["source"]})
+    for kind, value in card["rejected_by_kind"].items():
+        metrics.log_metric(f"rejected_{kind}", value)
+    tokens = card["tokens"]
+    for key in ("total", "label_tokens", "mean_length", "p50_length", "p99_length", "max_length", "truncated"):
+        metrics.log_metric(f"tokens_{key}", tokens[key])
+    dataset.metadata.update({"dataset_hash": card["dataset_hash"], "source": card["source"],
+                             "content_hash": card["content_hash"],
+                             "tokenizer_fingerprint": card["tokenizer_fingerprint"]})

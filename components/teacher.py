@@ -15,9 +15,9 @@ def load_teacher(preset: str, overrides: list, dataset: Input[Dataset], teacher:
         preset: llmneo preset name (configs/) or YAML path inside the image.
         overrides: configuration overrides as key=value strings.
         dataset: the prepared dataset (its tokenizer fingerprint must match the student's).
-        teacher: teacher model folder (weights, or a card referencing them).
+        teacher: teacher model folder (weights, or a card referencing them; topk/ with teacher.mode=offline).
         student: base student model folder (weights, or a card referencing them).
-        metrics: parameter counts.
+        metrics: parameter counts, layers; with teacher.mode=offline the top-k cache size and throughput.
     """
     from llmneo.cli import guarded
     from llmneo.config import load_config
@@ -26,7 +26,14 @@ def load_teacher(preset: str, overrides: list, dataset: Input[Dataset], teacher:
     cfg = guarded(load_config, preset, overrides)
     card = guarded(run_teacher, cfg, dataset.path, teacher.path, student.path)
     metrics.log_metric("seconds", card["seconds"])
-    metrics.log_metric("teacher_parameters", card["teacher"]["parameters"])
-    metrics.log_metric("student_parameters", card["student"]["parameters"])
-    teacher.metadata.update({"source": card["teacher"]["source"]})
-    student.metadata.update({"source": card["student"]["source"]})
+    for role in ("teacher", "student"):
+        metrics.log_metric(f"{role}_parameters", card[role]["parameters"])
+        metrics.log_metric(f"{role}_layers", card[role]["layers"])
+    topk = card["teacher"].get("topk")
+    if topk:
+        metrics.log_metric("topk_bytes", topk["bytes"])
+        metrics.log_metric("topk_positions", topk["tokens"])
+        metrics.log_metric("topk_positions_per_second", topk["positions_per_second"])
+    teacher.metadata.update({"source": card["teacher"]["source"], "dtype": card["teacher"]["dtype"],
+                             "tokenizer_fingerprint": card["teacher"]["tokenizer_fingerprint"]})
+    student.metadata.update({"source": card["student"]["source"], "dtype": card["student"]["dtype"]})

@@ -45,18 +45,26 @@ def _f(default: Any = dataclasses.MISSING, *, lo: float | None = None, hi: float
 
 @dataclass
 class DataConfig:
-    source: str = _f("builtin:tiny_instruct", doc="builtin:NAME, a JSONL/JSON/Parquet file or folder, "
-                     "hf:DATASET_ID[@REVISION][:SPLIT], or s3://bucket/prefix")
+    source: str = _f("builtin:tiny_instruct", doc="builtin:NAME | a JSONL/JSON/Parquet file or a folder of them | "
+                     "a folder saved by datasets' save_to_disk | hf:DATASET_ID[@REVISION] | s3://bucket/prefix-or-key")
+    subset: str = _f("", doc="with hf:ID: the dataset configuration/subset name (e.g. 7M for Infinity-Instruct)")
+    split: str = _f("train", doc="with hf:ID or a saved DatasetDict: the split to read")
     format: Literal["auto", "alpaca", "messages", "sharegpt", "text"] = _f(
-        "auto", doc="record format; auto-detected from the first valid record")
+        "auto", doc="record format; auto = detected per record (messages > conversations > "
+        "instruction/output > text), counts per format in card.json")
+    chat_template: str = _f("", doc="'' = the student tokenizer's chat template; 'chatml'; or a Jinja template")
     max_length: int = _f(256, lo=8, doc="max tokens per example (prompt + response)")
     truncation: Literal["truncate", "drop"] = _f("truncate", doc="what to do with longer examples")
     assistant_only_labels: bool = _f(True, doc="train only on assistant tokens (labels -100 elsewhere)")
+    packing: bool = _f(False, doc="pack train examples into max_length rows (adds position_ids; see README)")
     val_fraction: float = _f(0.1, lo=0.0, hi=1.0, lo_open=True, hi_open=True, doc="share of rows for validation")
-    limit: int = _f(0, lo=0, doc="keep at most this many rows after shuffling (0 = all)")
+    limit: int = _f(0, lo=0, doc="keep at most this many rows of the shuffled data (0 = all); "
+                    "the same seed gives nested subsets")
     min_rows: int = _f(4, lo=1, doc="fail when fewer valid rows remain")
-    dedup: bool = _f(True, doc="drop exact duplicate records")
+    dedup: bool = _f(True, doc="drop exact duplicates (after normalizing the format) as rejects")
     seed: int = _f(0, doc="shuffle/split seed")
+    buffer_mb: float = _f(32.0, lo=0.0, lo_open=True, doc="records held in memory before a sorted run is "
+                          "spilled to disk (bounds prep memory; the output does not depend on it)")
 
 
 @dataclass
@@ -81,15 +89,17 @@ class TeacherConfig:
         "online", doc="online: teacher forward in every step; offline: cache top-k logits once (teacher step)")
     topk: int = _f(64, lo=1, doc="with mode=offline: teacher logits kept per position")
     topk_dtype: Literal["float16", "bfloat16"] = _f("float16", doc="with mode=offline: log-prob storage dtype")
+    topk_batch_size: int = _f(8, lo=1, doc="with mode=offline: sequences per teacher forward pass")
 
 
 @dataclass
 class StudentConfig:
-    source: str = _f("tiny", doc="tiny | prune (depth-pruned copy of the teacher) | a local HF folder | "
-                     "hf:ID[@REV] | s3://bucket/prefix")
+    source: str = _f("tiny", doc="tiny | prune (depth-pruned copy of the teacher) | smollm2 | a local HF "
+                     "folder | hf:ID[@REV] | s3://bucket/prefix")
     tiny: TinyModelConfig = field(default_factory=lambda: TinyModelConfig(num_layers=2, seed=2))
-    prune_keep_every: int = _f(2, lo=1, doc="with source=prune: keep every k-th teacher layer")
-    prune_layers: list[int] = _f(factory=list, doc="with source=prune: explicit layer indices to keep")
+    prune_keep_every: int = _f(2, lo=1, doc="with source=prune: keep layers 0, k, 2k, ... of the teacher")
+    prune_layers: list[int] = _f(factory=list, doc="with source=prune: explicit teacher layer indices to keep, "
+                                 "ascending, negative = from the end (overrides prune_keep_every)")
 
 
 @dataclass

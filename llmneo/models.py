@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -179,18 +180,154 @@ def read_card(directory: str | Path) -> dict:
 
 
 def resolve_source(source: str, field: str = "teacher.source") -> tuple[str, str | None]:
-    """A model source string → (local folder or hub id, revision). ``tiny`` is built by the teacher step."""
+    """A model source string → (local folder, revision). ``tiny`` is built by the teacher step.
+
+    ``smollm2`` → the converted cache; ``hf:ID[@REV]`` → its snapshot in the Hugging Face cache
+    (downloaded unless offline); ``s3://bucket/prefix`` → a checksum-verified download in
+    :func:`cache_dir`; anything else must be a local folder with a ``config.json``.
+    """
     if source == "smollm2":
         return str(smollm2_dir()), None
     if source.startswith("hf:"):
-        repo_id, _, revision = source[3:].partition("@")
-        if not repo_id:
-            raise UserError(f"{field}: empty hub id in {source!r}")
-        return repo_id, revision or None
+        repo_id, revision = parse_hub_source(source, field)
+        path, commit = hub_snapshot(repo_id, revision, field)
+        return str(path), commit
+    if source.startswith("s3://"):
+        return str(s3_model_dir(source, field)), None
     path = Path(source).expanduser()
     if not (path / "config.json").is_file():
-        raise UserError(f"{field}: {source!r} is not a Hugging Face model folder (no config.json)")
-    return str(path), None
+        hint = (f"; for a Hugging Face model write hf:{source}"
+                if source.count("/") == 1 and not path.exists() and not source.startswith((".", "/", "~")) else "")
+        raise UserError(f"{field}: {source!r} is not a Hugging Face model folder (no config.json){hint}")
+    return str(path.resolve()), None
+
+
+def parse_hub_source(source: str, field: str) -> tuple[str, str | None]:
+    """``hf:org/name@rev`` → ("org/name", "rev"); the revision is a branch, tag or commit."""
+    repo_id, _, revision = source[3:].partition("@")
+    if not repo_id or repo_id.count("/") > 1 or any(c.isspace() for c in repo_id) or repo_id.startswith("/"):
+        raise UserError(f"{field}: {source!r} is not a hub id (expected hf:ORG/NAME[@REVISION])")
+    if "@" in source[3:] and not revision:
+        raise UserError(f"{field}: empty revision in {source!r} (expected hf:ORG/NAME@REVISION)")
+    return repo_id, revision or None
+
+
+# transformers' weight names only: some repos also hold e.g. consolidated.safetensors (a second copy)
+HUB_PATTERNS = ["*.json", "model*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken", "tokenizer*"]
+
+
+def hub_snapshot(repo_id: str, revision: str | None, field: str = "teacher.source") -> tuple[Path, str]:
+    """The local snapshot folder of a hub model (config, tokenizer, safetensors) and its commit.
+
+    Offline (``HF_HUB_OFFLINE=1``) it must already be in the Hugging Face cache (``HF_HUB_CACHE``).
+    """
+    from huggingface_hub import constants, snapshot_download
+
+    try:
+        path = Path(snapshot_download(repo_id, revision=revision, allow_patterns=HUB_PATTERNS,
+                                      local_files_only=constants.HF_HUB_OFFLINE))
+    except Exception as e:  # noqa: BLE001 - hub errors: not cached offline, unknown repo/revision, network
+        where = f"hf:{repo_id}" + (f"@{revision}" if revision else "")
+        detail = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        hint = (" — offline mode (HF_HUB_OFFLINE=1) and not in the local Hugging Face cache; download it "
+                f"once with `hf download {repo_id}" + (f" --revision {revision}" if revision else "") + "`"
+                if constants.HF_HUB_OFFLINE else "")
+        raise UserError(f"{field}: cannot load {where} ({detail}){hint}") from None
+    return path, path.name  # snapshot folders are named by commit hash
+
+
+def s3_model_dir(uri: str, field: str = "teacher.source") -> Path:
+    """Download a model folder from S3 once into :func:`cache_dir` (SHA-256 verified where the store
+    kept checksums); the cache entry is keyed by the object listing (keys, sizes, ETags), so a
+    changed object is downloaded again and an unchanged one is reused."""
+    from llmneo import s3
+
+    bucket, prefix = s3.parse_uri(uri)
+    listing = []
+    with s3.errors(f"{field}: {uri}"):
+        pages = s3.client().get_paginator("list_objects_v2").paginate(
+            Bucket=bucket, Prefix=prefix + "/" if prefix else "")
+        for page in pages:
+            listing += [(o["Key"], o["Size"], o.get("ETag", "")) for o in page.get("Contents", [])]
+    if not any(key.endswith("/config.json") or key == "config.json" for key, _, _ in listing):
+        raise UserError(f"{field}: {uri} holds no config.json (not a Hugging Face model folder)")
+    digest = hashlib.sha256(json.dumps([uri, sorted(listing)]).encode()).hexdigest()[:16]
+    target = cache_dir() / "s3" / digest
+    if (target / "config.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{digest}-"))
+    try:
+        s3.download_prefix(uri, tmp)
+        tmp.rename(target)  # atomic: a partial download is never seen as a model
+    except OSError:
+        if not (target / "config.json").is_file():
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def folder_content_hash(path: str | Path, exclude: tuple[str, ...] = (CARD,)) -> str:
+    """sha256 of a ``sha256sum``-style manifest of a folder's files (hidden files and the card excluded)."""
+    root = Path(path)
+    manifest = hashlib.sha256()
+    for file in sorted(p for p in root.rglob("*") if p.is_file()):
+        rel = file.relative_to(root).as_posix()
+        if rel in exclude or any(part.startswith(".") for part in file.relative_to(root).parts):
+            continue
+        h = hashlib.sha256()
+        with open(file, "rb") as f:
+            while chunk := f.read(1 << 22):
+                h.update(chunk)
+        manifest.update(f"{h.hexdigest()}  {rel}\n".encode())
+    return manifest.hexdigest()
+
+
+def safetensors_summary(path: str | Path) -> dict:
+    """Tensor count, element count and dtypes of a folder's ``*.safetensors`` files, read from their
+    headers only (an 8-byte length + JSON): no weights are loaded."""
+    tensors = numel = 0
+    dtypes: set[str] = set()
+    folder = Path(path)
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():  # sharded: exactly the shards the index names (other copies may sit beside them)
+        files = sorted({folder / name for name in json.loads(index.read_text())["weight_map"].values()})
+    elif (folder / "model.safetensors").is_file():
+        files = [folder / "model.safetensors"]
+    else:
+        files = sorted(folder.glob("*.safetensors"))
+    for file in files:
+        if not file.is_file():
+            raise UserError(f"{folder}: weight shard {file.name} (named in {index.name}) is missing")
+        with open(file, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            try:
+                header = json.loads(f.read(size))
+            except (json.JSONDecodeError, UnicodeDecodeError, MemoryError):
+                raise UserError(f"{file}: not a valid safetensors file") from None
+        for name, meta in header.items():
+            if name == "__metadata__":
+                continue
+            tensors += 1
+            numel += math.prod(meta["shape"])
+            dtypes.add(meta["dtype"])
+    return {"files": len(files), "tensors": tensors, "numel": numel, "dtypes": sorted(dtypes)}
+
+
+def meta_param_count(config) -> tuple[int, int]:
+    """(parameters, tied embedding parameters) of the model a config describes, without weights
+    (instantiated on the meta device)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    tied = 0
+    out, inp = model.get_output_embeddings(), model.get_input_embeddings()
+    if out is not None and inp is not None and out.weight is inp.weight:
+        tied = out.weight.numel()
+    return param_count(model), tied
 
 
 def model_location(artifact: str | Path) -> tuple[str, str | None]:

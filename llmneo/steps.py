@@ -26,15 +26,11 @@ def run_prep(cfg: Config, dataset_out: str | Path) -> dict:
 
 
 def run_teacher(cfg: Config, dataset_dir: str | Path, teacher_out: str | Path, student_out: str | Path) -> dict:
-    """Step 2: load and verify the teacher; materialize the base student; check tokenizers vs data."""
+    """Step 2: load and verify the teacher; materialize the base student; check tokenizers vs data;
+    with ``teacher.mode=offline``, cache the teacher's top-k log-probabilities (``teacher_out/topk``)."""
     from llmneo.teacher import run_teacher as teacher
 
-    card = teacher(cfg, teacher_out, student_out)
-    data_fp = read_card(dataset_dir).get("tokenizer_fingerprint")
-    if data_fp and data_fp != card["student"]["tokenizer_fingerprint"]:
-        raise UserError(f"dataset {dataset_dir} was tokenized with tokenizer {data_fp}, the student uses "
-                        f"{card['student']['tokenizer_fingerprint']}: re-run prep with this configuration")
-    return card
+    return teacher(cfg, dataset_dir, teacher_out, student_out)
 
 
 def torchrun_command(cfg: Config, workdir: Path) -> list[str]:

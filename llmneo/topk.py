@@ -11,12 +11,23 @@ Row ``r`` of the split (``train.parquet`` order) owns tokens ``offsets[r - first
 offsets[r - first_row + 1]`` of its shard: one entry per next-token position that has a label
 (``labels[t + 1] != -100``), in order — exactly the positions the loss uses
 (:func:`llmneo.losses.shift_mask`). ``logprobs`` are the teacher's log-softmax values (temperature 1)
-of the ``k`` most likely tokens, sorted by decreasing probability.
+of the ``k`` most likely tokens, sorted by decreasing probability; with a teacher vocabulary padded
+larger than the student's, over the first ``vocab_size`` (= student) logits only, as in the loss.
+
+Written by :func:`build_topk_cache` (the teacher step with ``teacher.mode=offline``): one batched,
+no-grad teacher pass over ``train.parquet``. Packed rows (``position_ids`` column) are run with those
+position ids and no attention mask, so attention stays inside each example (README, "Packing").
+
+Reading for a micro-batch: ``cache.rows(indices)`` concatenates the rows' entries in order, which is
+the order of ``hidden[:, :-1][shift_mask(labels)[0]]`` for the same rows — no re-alignment needed.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
+import sys
+import time
 from pathlib import Path
 
 import torch
@@ -43,6 +54,7 @@ class TopKWriter:
         self.extra = extra or {}
         self.shards: list[dict] = []
         self.rows = self.tokens = 0
+        self._buffered = 0
         self._ids: list[torch.Tensor] = []
         self._lps: list[torch.Tensor] = []
         self._lengths: list[int] = []
@@ -58,7 +70,8 @@ class TopKWriter:
         self._lengths.append(ids.shape[0])
         self.rows += 1
         self.tokens += ids.shape[0]
-        if sum(self._lengths) >= self.shard_tokens:
+        self._buffered += ids.shape[0]
+        if self._buffered >= self.shard_tokens:
             self._flush()
 
     def _flush(self) -> None:
@@ -74,7 +87,7 @@ class TopKWriter:
         self.shards.append({"file": name, "first_row": self._first_row, "rows": len(self._lengths),
                             "tokens": int(offsets[-1])})
         self._first_row += len(self._lengths)
-        self._ids, self._lps, self._lengths = [], [], []
+        self._ids, self._lps, self._lengths, self._buffered = [], [], [], 0
 
     def close(self) -> dict:
         self._flush()
@@ -118,3 +131,136 @@ class TopKCache:
         t = self._loaded[i]
         lo, hi = int(t["offsets"][row - s["first_row"]]), int(t["offsets"][row - s["first_row"] + 1])
         return t["ids"][lo:hi].long(), t["logprobs"][lo:hi].float()
+
+    def rows(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Entries of several rows, concatenated in the given order: ([N, k] ids, [N, k] logprobs)."""
+        parts = [self[i] for i in indices]
+        if not parts:
+            return torch.zeros(0, self.k, dtype=torch.long), torch.zeros(0, self.k)
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+
+# --------------------------------------------------------------------------------------------
+# Building the cache: one teacher pass over the train split
+# --------------------------------------------------------------------------------------------
+
+SHARD_BYTES = 256 << 20  # ≈ bytes per shard (and the writer's buffer)
+CHUNK_TOKENS = 1024  # positions per LM-head chunk: bounds fp32 logits memory to CHUNK_TOKENS × V × 4 B
+
+
+def collate_for_teacher(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded batch. Unpacked rows get an attention mask; packed rows (``position_ids``) get
+    their position ids and no mask, padding continuing as its own segment (positions from 0), which
+    is how transformers builds a block-diagonal causal mask (see README, "Packing")."""
+    width = max(len(r["input_ids"]) for r in rows)
+    packed = "position_ids" in rows[0]
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), -100, dtype=torch.long)
+    extra = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        n = len(r["input_ids"])
+        ids[i, :n] = torch.tensor(r["input_ids"])
+        labels[i, :n] = torch.tensor(r["labels"])
+        if packed:
+            extra[i, :n] = torch.tensor(r["position_ids"])
+            extra[i, n:] = torch.arange(width - n)
+        else:
+            extra[i, :n] = 1
+    batch = {"input_ids": ids, "labels": labels}
+    batch["position_ids" if packed else "attention_mask"] = extra
+    return batch
+
+
+@torch.no_grad()
+def teacher_topk(teacher, batch: dict[str, torch.Tensor], k: int, vocab_size: int,
+                 chunk_tokens: int = CHUNK_TOKENS) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """Top-k of the teacher's log-softmax at the loss positions of a batch.
+
+    Returns ``ids [N, k]``, ``logprobs [N, k]`` (fp32) for the ``N`` positions ``t`` with
+    ``labels[:, t+1] != -100`` in row-major order, and the number of such positions per row.
+    """
+    from llmneo.losses import shift_mask
+
+    labels = batch["labels"]
+    inputs = {k_: v for k_, v in batch.items() if k_ != "labels"}
+    hidden = teacher.get_decoder()(**inputs, use_cache=False).last_hidden_state
+    mask, _ = shift_mask(labels.to(hidden.device))
+    selected = hidden[:, :-1][mask]
+    head = teacher.get_output_embeddings()
+    ids, lps = [], []
+    for chunk in selected.split(chunk_tokens):
+        logp = torch.log_softmax(head(chunk)[:, :vocab_size].float(), dim=-1)
+        values, indices = logp.topk(k, dim=-1)
+        ids.append(indices)
+        lps.append(values)
+    if not ids:
+        return torch.zeros(0, k, dtype=torch.long), torch.zeros(0, k), mask.sum(1).tolist()
+    return torch.cat(ids), torch.cat(lps), mask.sum(1).tolist()
+
+
+def build_topk_cache(cfg, teacher, dataset_dir: str | Path, out_dir: str | Path, vocab_size: int,
+                     extra: dict | None = None) -> dict:
+    """Run the teacher over ``train.parquet`` and write the cache; prints its size and throughput.
+
+    Args:
+        cfg: the configuration (``teacher.topk``, ``topk_dtype``, ``topk_batch_size``, ``dtype``).
+        teacher: a loaded model, or a teacher artifact folder to load it from.
+        vocab_size: the student's vocabulary size (teacher logits beyond it are sliced off).
+    Returns the cache's meta plus ``seconds``, ``positions_per_second``, ``device``.
+    """
+    import pyarrow.parquet as pq
+    from tqdm import tqdm
+
+    from llmneo.data import iter_split, split_path
+    from llmneo.models import load_causal_lm, read_card, torch_dtype
+
+    tcfg = cfg.teacher
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch_dtype(tcfg.dtype, device.type)
+    if not isinstance(teacher, torch.nn.Module):
+        teacher = load_causal_lm(teacher, dtype=dtype)
+    teacher = teacher.to(device=device, dtype=dtype).eval()
+    k = min(tcfg.topk, vocab_size)
+    n_rows = pq.ParquetFile(split_path(dataset_dir, "train")).metadata.num_rows
+    positions = read_card(dataset_dir).get("tokens", {}).get("loss_positions", {}).get("train")
+    out_dir = Path(out_dir)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)  # a stale or partial cache must not be mixed with this one
+    out_dir.mkdir(parents=True)
+    if positions:
+        need, free = positions * k * 6, shutil.disk_usage(out_dir).free
+        if need > free:
+            raise UserError(f"teacher.topk={k}: the cache needs about {need / 2**30:.1f} GiB for {positions:,} "
+                            f"positions, {free / 2**30:.1f} GiB free under {out_dir}; lower teacher.topk or data.limit")
+    writer = TopKWriter(out_dir, k=k, vocab_size=vocab_size, dtype=tcfg.topk_dtype, split="train",
+                        shard_tokens=max(4096, SHARD_BYTES // (k * 6)), extra=extra)
+    pad_id = 0
+    t0 = time.time()
+    bar = tqdm(total=n_rows, desc=f"teacher top-{k}", unit=" rows", file=sys.stderr, mininterval=2.0)
+    batch_rows: list[dict] = []
+
+    def run(rows: list[dict]) -> None:
+        batch = {name: t.to(device) for name, t in collate_for_teacher(rows, pad_id).items()}
+        ids, lps, counts = teacher_topk(teacher, batch, k, vocab_size)
+        for part_ids, part_lps in zip(ids.split(counts), lps.split(counts), strict=True):
+            writer.add(part_ids, part_lps)
+        bar.update(len(rows))
+
+    for row in iter_split(dataset_dir, "train"):
+        batch_rows.append(row)
+        if len(batch_rows) == tcfg.topk_batch_size:
+            run(batch_rows)
+            batch_rows = []
+    if batch_rows:
+        run(batch_rows)
+    bar.close()
+    meta = writer.close()
+    seconds = time.time() - t0
+    summary = {key: meta[key] for key in ("k", "dtype", "vocab_size", "rows", "tokens", "bytes")}
+    summary.update({"shards": len(meta["shards"]), "seconds": round(seconds, 2), "device": str(device),
+                    "positions_per_second": round(meta["tokens"] / max(seconds, 1e-9), 1),
+                    "path": "topk"})
+    print(f"teacher top-k cache: {meta['rows']} rows, {meta['tokens']:,} positions, k={k} {meta['dtype']}: "
+          f"{meta['bytes'] / 2**20:.1f} MiB in {seconds:.1f}s ({summary['positions_per_second']:,.0f} positions/s, "
+          f"{meta['rows'] / max(seconds, 1e-9):.1f} rows/s, {device}) → {out_dir}", file=sys.stderr, flush=True)
+    return summary
