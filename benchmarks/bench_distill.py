@@ -95,10 +95,9 @@ def write_dataset(root: Path, shape: dict) -> None:
 
 def write_topk_cache(root: Path, shape: dict, device: str) -> None:
     """What the teacher step does with teacher.mode=offline: top-k log-probs of every labelled position."""
-    from llmneo.data import read_split
+    from llmneo.data import collate, read_split
     from llmneo.losses import shift_mask
     from llmneo.topk import TopKWriter
-    from llmneo.trainer import collate
 
     teacher = build_model(shape, "teacher", device, torch.bfloat16 if device == "cuda" else torch.float32).eval()
     writer = TopKWriter(root / "teacher" / "topk", k=TOPK, vocab_size=shape["vocab"], extra={"dataset_hash": "bench"})
@@ -196,9 +195,8 @@ def run_trl(root: Path, shape: dict, device: str, warmup: int, steps: int, check
     from transformers import TrainerCallback
     from trl.experimental.gkd import GKDConfig, GKDTrainer
 
-    from llmneo.data import read_split
+    from llmneo.data import collate, read_split
     from llmneo.models import build_tiny_tokenizer
-    from llmneo.trainer import collate
 
     rows = read_split(root / "dataset", "train")
     student = build_model(shape, "student", device, torch.float32)

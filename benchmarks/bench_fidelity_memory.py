@@ -24,9 +24,9 @@ def run_mode(mode: str, vocab: int, seq: int, batch: int, rows: int, chunk: int)
     import torch.nn.functional as F
 
     from llmneo.config import TinyModelConfig
+    from llmneo.data import collate
     from llmneo.evaluate import fidelity
     from llmneo.models import build_tiny_llama
-    from llmneo.trainer import collate
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     teacher = build_tiny_llama(TinyModelConfig(hidden_size=64, num_layers=2, seed=1), vocab).to(device).eval()

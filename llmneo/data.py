@@ -303,6 +303,34 @@ def iter_split(dataset_dir: str | Path, split: str, batch_rows: int = 1024) -> I
         yield from batch.to_pylist()
 
 
+def collate(rows: list[dict], pad_id: int) -> dict:
+    """Right-padded batch ``[B, max_len]`` of ``input_ids`` and ``labels`` (-100 on padding) — the one
+    batching used by the trainer, the top-k pass and evaluation.
+
+    Plain rows get an ``attention_mask``. Packed rows (a ``position_ids`` column, see README
+    "Packing") get their ``position_ids`` and no mask, the padding continuing as a segment of its own
+    (positions from 0): from restarting positions transformers builds a block-diagonal causal mask, so
+    no token attends across examples.
+    """
+    import torch
+
+    width = max(len(r["input_ids"]) for r in rows)
+    packed = "position_ids" in rows[0]
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    extra = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        n = len(r["input_ids"])
+        ids[i, :n] = torch.tensor(r["input_ids"])
+        labels[i, :n] = torch.tensor(r["labels"])
+        if packed:
+            extra[i, :n] = torch.tensor(r["position_ids"])
+            extra[i, n:] = torch.arange(width - n)
+        else:
+            extra[i, :n] = 1
+    return {"input_ids": ids, "labels": labels, ("position_ids" if packed else "attention_mask"): extra}
+
+
 # --------------------------------------------------------------------------------------------
 # The step
 # --------------------------------------------------------------------------------------------

@@ -33,11 +33,10 @@ import torch
 import torch.nn.functional as F
 
 from llmneo.config import Config
-from llmneo.data import read_split
+from llmneo.data import collate, read_split
 from llmneo.errors import UserError
 from llmneo.losses import divergence, shift_mask
 from llmneo.models import load_causal_lm, load_tokenizer, model_location, read_card, write_card
-from llmneo.trainer import collate
 
 TASK_DIR = Path(__file__).resolve().parent / "tasks"
 FIDELITY_KEYS = ("kl_to_teacher", "top1_agreement", "perplexity")

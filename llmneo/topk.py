@@ -148,29 +148,6 @@ SHARD_BYTES = 256 << 20  # ≈ bytes per shard (and the writer's buffer)
 CHUNK_TOKENS = 1024  # positions per LM-head chunk: bounds fp32 logits memory to CHUNK_TOKENS × V × 4 B
 
 
-def collate_for_teacher(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded batch. Unpacked rows get an attention mask; packed rows (``position_ids``) get
-    their position ids and no mask, padding continuing as its own segment (positions from 0), which
-    is how transformers builds a block-diagonal causal mask (see README, "Packing")."""
-    width = max(len(r["input_ids"]) for r in rows)
-    packed = "position_ids" in rows[0]
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(rows), width), -100, dtype=torch.long)
-    extra = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        n = len(r["input_ids"])
-        ids[i, :n] = torch.tensor(r["input_ids"])
-        labels[i, :n] = torch.tensor(r["labels"])
-        if packed:
-            extra[i, :n] = torch.tensor(r["position_ids"])
-            extra[i, n:] = torch.arange(width - n)
-        else:
-            extra[i, :n] = 1
-    batch = {"input_ids": ids, "labels": labels}
-    batch["position_ids" if packed else "attention_mask"] = extra
-    return batch
-
-
 @torch.no_grad()
 def teacher_topk(teacher, batch: dict[str, torch.Tensor], k: int, vocab_size: int,
                  chunk_tokens: int = CHUNK_TOKENS) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
@@ -211,7 +188,7 @@ def build_topk_cache(cfg, teacher, dataset_dir: str | Path, out_dir: str | Path,
     import pyarrow.parquet as pq
     from tqdm import tqdm
 
-    from llmneo.data import iter_split, split_path
+    from llmneo.data import collate, iter_split, split_path
     from llmneo.models import load_causal_lm, read_card, torch_dtype
 
     tcfg = cfg.teacher
@@ -240,7 +217,7 @@ def build_topk_cache(cfg, teacher, dataset_dir: str | Path, out_dir: str | Path,
     batch_rows: list[dict] = []
 
     def run(rows: list[dict]) -> None:
-        batch = {name: t.to(device) for name, t in collate_for_teacher(rows, pad_id).items()}
+        batch = {name: t.to(device) for name, t in collate(rows, pad_id).items()}
         ids, lps, counts = teacher_topk(teacher, batch, k, vocab_size)
         for part_ids, part_lps in zip(ids.split(counts), lps.split(counts), strict=True):
             writer.add(part_ids, part_lps)

@@ -46,7 +46,7 @@ from torch import nn
 
 from llmneo import checkpointing
 from llmneo.config import Config, config_from_dict
-from llmneo.data import IGNORE_INDEX, read_split
+from llmneo.data import IGNORE_INDEX, collate, read_split
 from llmneo.errors import UserError
 from llmneo.lora import apply_lora, base_model, save_adapter
 from llmneo.losses import TeacherTopK, chunked_distill_loss, distill_loss, shift_mask
@@ -85,14 +85,20 @@ class DistillModule(nn.Module):
     def set_teacher(self, teacher: nn.Module | None) -> None:
         self._teacher[0] = teacher
 
-    def forward(self, input_ids, attention_mask, labels, topk_ids=None, topk_logprobs=None):
-        """Sums over the micro-batch's target tokens: (loss, ce, kd)."""
+    def forward(self, input_ids, labels, attention_mask=None, position_ids=None, topk_ids=None,
+                topk_logprobs=None):
+        """Sums over the micro-batch's target tokens: (loss, ce, kd). Packed rows come with
+        ``position_ids`` and no ``attention_mask`` (:func:`llmneo.data.collate`)."""
         d = self.cfg
         teacher = self._teacher[0]
         topk = TeacherTopK(topk_ids, topk_logprobs) if topk_ids is not None else None
         kw = {"alpha": d.alpha if teacher is not None or topk is not None else 0.0,
               "temperature": d.temperature, "kind": d.divergence, "beta": d.jsd_beta, "topk_tail": d.topk_tail}
-        inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
+        inputs = {"input_ids": input_ids, "use_cache": False}
+        if position_ids is not None:
+            inputs["position_ids"] = position_ids
+        else:
+            inputs["attention_mask"] = attention_mask
         if d.loss_impl == "naive":  # full [B, L, V] fp32 logits: the reference / benchmark baseline
             teacher_logits = None
             if teacher is not None:
@@ -126,20 +132,6 @@ def lr_lambda(step: int, total: int, warmup_ratio: float) -> float:
         return (step + 1) / (warmup + 1)
     progress = (step - warmup) / max(1, total - warmup)
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-
-def collate(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded ``input_ids``, ``attention_mask``, ``labels`` ``[B, max_len]`` (labels -100 on pads)."""
-    width = max(len(r["input_ids"]) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
-    attn = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        n = len(r["input_ids"])
-        ids[i, :n] = torch.tensor(r["input_ids"])
-        labels[i, :n] = torch.tensor(r["labels"])
-        attn[i, :n] = 1
-    return {"input_ids": ids, "attention_mask": attn, "labels": labels}
 
 
 def count_targets(rows: list[dict]) -> int:
@@ -405,8 +397,9 @@ class DistillTrainer:
         kd_sum = torch.zeros((), device=self.device)
         seen_tokens = 0
         for micro in range(self.accum):
-            inputs = self.micro_batch(mine[micro * d.micro_batch_size:(micro + 1) * d.micro_batch_size])
-            seen_tokens += int(inputs["attention_mask"].sum())
+            rows = mine[micro * d.micro_batch_size:(micro + 1) * d.micro_batch_size]
+            seen_tokens += sum(len(self.train_rows[i]["input_ids"]) for i in rows)
+            inputs = self.micro_batch(rows)
             with self._grad_sync(micro == self.accum - 1):
                 with self.autocast:
                     loss, ce, kd = self.module(**inputs)

@@ -10,11 +10,10 @@ import torch
 import torch.nn.functional as F
 
 from llmneo.config import load_config
-from llmneo.data import read_split
+from llmneo.data import collate, read_split
 from llmneo.errors import UserError
 from llmneo.evaluate import evaluate_models, fidelity, gate, lm_eval_scores, merge
 from llmneo.models import load_causal_lm, load_tokenizer
-from llmneo.trainer import collate
 
 
 @pytest.fixture(scope="module")

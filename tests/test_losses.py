@@ -255,10 +255,9 @@ def test_chunked_topk_equals_reference(tail, kind, T, k):
 def test_cached_topk_with_k_equal_vocab_gives_the_online_kd(tiny_workspace, tmp_path):
     """The teacher's log-softmax over the prepared rows, written with TopKWriter (k = V, fp16) and
     read back with TopKCache, gives the same KD loss as the online teacher logits."""
-    from llmneo.data import read_split
+    from llmneo.data import collate, read_split
     from llmneo.models import load_causal_lm
     from llmneo.topk import TopKCache, TopKWriter
-    from llmneo.trainer import collate
 
     teacher = load_causal_lm(tiny_workspace / "teacher").eval()
     student = load_causal_lm(tiny_workspace / "student").eval()

@@ -115,8 +115,11 @@ def test_same_numbers_with_other_memory_settings(override, neo_run, tiny_workspa
     for a, b in zip(log(workdir), log(ref_dir), strict=True):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["kd"] == pytest.approx(b["kd"], rel=1e-4)
     ref = adapter(ref_dir)
+    # Adam divides by sqrt(v): on near-zero gradients (lora_A while B is still ~0) float round-off
+    # of a different summation order is amplified up to a fraction of one step (lr = 1e-3), so the
+    # weights agree to 1e-4 while the losses above agree to 1e-5 relative.
     for key, value in adapter(workdir).items():
-        assert torch.allclose(value, ref[key], atol=1e-6), key
+        assert torch.allclose(value, ref[key], atol=1e-4), (key, float((value - ref[key]).abs().max()))
 
 
 def test_bf16_autocast_and_bf16_teacher_as_on_gpu(neo_run, tiny_workspace, tmp_path):
@@ -131,38 +134,52 @@ def test_bf16_autocast_and_bf16_teacher_as_on_gpu(neo_run, tiny_workspace, tmp_p
     assert all(torch.isfinite(v).all() for v in adapter(workdir).values())
 
 
+# ---------------------------------------------------------------------------- packed rows
+
+
+@pytest.mark.parametrize("loss_impl", ["chunked", "naive"])
+def test_packed_row_loss_equals_the_separate_examples(loss_impl, tiny_workspace):
+    """A packed row (position_ids restarting per example, no attention mask) gives the same CE and KD
+    sums as its examples one by one: no token attends across an example boundary."""
+    from llmneo.data import collate, read_split
+    from llmneo.models import load_causal_lm
+    from llmneo.trainer import DistillModule
+
+    cfg = load_config("tiny", [f"distill.loss_impl={loss_impl}"])
+    examples = read_split(tiny_workspace / "dataset", "train")[:3]
+    packed = {"input_ids": sum((r["input_ids"] for r in examples), []),
+              "labels": sum(([-100] + r["labels"][1:] for r in examples), []),  # as data prep packs them
+              "position_ids": sum((list(range(len(r["input_ids"]))) for r in examples), [])}
+    module = DistillModule(load_causal_lm(tiny_workspace / "student").eval(), cfg.distill)
+    module.set_teacher(load_causal_lm(tiny_workspace / "teacher").eval())
+    with torch.no_grad():
+        together = module(**collate([packed, {**packed, "input_ids": packed["input_ids"][:40],
+                                              "labels": packed["labels"][:40],
+                                              "position_ids": packed["position_ids"][:40]}], pad_id=0))
+        first_row_only = module(**collate([packed], pad_id=0))
+        apart = [module(**collate([r], pad_id=0)) for r in examples]
+    for i in (1, 2):  # ce, kd
+        assert float(first_row_only[i]) == pytest.approx(sum(float(a[i]) for a in apart), rel=1e-5)
+        assert float(together[i]) > float(first_row_only[i])  # the padded second row adds its own tokens
+
+
 # ---------------------------------------------------------------------------- offline teacher
 
 
-def write_full_vocab_cache(trainer_like_dir: Path, ws: Path, teacher_copy: Path) -> None:
-    """A top-k cache with k = V of the tiny teacher over the train split, in the teacher step's format."""
-    import shutil
+def write_full_vocab_cache(ws: Path, teacher_out: Path) -> None:
+    """The teacher step itself (teacher.mode=offline) writes a cache with k = V of the tiny teacher:
+    production (llmneo.teacher/topk) and consumption (the trainer) meet here."""
+    from llmneo.steps import run_teacher
 
-    from llmneo.data import read_split
-    from llmneo.losses import shift_mask
-    from llmneo.models import load_causal_lm
-    from llmneo.topk import TopKWriter
-    from llmneo.trainer import collate
-
-    shutil.copytree(ws / "teacher", teacher_copy)
-    teacher = load_causal_lm(teacher_copy).eval()
-    vocab = teacher.config.vocab_size
-    writer = TopKWriter(teacher_copy / "topk", k=vocab, vocab_size=vocab, dtype="float16",
-                        extra={"dataset_hash": json.loads((ws / "dataset" / "card.json").read_text())["dataset_hash"]})
-    for row in read_split(ws / "dataset", "train"):
-        batch = collate([row], pad_id=0)
-        mask, _ = shift_mask(batch["labels"])
-        with torch.no_grad():
-            lp = torch.log_softmax(teacher(input_ids=batch["input_ids"]).logits[0, :-1][mask[0]], -1)
-        values, ids = lp.topk(vocab, dim=-1)
-        writer.add(ids, values)
-    writer.close()
+    cfg = load_config("tiny", ["teacher.mode=offline", "teacher.topk=100000"])  # k is capped at V
+    card = run_teacher(cfg, ws / "dataset", teacher_out, teacher_out.parent / "student-unused")
+    assert card["teacher"]["topk"]["k"] == card["student"]["vocab_size"]
 
 
 def test_offline_topk_cache_with_k_equal_vocab_trains_like_the_online_teacher(neo_run, tiny_workspace, tmp_path):
     ref_dir, _ = neo_run
     teacher_copy = tmp_path / "teacher"
-    write_full_vocab_cache(tmp_path, tiny_workspace, teacher_copy)
+    write_full_vocab_cache(tiny_workspace, teacher_copy)
     workdir = make_workdir(tmp_path / "offline", tiny_workspace, "teacher.mode=offline", teacher=teacher_copy)
     trainer = run(workdir)
     assert trainer.teacher is None and trainer.topk is not None  # no teacher model was loaded
