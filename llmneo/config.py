@@ -17,6 +17,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -205,6 +206,25 @@ class ClusterConfig:
 
 
 @dataclass
+class CompareConfig:
+    """`llmneo compare` (llmneo/compare.py): the seed's comparison of methods on one setting. Each
+    method is the preset's distill section with distill.method=<method> and its learning rate below;
+    neo's is distill.lr (the preset's own NEO run)."""
+
+    methods: list[Literal["base", "sft", "lora", "kd", "neo"]] = _f(
+        factory=lambda: ["base", "sft", "lora", "kd", "neo"], doc=(
+        "what to compare: base (the student untouched), sft, lora, kd, neo; each trained with the "
+        "preset's distill section, same data/steps/seed"))
+    seeds: list[int] = _f(factory=lambda: [0], doc="distill.seed values: every method runs once per seed "
+                          "(data order, LoRA init); the table shows the mean and the spread")
+    lr_sft: float = _f(2e-5, lo=0.0, lo_open=True, doc="learning rate of sft (paper: 2e-5 for full-parameter training)")
+    lr_lora: float = _f(2e-4, lo=0.0, lo_open=True, doc="learning rate of lora (paper: 2e-4, as NEO)")
+    lr_kd: float = _f(2e-5, lo=0.0, lo_open=True, doc="learning rate of kd (paper: 2e-5, as full SFT)")
+    lm_eval_tasks: list[str] = _f(factory=lambda: ["llmneo_mc"], doc=(
+        "lm-eval tasks of the comparison (fidelity to the teacher is always measured)"))
+
+
+@dataclass
 class Config:
     name: str = _f("tiny", doc="preset/run name")
     data: DataConfig = field(default_factory=DataConfig)
@@ -214,6 +234,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     registry: RegistryConfig = field(default_factory=RegistryConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    compare: CompareConfig = field(default_factory=CompareConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -252,6 +273,9 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
+_DECIMAL = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
 def _coerce(path: str, tp: Any, value: Any, meta: dict) -> Any:
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
@@ -284,6 +308,8 @@ def _coerce(path: str, tp: Any, value: Any, meta: dict) -> Any:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{path}: must be an integer, got {value!r}")
     elif tp is float:
+        if isinstance(value, str) and _DECIMAL.fullmatch(value.strip()):
+            value = float(value)  # YAML 1.1 reads 1e-4 (no dot) as a string
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{path}: must be a number, got {value!r}")
         value = float(value)
