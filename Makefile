@@ -14,6 +14,7 @@ export TOKENIZERS_PARALLELISM ?= false
 help:
 	@echo "make setup      create $(VENV) and install pinned dependencies (~4 min the first time)"
 	@echo "make run        run the whole DAG locally (kfp.local) on the embedded default preset $(PRESET)"
+	@echo "make compare    the seed's comparison on $(PRESET): untouched student, SFT, LoRA, KD, NEO (table + plot)"
 	@echo "make test       lint + all tests (unit + integration)"
 	@echo "make test-fast  unit tests only"
 	@echo "make pipeline   recompile pipelines/llm_neo.yaml"
@@ -38,6 +39,10 @@ run: setup
 
 run-tiny: setup
 	$(VENV)/bin/llmneo run --preset tiny
+
+# untouched / SFT / LoRA / KD / NEO with the same data, steps and seeds: runs/compare/$(PRESET)/compare.{md,png}
+compare: setup
+	$(VENV)/bin/llmneo compare --preset $(PRESET)
 
 lint: setup
 	$(VENV)/bin/ruff check llmneo components pipelines tests benchmarks

@@ -4,6 +4,7 @@
     llmneo prep --preset tiny --out runs/dbg/dataset      # one step alone, on local folders
     llmneo config --preset smollm2-demo distill.alpha=0.9 # print the resolved configuration
     llmneo config --keys                                  # every key, type, default, description
+    llmneo compare --preset smollm2-demo                  # untouched / SFT / LoRA / KD / NEO side by side
     llmneo registry ls [NAME]                             # registered models (see `llmneo registry -h`)
 
 Every subcommand takes ``--preset`` and trailing ``key=value`` overrides. User mistakes print one
@@ -101,6 +102,15 @@ def cmd_register(args) -> int:
 
     manifest = run_register(_config(args), args.model, args.run_id)
     print(f"registered {manifest['name']}:{manifest['version']} at {manifest['uri']}")
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from llmneo.compare import parse_grid, print_summary, run_compare
+
+    cfg = _config(args)
+    out = args.out or Path("runs/compare") / cfg.name
+    print_summary(run_compare(cfg, out, parse_grid(args.grid)), out)
     return 0
 
 
@@ -203,6 +213,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("register", cmd_register, "step 5: register the merged model")
     p.add_argument("--model", required=True, type=Path)
     p.add_argument("--run-id", default=None)
+
+    p = add("compare", cmd_compare, "the seed's comparison: untouched student, SFT, LoRA, KD, NEO on the "
+            "same data, steps and seeds; a table and a plot")
+    p.add_argument("--out", type=Path, default=None, help="output folder (default: runs/compare/<preset name>)")
+    p.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
+                   help="sweep a key over values for every trained method (repeatable: cartesian product)")
 
     p = add("run", cmd_run, "run the whole DAG locally through kfp.local")
     p.add_argument("--pipeline-root", default="runs/kfp", help="where kfp.local keeps artifacts")

@@ -1,0 +1,423 @@
+"""The seed's comparison in miniature: the student untouched, SFT, LoRA, KD and NEO on the same data,
+steps and seeds, evaluated against the teacher — a table (Markdown) and a plot (PNG).
+
+    llmneo compare --preset smollm2-demo                               # = make compare
+    llmneo compare --preset smollm2-demo 'compare.methods=[lora,neo]' \\
+        --grid distill.lr=1e-4,2e-4,5e-4 --grid distill.lora_rank=8,32  # a sweep (cartesian product)
+
+Data prep and teacher loading run once (``llmneo.steps.run_prep`` / ``run_teacher``); each method is
+the distill step (``llmneo.steps.run_distill``, torchrun) with ``distill.method=<method>``, its
+learning rate (``compare.lr_sft`` / ``lr_lora`` / ``lr_kd``; NEO's is ``distill.lr``, the preset's own
+run), ``distill.seed=<seed>`` and the grid point, then merged (``llmneo.evaluate.merge``, fp32) and
+evaluated (``llmneo.evaluate.evaluate_models``: KL(teacher‖model), top-1 agreement and perplexity on
+the val split, plus ``compare.lm_eval_tasks``). Every run keeps its own folder with ``eval.json``, so
+an interrupted comparison continues where it stopped (finished runs are not trained or evaluated
+again).
+
+Outputs in ``--out``: ``compare.json`` (every run, every number, wall times), ``compare.md`` (the table)
+and ``compare.png`` (the plot).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import shutil
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from llmneo.config import Config, apply_overrides, config_from_dict
+from llmneo.errors import UserError
+
+METHOD_LABELS = {"base": "pruned student (untouched)", "sft": "SFT (full)", "lora": "LoRA (CE)",
+                 "kd": "KD (full)", "neo": "NEO (LoRA + KD)", "teacher": "teacher"}
+METHOD_COLORS = {"base": "#9e9e9e", "sft": "#1f77b4", "lora": "#2ca02c", "kd": "#ff7f0e", "neo": "#d62728",
+                 "teacher": "#444444"}
+MC_METRIC = "llmneo_mc/acc"
+# (metric, column title, better direction): the columns of the table and the panels of the plot
+COLUMNS = [("kl_to_teacher", "KL to teacher ↓", "lower"), ("top1_agreement", "top-1 agreement ↑", "higher"),
+           ("perplexity", "perplexity ↓", "lower"), (MC_METRIC, "llmneo_mc acc ↑", "higher")]
+
+
+# --------------------------------------------------------------------------------------------
+# The plan: which runs
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RunSpec:
+    """One trained (or untouched) student: a method, a seed and a grid point (key → value text)."""
+
+    method: str
+    seed: int | None = None
+    point: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def group(self) -> str:
+        """The row of the table: method + grid point (seeds are aggregated)."""
+        return " ".join([self.method, *(f"{k.split('.')[-1]}={v}" for k, v in self.point.items())])
+
+    @property
+    def folder(self) -> str:
+        name = self.group.replace(" ", "_").replace("=", "-")
+        return name if self.seed is None else f"{name}_seed-{self.seed}"
+
+
+def parse_grid(items: list[str]) -> dict[str, list[str]]:
+    """``["distill.lr=1e-4,2e-4", "distill.alpha=0.5,0.9"]`` → {key: [value texts]} (scalars only).
+
+    Keys joined with ``+`` move together (one axis, not a product):
+    ``distill.lora_rank+distill.lora_alpha=16+32,64+128`` keeps lora_alpha = 2×rank."""
+    grid: dict[str, list[str]] = {}
+    for item in items:
+        key, sep, values = item.partition("=")
+        key = key.strip()
+        choices = [v.strip() for v in values.split(",") if v.strip()]
+        if not sep or not key or not choices:
+            raise UserError(f"--grid {item!r}: expected KEY=V1,V2,... e.g. distill.lr=1e-4,2e-4")
+        keys = [k.strip() for k in key.split("+")]
+        for k in keys:
+            if k in ("distill.method", "distill.seed"):
+                raise UserError(f"--grid {k}: set compare.methods / compare.seeds instead")
+            if not k:
+                raise UserError(f"--grid {item!r}: empty key in {key!r}")
+        for choice in choices:
+            if len(choice.split("+")) != len(keys):
+                raise UserError(f"--grid {item!r}: value {choice!r} needs {len(keys)} parts joined by '+' "
+                                f"(one per key of {key!r})")
+        grid[key] = choices
+    return grid
+
+
+def grid_points(grid: dict[str, list[str]]) -> list[dict[str, str]]:
+    """The cartesian product of the grid's axes, each point as {config key: value text}."""
+    points = []
+    for combo in itertools.product(*grid.values()):
+        point: dict[str, str] = {}
+        for key, value in zip(grid, combo, strict=True):
+            point.update(zip(key.split("+"), value.split("+"), strict=True))
+        points.append(point)
+    return points
+
+
+def grid_columns(grid: dict[str, list[str]]) -> list[str]:
+    """Config keys a grid varies, one table column each (``distill.lr`` is the table's lr column)."""
+    return [k for key in grid for k in key.split("+") if k != "distill.lr"]
+
+
+def plan(cfg: Config, grid: dict[str, list[str]] | None = None) -> list[RunSpec]:
+    """``compare.methods`` × grid points × ``compare.seeds``; the untouched student once."""
+    points = grid_points(grid or {})
+    runs = []
+    for method in dict.fromkeys(cfg.compare.methods):  # de-duplicated, in the given order
+        if method == "base":
+            runs.append(RunSpec("base"))
+            continue
+        runs += [RunSpec(method, seed, point) for point in points for seed in dict.fromkeys(cfg.compare.seeds)]
+    return runs
+
+
+def method_lr(cfg: Config, method: str) -> float:
+    """The paper's per-method learning rates: full-parameter sft/kd vs LoRA branch (lora, neo)."""
+    return cfg.distill.lr if method == "neo" else getattr(cfg.compare, f"lr_{method}")
+
+
+def run_config(cfg: Config, spec: RunSpec) -> Config:
+    """The configuration of one run: the preset's, with method, lr, seed and the grid point applied.
+
+    A grid value of ``distill.lr`` replaces the method's own learning rate."""
+    overrides = [f"distill.method={spec.method}", f"distill.lr={method_lr(cfg, spec.method)!r}",
+                 f"distill.seed={spec.seed}", *(f"{k}={v}" for k, v in spec.point.items())]
+    return config_from_dict(apply_overrides(cfg.to_dict(), overrides))
+
+
+# --------------------------------------------------------------------------------------------
+# Running
+# --------------------------------------------------------------------------------------------
+
+
+def _inputs_key(cfg: Config) -> dict:
+    """What the shared dataset/teacher/student folders depend on."""
+    d = cfg.to_dict()
+    return {"data": d["data"], "teacher": d["teacher"], "student": d["student"]}
+
+
+def prepare(cfg: Config, out: Path) -> tuple[Path, Path, Path]:
+    """Data prep and teacher loading, once: reused while the data/teacher/student config is unchanged."""
+    from llmneo.steps import run_prep, run_teacher
+
+    dataset, teacher, student = out / "dataset", out / "teacher", out / "student"
+    stamp = out / "inputs.json"
+    key = _inputs_key(cfg)
+    done = all((p / "card.json").is_file() for p in (dataset, teacher, student))
+    if done and stamp.is_file() and json.loads(stamp.read_text()) == key:
+        print(f"compare: reusing {dataset}, {teacher}, {student}", flush=True)
+        return dataset, teacher, student
+    stamp.unlink(missing_ok=True)
+    run_prep(cfg, dataset)
+    run_teacher(cfg, dataset, teacher, student)
+    stamp.write_text(json.dumps(key, indent=2))
+    return dataset, teacher, student
+
+
+def _eval_cfg(cfg: Config) -> Config:
+    return config_from_dict(apply_overrides(cfg.to_dict(), [
+        f"eval.lm_eval_tasks={json.dumps(cfg.compare.lm_eval_tasks)}"]))
+
+
+def evaluate_run(cfg: Config, name: str, model_spec, dataset: Path, teacher: Path) -> dict:
+    """Fidelity + ``compare.lm_eval_tasks`` of one model (``model_spec=None``: the teacher itself);
+    returns its flat metrics and the lm-eval standard errors."""
+    from llmneo.evaluate import evaluate_models
+
+    models = {} if model_spec is None else {name: model_spec}
+    result = evaluate_models(models, teacher, dataset, _eval_cfg(cfg), lm_eval_on=[name])
+    scores = result["lm_eval"].get(name, {})
+    stderr = {f"{task}/{m.removesuffix('_stderr')}": v for task, metrics in scores.items()
+              for m, v in metrics.items() if m.endswith("_stderr")}
+    return {"metrics": result["summary"][name], "stderr": stderr, "eval_seconds": result["seconds"]}
+
+
+def run_one(cfg: Config, spec: RunSpec, dataset: Path, teacher: Path, student: Path, out: Path) -> dict:
+    """Train (unless ``base``), merge in fp32, evaluate; ``<out>/runs/<folder>/eval.json``. Reused when
+    it exists for the same run configuration and dataset."""
+    from llmneo.evaluate import merge
+    from llmneo.models import read_card
+    from llmneo.steps import run_distill
+
+    rcfg = run_config(cfg, spec) if spec.method != "base" else cfg
+    folder = out / "runs" / spec.folder
+    record_path = folder / "eval.json"
+    dataset_hash = read_card(dataset).get("dataset_hash")
+    key = {"config_hash": rcfg.hash(), "dataset_hash": dataset_hash}
+    if record_path.is_file():
+        record = json.loads(record_path.read_text())
+        if {k: record.get(k) for k in key} == key:
+            print(f"compare: {spec.folder}: reusing {record_path}", flush=True)
+            return record
+    folder.mkdir(parents=True, exist_ok=True)
+    train: dict = {}
+    if spec.method == "base":
+        model_spec = student
+    else:
+        distill_dir = folder / "distill"
+        before = read_card(distill_dir) if (distill_dir / "card.json").is_file() else {}
+        card = run_distill(rcfg, dataset, teacher, student, distill_dir)
+        wall = card.get("wall_seconds")
+        if before.get("status") == "complete" and before.get("config_hash") == card.get("config_hash"):
+            wall = before.get("wall_seconds", wall)  # not trained again: keep the training's wall time
+        train = {"train_wall_seconds": wall, "train_step_seconds": card.get("seconds"),
+                 "trainable_parameters": card.get("trainable_parameters"), "final": card.get("final"),
+                 "tokens_per_s": card.get("tokens_per_s")}
+        merged_dir = folder / "merged"
+        # fp32: the weights as trained (a bf16 save would round away part of a 2e-5 full-parameter update)
+        model_spec = merge(student, distill_dir, merged_dir, dtype="float32")
+        shutil.rmtree(merged_dir, ignore_errors=True)  # evaluated in memory; the run folder keeps distill/
+    evaluation = evaluate_run(rcfg, spec.method, model_spec, dataset, teacher)
+    record = {"method": spec.method, "seed": spec.seed, "point": spec.point, "group": spec.group,
+              "lr": rcfg.distill.lr if spec.method != "base" else None, **train, **evaluation, **key}
+    record_path.write_text(json.dumps(record, indent=2) + "\n")
+    return record
+
+
+def evaluate_teacher(cfg: Config, dataset: Path, teacher: Path, out: Path) -> dict:
+    """The teacher's own perplexity and lm-eval scores (once: they do not depend on any run)."""
+    from llmneo.models import read_card
+
+    path = out / "runs" / "teacher" / "eval.json"
+    key = {"dataset_hash": read_card(dataset).get("dataset_hash"), "tasks": cfg.compare.lm_eval_tasks,
+           "teacher": _inputs_key(cfg)["teacher"]}
+    if path.is_file() and {k: json.loads(path.read_text()).get(k) for k in key} == key:
+        return json.loads(path.read_text())
+    print("\n=== compare: the teacher's own scores ===", flush=True)
+    record = {"method": "teacher", "seed": None, "point": {}, "group": "teacher",
+              **evaluate_run(cfg, "teacher", None, dataset, teacher), **key}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=2) + "\n")
+    return record
+
+
+def run_compare(cfg: Config, out: str | Path, grid: dict[str, list[str]] | None = None) -> dict:
+    """The whole comparison; returns ``compare.json``'s content (also written, with the table and plot)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    runs = plan(cfg, grid)
+    for spec in runs:  # every run's configuration is checked before anything trains
+        if spec.method != "base":
+            run_config(cfg, spec)
+    t0 = time.time()
+    dataset, teacher, student = prepare(cfg, out)
+    records = []
+    for i, spec in enumerate(runs, 1):
+        print(f"\n=== compare [{i}/{len(runs)}] {spec.folder} ===", flush=True)
+        records.append(run_one(cfg, spec, dataset, teacher, student, out))
+    records.append(evaluate_teacher(cfg, dataset, teacher, out))
+    result = {"preset": cfg.name, "config_hash": cfg.hash(), "grid": grid or {}, "seeds": cfg.compare.seeds,
+              "steps": cfg.distill.max_steps, "global_batch_size": cfg.distill.global_batch_size,
+              "nproc_per_node": cfg.distill.nproc_per_node, "runs": records,
+              "rows": summarize(records), "wall_seconds": round(time.time() - t0, 1)}
+    (out / "compare.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / "compare.md").write_text(markdown(result))
+    plot(result, out / "compare.png")
+    return result
+
+
+# --------------------------------------------------------------------------------------------
+# Table and plot
+# --------------------------------------------------------------------------------------------
+
+
+def summarize(records: list[dict]) -> list[dict]:
+    """One row per method × grid point: the mean over seeds of each metric, the spread (sample std;
+    with one seed the lm-eval stderr instead) and the mean training wall time."""
+    groups: dict[str, list[dict]] = {}
+    for r in records:
+        groups.setdefault(r["group"], []).append(r)
+    rows = []
+    for group, members in groups.items():
+        first = members[0]
+        row = {"group": group, "method": first["method"], "point": first["point"], "seeds": len(members),
+               "lr": first.get("lr"), "trainable_parameters": first.get("trainable_parameters"),
+               "mean": {}, "spread": {}}
+        for metric, _, _ in COLUMNS:
+            values = [m["metrics"][metric] for m in members if metric in m["metrics"]]
+            if not values:
+                continue
+            row["mean"][metric] = statistics.fmean(values)
+            if len(values) > 1:
+                row["spread"][metric] = statistics.stdev(values)
+            elif metric in first.get("stderr", {}):
+                row["spread"][metric] = first["stderr"][metric]
+        walls = [m["train_wall_seconds"] for m in members if m.get("train_wall_seconds") is not None]
+        row["train_wall_seconds"] = statistics.fmean(walls) if walls else None
+        rows.append(row)
+    return rows
+
+
+def _cell(row: dict, metric: str) -> str:
+    if metric not in row["mean"]:
+        return "-"
+    value = row["mean"][metric]
+    text = f"{value:.3g}" if metric == "perplexity" else f"{value:.3f}"
+    if metric in row["spread"]:
+        spread = row["spread"][metric]
+        text += f" ± {spread:.2g}" if metric == "perplexity" else f" ± {spread:.3f}"
+    return text
+
+
+def table_rows(result: dict) -> tuple[list[str], list[list[str]]]:
+    """Headers and text cells of the comparison table (also the terminal table)."""
+    grid_keys = grid_columns(result.get("grid", {}))
+    headers = ["method", *grid_keys, "lr", "trained params", *[title for _, title, _ in COLUMNS], "train wall s"]
+    rows = []
+    for row in result["rows"]:
+        label = METHOD_LABELS.get(row["method"], row["method"])
+        lr = "-" if row["lr"] is None else f"{row['lr']:g}"
+        params = "-" if not row.get("trainable_parameters") else f"{row['trainable_parameters'] / 1e6:.2f}M"
+        wall = "-" if row["train_wall_seconds"] is None else f"{row['train_wall_seconds']:.0f}"
+        rows.append([label, *[row["point"].get(k, "") for k in grid_keys], lr, params,
+                     *[_cell(row, metric) for metric, _, _ in COLUMNS], wall])
+    return headers, rows
+
+
+def best_groups(result: dict) -> dict[str, str]:
+    """metric → the trained run (not base, not teacher) that does best on it."""
+    trained = [r for r in result["rows"] if r["method"] not in ("base", "teacher")]
+    best = {}
+    for metric, _, better in COLUMNS:
+        candidates = [r for r in trained if metric in r["mean"]]
+        if candidates:
+            pick = (min if better == "lower" else max)(candidates, key=lambda r: r["mean"][metric])
+            best[metric] = pick["group"]
+    return best
+
+
+def markdown(result: dict) -> str:
+    from llmneo.report import markdown_table
+
+    headers, rows = table_rows(result)
+    seeds = result.get("seeds", [])
+    spread = ("± = standard deviation over seeds" if len(seeds) > 1
+              else "± = lm-eval's standard error (one seed)")
+    best = best_groups(result)
+    lines = [f"# Method comparison — {result['preset']}", "",
+             f"Same data, {result['steps']} optimizer steps of {result['global_batch_size']} sequences, "
+             f"seed(s) {', '.join(map(str, seeds))}, torchrun × {result['nproc_per_node']}. Fidelity on the "
+             f"val split (KL(teacher‖model) per token, top-1 agreement with the teacher, perplexity of "
+             f"the labels); {spread}. Total wall time {result['wall_seconds']:.0f} s.", "",
+             markdown_table(headers, rows), ""]
+    if best:
+        lines += ["Best trained run per column: " + "; ".join(
+            f"{title.rstrip(' ↑↓')}: {best[m]}" for m, title, _ in COLUMNS if m in best), ""]
+    return "\n".join(lines)
+
+
+SHORT_LABELS = {"base": "untouched", "sft": "SFT", "lora": "LoRA", "kd": "KD", "neo": "NEO"}
+
+
+def plot(result: dict, out_png: Path) -> Path:
+    """One panel per metric, one bar per row (method × grid point); the teacher and chance as lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
+    rows = [r for r in result["rows"] if r["method"] != "teacher"]
+    teacher = next((r for r in result["rows"] if r["method"] == "teacher"), None)
+    labels = [" ".join([SHORT_LABELS.get(r["method"], r["method"]), *r["group"].split()[1:]]) for r in rows]
+    rotate = len(rows) > 5 or max(map(len, labels)) > 9
+    fig, axes = plt.subplots(1, len(COLUMNS), figsize=(max(12.0, 0.75 * len(rows) * len(COLUMNS)), 4.2), dpi=80)
+    for ax, (metric, title, _better) in zip(axes, COLUMNS, strict=True):
+        values = [r["mean"].get(metric, float("nan")) for r in rows]
+        errors = [r["spread"].get(metric, 0.0) for r in rows]
+        x = list(range(len(rows)))
+        ax.bar(x, values, color=[METHOD_COLORS.get(r["method"], "#777") for r in rows], width=0.7)
+        if any(errors):
+            ax.errorbar(x, values, yerr=errors, fmt="none", ecolor="#222", capsize=3, lw=1)
+        for xi, v, e in zip(x, values, errors, strict=True):
+            if v == v:  # not NaN
+                top = v * (1 + e / v if v else 1) if metric == "perplexity" else v + e
+                ax.annotate(f"{v:.3g}" if metric == "perplexity" else f"{v:.2f}", (xi, top), ha="center",
+                            va="bottom", fontsize=8, xytext=(0, 2), textcoords="offset points")
+        if metric == "perplexity":
+            ax.set_yscale("log")
+            ax.yaxis.set_major_formatter(FuncFormatter(lambda y, _: f"{y:g}"))
+            ax.yaxis.set_minor_formatter(NullFormatter())
+        if teacher and metric in teacher["mean"] and metric != "kl_to_teacher":
+            ax.axhline(teacher["mean"][metric], color=METHOD_COLORS["teacher"], ls="--", lw=1.2)
+        if metric == MC_METRIC:
+            ax.axhline(0.25, color="#888", ls=":", lw=1.2)
+            ax.set_ylim(0, 1)
+        elif metric == "top1_agreement":
+            ax.set_ylim(0, 1.05)
+        else:
+            ax.set_ylim(top=ax.get_ylim()[1] * (1.6 if metric == "perplexity" else 1.08))
+        ax.set_title(title, fontsize=11)
+        ax.set_xticks(x)
+        ax.set_xticklabels(labels, rotation=40 if rotate else 0, ha="right" if rotate else "center", fontsize=9)
+        ax.grid(axis="y", alpha=0.3)
+    handles = [Line2D([], [], color=METHOD_COLORS["teacher"], ls="--", label="teacher"),
+               Line2D([], [], color="#888", ls=":", label="chance (4 choices)")]
+    fig.legend(handles=handles, loc="upper right", fontsize=9, frameon=False, ncol=2)
+    error_note = "error bars: std over seeds" if len(result.get("seeds", [])) > 1 else "error bars: lm-eval stderr"
+    fig.suptitle(f"{result['preset']}: {result['steps']} steps × {result['global_batch_size']} sequences, same data "
+                 f"and seed(s); fidelity on the val split; {error_note}", fontsize=10, x=0.01, ha="left")
+    fig.tight_layout(rect=(0, 0, 1, 0.95))
+    fig.savefig(out_png)
+    plt.close(fig)
+    return out_png
+
+
+def print_summary(result: dict, out: Path) -> None:
+    from llmneo.report import table
+
+    headers, rows = table_rows(result)
+    print("\n" + table(headers, rows, align_right=False))
+    print(f"\ntotal wall time {result['wall_seconds']:.0f} s")
+    print(f"table:  {out / 'compare.md'}\nplot:   {out / 'compare.png'}\nruns:   {out / 'compare.json'}",
+          file=sys.stdout, flush=True)
