@@ -55,6 +55,16 @@ def test_errors_are_one_line_and_name_the_field(override, message):
     assert "\n" not in text
 
 
+def test_exponent_without_a_dot_is_a_number(tmp_path):
+    """YAML 1.1 reads 1e-4 (no dot) as a string; a learning rate written that way is still a float."""
+    path = tmp_path / "mine.yaml"
+    path.write_text("name: mine\ndistill: {lr: 1e-4}\ncompare: {lr_sft: 3E-5}\n")
+    cfg = load_config(str(path), ["compare.lr_kd=5e-6"])
+    assert (cfg.distill.lr, cfg.compare.lr_sft, cfg.compare.lr_kd) == (1e-4, 3e-5, 5e-6)
+    with pytest.raises(ConfigError, match="compare.lr_lora: must be a number, got '1e-4x'"):
+        load_config("tiny", ["compare.lr_lora=1e-4x"])
+
+
 def test_unknown_preset_lists_known():
     with pytest.raises(ConfigError, match="unknown preset 'nope'; known: .*tiny"):
         load_config("nope")
