@@ -20,6 +20,7 @@ and ``compare.png`` (the plot).
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import shutil
@@ -181,6 +182,18 @@ def evaluate_run(cfg: Config, name: str, model_spec, dataset: Path, teacher: Pat
     return {"metrics": result["summary"][name], "stderr": stderr, "eval_seconds": result["seconds"]}
 
 
+def run_hash(cfg: Config, trained: bool = True) -> str:
+    """What one run's numbers depend on: data, teacher, student, distill (if trained) and eval
+    settings — not the registry, not the rest of the comparison (its seeds, methods or grid), so a
+    larger comparison reuses the runs it shares with a smaller one."""
+    d = cfg.to_dict()
+    key = {k: d[k] for k in ("data", "teacher", "student", "eval")}
+    key["lm_eval_tasks"] = d["compare"]["lm_eval_tasks"]
+    if trained:
+        key["distill"] = d["distill"]
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def run_one(cfg: Config, spec: RunSpec, dataset: Path, teacher: Path, student: Path, out: Path) -> dict:
     """Train (unless ``base``), merge in fp32, evaluate; ``<out>/runs/<folder>/eval.json``. Reused when
     it exists for the same run configuration and dataset."""
@@ -192,7 +205,7 @@ def run_one(cfg: Config, spec: RunSpec, dataset: Path, teacher: Path, student: P
     folder = out / "runs" / spec.folder
     record_path = folder / "eval.json"
     dataset_hash = read_card(dataset).get("dataset_hash")
-    key = {"config_hash": rcfg.hash(), "dataset_hash": dataset_hash}
+    key = {"run_hash": run_hash(rcfg, trained=spec.method != "base"), "dataset_hash": dataset_hash}
     if record_path.is_file():
         record = json.loads(record_path.read_text())
         if {k: record.get(k) for k in key} == key:
@@ -356,10 +369,24 @@ def markdown(result: dict) -> str:
 
 
 SHORT_LABELS = {"base": "untouched", "sft": "SFT", "lora": "LoRA", "kd": "KD", "neo": "NEO"}
+SHORT_KEYS = {"lora_rank": "r", "alpha": "α"}
+
+
+def _label(row: dict) -> str:
+    """``NEO r=64 lora_alpha=128 lr=1e-3``: the method and its grid point, short."""
+    items = [f"{SHORT_KEYS.get(k.split('.')[-1], k.split('.')[-1])}={v}" for k, v in row["point"].items()]
+    return " ".join([SHORT_LABELS.get(row["method"], row["method"]), *items])
+
+
+def _annotate(value: float, metric: str) -> str:
+    return f"{value:.3g}" if metric == "perplexity" else f"{value:.2f}"
 
 
 def plot(result: dict, out_png: Path) -> Path:
-    """One panel per metric, one bar per row (method × grid point); the teacher and chance as lines."""
+    """One panel per metric, one bar per row (method × grid point); the teacher and chance as lines.
+
+    Up to 6 rows: vertical bars, the four panels side by side; a sweep (more rows): horizontal bars,
+    panels 2 × 2, so long labels stay readable."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -369,45 +396,67 @@ def plot(result: dict, out_png: Path) -> Path:
 
     rows = [r for r in result["rows"] if r["method"] != "teacher"]
     teacher = next((r for r in result["rows"] if r["method"] == "teacher"), None)
-    labels = [" ".join([SHORT_LABELS.get(r["method"], r["method"]), *r["group"].split()[1:]]) for r in rows]
-    rotate = len(rows) > 5 or max(map(len, labels)) > 9
-    fig, axes = plt.subplots(1, len(COLUMNS), figsize=(max(12.0, 0.75 * len(rows) * len(COLUMNS)), 4.2), dpi=80)
+    labels = [_label(r) for r in rows]
+    sweep = len(rows) > 6
+    if sweep:
+        fig, axes = plt.subplots(2, 2, figsize=(13.0, 2.0 + 0.55 * len(rows)), dpi=80)
+        axes = list(axes.flat)
+    else:
+        fig, axes = plt.subplots(1, len(COLUMNS), figsize=(15.0, 4.2), dpi=80)
+    position = list(range(len(rows)))
+    colors = [METHOD_COLORS.get(r["method"], "#777") for r in rows]
     for ax, (metric, title, _better) in zip(axes, COLUMNS, strict=True):
         values = [r["mean"].get(metric, float("nan")) for r in rows]
         errors = [r["spread"].get(metric, 0.0) for r in rows]
-        x = list(range(len(rows)))
-        ax.bar(x, values, color=[METHOD_COLORS.get(r["method"], "#777") for r in rows], width=0.7)
-        if any(errors):
-            ax.errorbar(x, values, yerr=errors, fmt="none", ecolor="#222", capsize=3, lw=1)
-        for xi, v, e in zip(x, values, errors, strict=True):
-            if v == v:  # not NaN
-                top = v * (1 + e / v if v else 1) if metric == "perplexity" else v + e
-                ax.annotate(f"{v:.3g}" if metric == "perplexity" else f"{v:.2f}", (xi, top), ha="center",
-                            va="bottom", fontsize=8, xytext=(0, 2), textcoords="offset points")
-        if metric == "perplexity":
-            ax.set_yscale("log")
-            ax.yaxis.set_major_formatter(FuncFormatter(lambda y, _: f"{y:g}"))
-            ax.yaxis.set_minor_formatter(NullFormatter())
-        if teacher and metric in teacher["mean"] and metric != "kl_to_teacher":
-            ax.axhline(teacher["mean"][metric], color=METHOD_COLORS["teacher"], ls="--", lw=1.2)
-        if metric == MC_METRIC:
-            ax.axhline(0.25, color="#888", ls=":", lw=1.2)
-            ax.set_ylim(0, 1)
-        elif metric == "top1_agreement":
-            ax.set_ylim(0, 1.05)
+        value_axis = ax.xaxis if sweep else ax.yaxis
+        if sweep:
+            ax.barh(position, values, color=colors, height=0.7)
+            if any(errors):
+                ax.errorbar(values, position, xerr=errors, fmt="none", ecolor="#222", capsize=3, lw=1)
+            ax.set_yticks(position)
+            ax.set_yticklabels(labels, fontsize=9)
+            ax.invert_yaxis()  # first row on top, as in the table
         else:
-            ax.set_ylim(top=ax.get_ylim()[1] * (1.6 if metric == "perplexity" else 1.08))
+            ax.bar(position, values, color=colors, width=0.7)
+            if any(errors):
+                ax.errorbar(position, values, yerr=errors, fmt="none", ecolor="#222", capsize=3, lw=1)
+            ax.set_xticks(position)
+            ax.set_xticklabels(labels, fontsize=9)
+        for pos, v, e in zip(position, values, errors, strict=True):
+            if v != v:  # NaN: not measured
+                continue
+            tip = v * (1 + e / v if v else 1) if metric == "perplexity" else v + e
+            if sweep:
+                ax.annotate(_annotate(v, metric), (tip, pos), ha="left", va="center", fontsize=8,
+                            xytext=(3, 0), textcoords="offset points")
+            else:
+                ax.annotate(_annotate(v, metric), (pos, tip), ha="center", va="bottom", fontsize=8,
+                            xytext=(0, 2), textcoords="offset points")
+        set_scale, set_lim, reference = ((ax.set_xscale, ax.set_xlim, ax.axvline) if sweep
+                                         else (ax.set_yscale, ax.set_ylim, ax.axhline))
+        if metric == "perplexity":
+            set_scale("log")
+            value_axis.set_major_formatter(FuncFormatter(lambda y, _: f"{y:g}"))
+            value_axis.set_minor_formatter(NullFormatter())
+        if teacher and metric in teacher["mean"] and metric != "kl_to_teacher":
+            reference(teacher["mean"][metric], color=METHOD_COLORS["teacher"], ls="--", lw=1.2)
+        if metric == MC_METRIC:
+            reference(0.25, color="#888", ls=":", lw=1.2)
+            set_lim(0, 1)
+        elif metric == "top1_agreement":
+            set_lim(0, 1.05)
+        else:
+            low, high = (ax.get_xlim() if sweep else ax.get_ylim())
+            set_lim(low, high * (1.6 if metric == "perplexity" else 1.1))
         ax.set_title(title, fontsize=11)
-        ax.set_xticks(x)
-        ax.set_xticklabels(labels, rotation=40 if rotate else 0, ha="right" if rotate else "center", fontsize=9)
-        ax.grid(axis="y", alpha=0.3)
+        ax.grid(axis="x" if sweep else "y", alpha=0.3)
     handles = [Line2D([], [], color=METHOD_COLORS["teacher"], ls="--", label="teacher"),
                Line2D([], [], color="#888", ls=":", label="chance (4 choices)")]
     fig.legend(handles=handles, loc="upper right", fontsize=9, frameon=False, ncol=2)
     error_note = "error bars: std over seeds" if len(result.get("seeds", [])) > 1 else "error bars: lm-eval stderr"
     fig.suptitle(f"{result['preset']}: {result['steps']} steps × {result['global_batch_size']} sequences, same data "
                  f"and seed(s); fidelity on the val split; {error_note}", fontsize=10, x=0.01, ha="left")
-    fig.tight_layout(rect=(0, 0, 1, 0.95))
+    fig.tight_layout(rect=(0, 0, 1, 0.95 if not sweep else 1 - 0.4 / fig.get_figheight()))
     fig.savefig(out_png)
     plt.close(fig)
     return out_png

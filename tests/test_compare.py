@@ -19,6 +19,7 @@ from llmneo.compare import (
     plot,
     run_compare,
     run_config,
+    run_hash,
     summarize,
     table_rows,
 )
@@ -65,6 +66,16 @@ def test_tied_keys_move_together_and_lr_is_the_lr_column():
     assert got == [(8, 16.0, 1e-4), (8, 16.0, 5e-4), (32, 64.0, 1e-4), (32, 64.0, 5e-4)]  # 2 axes, not 3
     assert runs[0].folder == "neo_lora_rank-8_lora_alpha-16_lr-1e-4_seed-0"
     assert grid_columns(grid) == ["distill.lora_rank", "distill.lora_alpha"]
+
+
+def test_run_hash_depends_on_what_the_run_depends_on():
+    """A larger comparison (more seeds, other methods, another registry) reuses the runs it shares."""
+    cfg = load_config("tiny")
+    same = load_config("tiny", ["compare.seeds=[0,1,2]", "compare.methods=[neo]", "registry.uri=elsewhere"])
+    assert run_hash(cfg) == run_hash(same)
+    assert run_hash(cfg) != run_hash(load_config("tiny", ["distill.lr=7e-4"]))
+    assert run_hash(cfg) != run_hash(load_config("tiny", ["compare.lm_eval_tasks=[]"]))
+    assert run_hash(cfg, trained=False) == run_hash(load_config("tiny", ["distill.lr=7e-4"]), trained=False)
 
 
 @pytest.mark.parametrize("items, message", [
@@ -130,7 +141,12 @@ def test_table_markdown_and_plot(tmp_path):
     assert "KL to teacher: neo lora_rank=32" in text and "llmneo_mc acc: sft" in text  # best trained run per column
     png = plot(result, tmp_path / "compare.png")
     with Image.open(png) as image:
-        assert image.format == "PNG" and image.size[0] > 800
+        assert image.format == "PNG" and image.size[0] > 800 and image.size[0] > 2 * image.size[1]  # one row
+    # a sweep: more rows than fit side by side → 2 × 2 panels of horizontal bars, taller than one row
+    sweep = [_record("neo", 0, 2.0 + i / 10, 0.3, point={"distill.lr": f"{i}e-4"}) for i in range(1, 9)]
+    png = plot({**result, "rows": summarize(sweep)}, tmp_path / "sweep.png")
+    with Image.open(png) as image:
+        assert image.size[1] > 0.4 * image.size[0]
 
 
 # --------------------------------------------------------------------------------------------
