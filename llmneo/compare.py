@@ -217,6 +217,14 @@ def run_one(cfg: Config, spec: RunSpec, dataset: Path, teacher: Path, student: P
         model_spec = student
     else:
         distill_dir = folder / "distill"
+        stamp = folder / "run_hash.txt"
+        if stamp.is_file() and stamp.read_text().strip() != key["run_hash"]:
+            # the run's configuration changed (e.g. an edited preset): a checkpoint of the old one
+            # must not be resumed (the trainer would refuse it), so this run starts over
+            print(f"compare: {spec.folder}: configuration changed, training again", flush=True)
+            shutil.rmtree(distill_dir, ignore_errors=True)
+            record_path.unlink(missing_ok=True)
+        stamp.write_text(key["run_hash"] + "\n")
         before = read_card(distill_dir) if (distill_dir / "card.json").is_file() else {}
         card = run_distill(rcfg, dataset, teacher, student, distill_dir)
         wall = card.get("wall_seconds")

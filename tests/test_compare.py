@@ -11,6 +11,7 @@ import sys
 
 import pytest
 
+from llmneo import checkpointing
 from llmneo.compare import (
     grid_columns,
     markdown,
@@ -212,3 +213,25 @@ def test_second_call_reuses_data_teacher_and_every_run(tiny_compare, capsys):
     assert "reusing" in capsys.readouterr().out
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps  # nothing prepared or trained again
     assert second["runs"] == first["runs"]
+
+
+@pytest.mark.integration
+def test_a_changed_configuration_trains_again(tiny_compare, capsys):
+    """An edited preset (here NEO's learning rate): the NEO run is trained and evaluated again in its
+    folder, its old checkpoint state discarded; the other methods are reused."""
+    cfg, out, first = tiny_compare
+    changed = load_config("tiny", ["distill.max_steps=2", "eval.max_batches=2", "compare.lm_eval_tasks=[llmneo_mc]",
+                                   "compare.methods=[sft,neo]", "distill.lr=3e-3"])
+    folder = out / "runs" / "neo_seed-0"
+    # as if the old configuration's run had been interrupted: a checkpoint the trainer would refuse
+    ckpt = folder / "distill" / "checkpoint"
+    (ckpt / "step-000001").mkdir(parents=True)
+    (ckpt / "step-000001" / checkpointing.TRAINER_STATE).write_text(json.dumps({"config_hash": "0" * 16}))
+    (ckpt / checkpointing.LATEST).write_text("step-000001")
+    second = run_compare(changed, out)
+    log = capsys.readouterr().out
+    assert "neo_seed-0: configuration changed, training again" in log and "sft_seed-0: reusing" in log
+    runs = {r["method"]: r for r in second["runs"]}
+    assert runs["neo"]["lr"] == 3e-3 and runs["sft"] == {r["method"]: r for r in first["runs"]}["sft"]
+    steps = [json.loads(x) for x in (folder / "distill" / "train_log.jsonl").read_text().splitlines()]
+    assert steps[0]["lr"] == pytest.approx(3e-3) and not ckpt.exists()
