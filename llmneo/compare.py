@@ -361,8 +361,8 @@ def markdown(result: dict) -> str:
 
     headers, rows = table_rows(result)
     seeds = result.get("seeds", [])
-    spread = ("± = standard deviation over seeds" if len(seeds) > 1
-              else "± = lm-eval's standard error (one seed)")
+    spread = ("± = standard deviation over seeds (rows of a single run: lm-eval's standard error)"
+              if len(seeds) > 1 else "± = lm-eval's standard error (one seed)")
     best = best_groups(result)
     lines = [f"# Method comparison — {result['preset']}", "",
              f"Same data, {result['steps']} optimizer steps of {result['global_batch_size']} sequences, "
@@ -461,7 +461,8 @@ def plot(result: dict, out_png: Path) -> Path:
     handles = [Line2D([], [], color=METHOD_COLORS["teacher"], ls="--", label="teacher"),
                Line2D([], [], color="#888", ls=":", label="chance (4 choices)")]
     fig.legend(handles=handles, loc="upper right", fontsize=9, frameon=False, ncol=2)
-    error_note = "error bars: std over seeds" if len(result.get("seeds", [])) > 1 else "error bars: lm-eval stderr"
+    error_note = ("error bars: std over seeds (single runs: lm-eval stderr)" if len(result.get("seeds", [])) > 1
+                  else "error bars: lm-eval stderr")
     fig.suptitle(f"{result['preset']}: {result['steps']} steps × {result['global_batch_size']} sequences, same data "
                  f"and seed(s); fidelity on the val split; {error_note}", fontsize=10, x=0.01, ha="left")
     fig.tight_layout(rect=(0, 0, 1, 0.95 if not sweep else 1 - 0.4 / fig.get_figheight()))
