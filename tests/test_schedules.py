@@ -167,8 +167,8 @@ def test_unknown_version_names_the_upload_command(setup):
 
 
 def test_shipped_schedules_are_valid():
-    """k8s/schedules/*.yaml: the reconciler's checks, with each overlay's pool file. A preset that
-    another issue ships (llama3.1-8b_to_3.2-1b) is checked once it is installed."""
+    """k8s/schedules/*.yaml: the reconciler's checks, with each overlay's pool file; every preset they
+    name is shipped (smollm2-demo, llama3.1-8b_to_3.2-1b)."""
     pools = sorted((REPO / "k8s" / "overlays").glob("*/pool.yaml"))
     shipped = sorted(p for p in (REPO / "k8s" / "schedules").glob("*.yaml") if p.name != "kustomization.yaml")
     listed = yaml.safe_load((REPO / "k8s" / "schedules" / "kustomization.yaml").read_text())
@@ -176,13 +176,12 @@ def test_shipped_schedules_are_valid():
     checked = 0
     for path in shipped:
         preset = yaml.safe_load(path.read_text())["preset"]
-        if preset not in preset_names():
-            continue
+        assert preset in preset_names(), f"{path.name}: preset {preset} is not shipped in configs/"
         for pool in pools:
             s = schedules.load_schedule(path, kfp_client.read_pool(pool))
             assert len(s.cron.split()) == 6
             checked += 1
-    assert checked >= len(pools)  # at least the smollm2-demo schedule, with every pool
+    assert checked == len(shipped) * len(pools) >= 2 * len(pools)
 
 
 def test_cli_dry_run_validation_error_is_one_line(tmp_path):
