@@ -51,7 +51,9 @@ def test_distilled_student_is_closer_to_the_teacher(demo_run):
     _, run, _ = demo_run
     result = json.loads((run / "merge-eval/model/eval.json").read_text())
     base, distilled = result["fidelity"]["base_student"], result["fidelity"]["distilled"]
-    assert distilled["kl_to_teacher"] < 0.97 * base["kl_to_teacher"], (base, distilled)
+    print(f"KL to teacher on val: pruned {base['kl_to_teacher']:.4f} → distilled ({STEPS} steps) "
+          f"{distilled['kl_to_teacher']:.4f}")
+    assert distilled["kl_to_teacher"] < 0.8 * base["kl_to_teacher"], (base, distilled)  # measured 3.13 → 1.60
     assert distilled["perplexity"] < base["perplexity"]
     assert result["gate"]["passed"] and 0 <= result["metrics"]["llmneo_mc/acc"] <= 1
     log = [json.loads(x) for x in (run / "distill/adapter/train_log.jsonl").read_text().splitlines()]
