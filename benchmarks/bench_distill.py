@@ -34,8 +34,9 @@ from pathlib import Path
 import torch
 
 CONFIGS = ("sft", "lora", "kd", "neo", "neo-naive", "neo-offline", "trl-gkd")
-# not run by default: both sides with activation checkpointing (TRL's SFTConfig default)
-EXTRA_CONFIGS = ("neo-ac", "trl-gkd-ac")
+# not run by default: both sides with activation checkpointing (TRL's SFTConfig default); NEO with its
+# frozen base kept in fp32 (distill.frozen_dtype=fp32; the default stores it in bf16 when training in bf16)
+EXTRA_CONFIGS = ("neo-ac", "trl-gkd-ac", "neo-fp32base")
 SHAPES = {
     # tiny Llama shapes that still have a Llama-like vocabulary (the logits are what KD costs)
     "cpu": {"student": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4,
@@ -76,7 +77,7 @@ def build_model(shape: dict, role: str, device: str, dtype: torch.dtype):
 
 
 def write_dataset(root: Path, shape: dict) -> None:
-    from llmneo.data import _write_parquet
+    from llmneo.data_output import ParquetRows
     from llmneo.models import write_card
 
     g = torch.Generator().manual_seed(0)
@@ -86,8 +87,11 @@ def write_dataset(root: Path, shape: dict) -> None:
         ids = torch.randint(3, shape["vocab"], (shape["seq"],), generator=g).tolist()
         rows.append({"row": r, "input_ids": ids, "labels": [-100] * prompt + ids[prompt:]})
     (root / "dataset").mkdir(parents=True, exist_ok=True)
-    _write_parquet(root / "dataset" / "train.parquet", rows)
-    _write_parquet(root / "dataset" / "val.parquet", rows[:1])
+    for split, part in (("train", rows), ("val", rows[:1])):
+        out = ParquetRows(root / "dataset" / f"{split}.parquet")
+        for row in part:
+            out.add(row)
+        out.commit()
     write_card(root / "dataset", {"kind": "dataset", "dataset_hash": "bench"})
     for role in ("teacher", "student"):
         write_card(root / role, {"kind": "model", "role": role})
@@ -161,6 +165,8 @@ def run_llmneo(name: str, root: Path, shape: dict, device: str, warmup: int, ste
         overrides.append("teacher.mode=offline")
     if name == "neo-ac":
         overrides.append("distill.activation_checkpointing=true")
+    if name == "neo-fp32base":
+        overrides.append("distill.frozen_dtype=fp32")
     workdir = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=root))
     (workdir / "config.yaml").write_text(dump_yaml(load_config("tiny", overrides)))
     (workdir / "inputs.json").write_text(json.dumps({k: str(root / k) for k in ("dataset", "teacher", "student")}))
@@ -337,7 +343,8 @@ def main() -> int:
                    ("neo", "trl-gkd", "NEO vs TRL GKDTrainer (goal: >= 1.3x tokens/s, <= 0.8x peak)"),
                    ("neo-offline", "neo", "NEO: offline top-k vs online teacher"),
                    ("neo", "kd", "NEO vs full KD"),
-                   ("neo-ac", "trl-gkd-ac", "NEO vs TRL GKDTrainer, both with activation checkpointing")]
+                   ("neo-ac", "trl-gkd-ac", "NEO vs TRL GKDTrainer, both with activation checkpointing"),
+                   ("neo", "neo-fp32base", "NEO: frozen base in bf16 vs fp32")]
     print()
     for a, b, what in comparisons:
         if a in results and b in results:

@@ -134,6 +134,9 @@ class DistillConfig:
         "chunked", doc="chunked: bounded logits memory; naive: full-vocabulary fp32 logits (reference/benchmark)")
     precision: Literal["auto", "bf16", "fp32"] = _f(
         "auto", doc="auto: bf16 autocast on GPU, fp32 on CPU (master weights and optimizer stay fp32)")
+    frozen_dtype: Literal["auto", "bf16", "fp32"] = _f(
+        "auto", doc="lora/neo: dtype of the frozen base weights; auto = bf16 when training in bf16 with ddp "
+        "(half the base's memory, no per-step weight casts), else fp32. The trainable weights stay fp32")
     activation_checkpointing: bool = _f(False, doc="recompute decoder-layer activations in backward (less memory)")
     strategy: Literal["ddp", "fsdp"] = _f(
         "ddp", doc="ddp: replicate the student; fsdp: shard it per decoder layer (FSDP2 fully_shard)")

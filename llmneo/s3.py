@@ -100,9 +100,31 @@ def sha256_b64(path: Path) -> str:
     return base64.b64encode(h.digest()).decode()
 
 
+def download_object(s3, bucket: str, key: str, target: Path) -> Path:
+    """Download one object to ``target`` via a temporary file, verifying its SHA-256 against the
+    store's checksum (single-part uploads) or the ``sha256`` metadata llmneo's registry writes
+    (multipart uploads, whose S3 checksum is a composite); renamed into place only when it matches."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.part")
+    s3.download_file(bucket, key, str(tmp))
+    head = s3.head_object(Bucket=bucket, Key=key, ChecksumMode="ENABLED")
+    expected_b64 = head.get("ChecksumSHA256")
+    expected_hex = head.get("Metadata", {}).get("sha256")
+    ok = True
+    if expected_b64 and "-" not in expected_b64:
+        ok = sha256_b64(tmp) == expected_b64
+    elif expected_hex:
+        ok = base64.b64decode(sha256_b64(tmp)).hex() == expected_hex
+    if not ok:
+        tmp.unlink()
+        raise UserError(f"s3://{bucket}/{key}: sha256 mismatch after download")
+    os.replace(tmp, target)
+    return target
+
+
 def download_prefix(uri: str, dest: str | Path) -> list[Path]:
-    """Download every object under ``uri`` into ``dest`` (same relative layout), verifying each
-    object's SHA-256 when the store kept one; files appear only once complete."""
+    """Download every object under ``uri`` into ``dest`` (same relative layout), each verified by
+    :func:`download_object`; files appear only once complete."""
     bucket, prefix = parse_uri(uri)
     dest = Path(dest)
     s3 = client()
@@ -115,15 +137,5 @@ def download_prefix(uri: str, dest: str | Path) -> list[Path]:
             raise UserError(f"{uri}: no objects under this prefix")
         for key in keys:
             rel = key[len(prefix):].lstrip("/") if prefix else key
-            target = dest / rel
-            target.parent.mkdir(parents=True, exist_ok=True)
-            tmp = target.with_name(f".{target.name}.part")
-            s3.download_file(bucket, key, str(tmp))
-            head = s3.head_object(Bucket=bucket, Key=key, ChecksumMode="ENABLED")
-            expected = head.get("ChecksumSHA256")
-            if expected and "-" not in expected and sha256_b64(tmp) != expected:
-                tmp.unlink()
-                raise UserError(f"s3://{bucket}/{key}: sha256 mismatch after download")
-            os.replace(tmp, target)
-            out.append(target)
+            out.append(download_object(s3, bucket, key, dest / rel))
     return out

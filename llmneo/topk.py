@@ -24,10 +24,12 @@ the order of ``hidden[:, :-1][shift_mask(labels)[0]]`` for the same rows — no 
 
 from __future__ import annotations
 
+import bisect
 import json
 import shutil
 import sys
 import time
+from collections import OrderedDict
 from pathlib import Path
 
 import torch
@@ -36,6 +38,7 @@ from llmneo.errors import UserError
 
 META = "meta.json"
 FORMAT = 1
+OPEN_SHARDS = 16  # shard files a reader keeps open (memory-mapped)
 
 
 class TopKWriter:
@@ -111,26 +114,35 @@ class TopKCache:
             raise UserError(f"{path}: unsupported top-k cache format {self.meta.get('format')}")
         self.k = self.meta["k"]
         self.vocab_size = self.meta["vocab_size"]
-        self._loaded: dict[int, dict[str, torch.Tensor]] = {}
+        self._first_rows = [sh["first_row"] for sh in self.meta["shards"]]
+        # open shards (memory-mapped, read by slice): shuffled access touches only the rows it needs
+        self._open: OrderedDict[int, tuple] = OrderedDict()
 
     def __len__(self) -> int:
         return self.meta["rows"]
 
-    def _shard(self, row: int) -> tuple[int, dict]:
-        for i, s in enumerate(self.meta["shards"]):
-            if s["first_row"] <= row < s["first_row"] + s["rows"]:
-                return i, s
-        raise IndexError(f"row {row} not in the top-k cache ({len(self)} rows)")
+    def _shard(self, row: int) -> tuple:
+        """(safetensors handle, offsets, first row) of the shard holding ``row``; the last
+        ``OPEN_SHARDS`` shards stay open."""
+        i = bisect.bisect_right(self._first_rows, row) - 1
+        if not 0 <= row < len(self) or i < 0:
+            raise IndexError(f"row {row} not in the top-k cache ({len(self)} rows)")
+        if i in self._open:
+            self._open.move_to_end(i)
+        else:
+            from safetensors import safe_open
+
+            s = self.meta["shards"][i]
+            handle = safe_open(str(self.dir / s["file"]), framework="pt")
+            self._open[i] = (handle, handle.get_tensor("offsets"), s["first_row"])
+            if len(self._open) > OPEN_SHARDS:
+                self._open.popitem(last=False)
+        return self._open[i]
 
     def __getitem__(self, row: int) -> tuple[torch.Tensor, torch.Tensor]:
-        i, s = self._shard(row)
-        if i not in self._loaded:
-            from safetensors.torch import load_file
-
-            self._loaded = {i: load_file(str(self.dir / s["file"]))}  # keep one shard in memory
-        t = self._loaded[i]
-        lo, hi = int(t["offsets"][row - s["first_row"]]), int(t["offsets"][row - s["first_row"] + 1])
-        return t["ids"][lo:hi].long(), t["logprobs"][lo:hi].float()
+        handle, offsets, first = self._shard(row)
+        lo, hi = int(offsets[row - first]), int(offsets[row - first + 1])
+        return handle.get_slice("ids")[lo:hi].long(), handle.get_slice("logprobs")[lo:hi].float()
 
     def rows(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Entries of several rows, concatenated in the given order: ([N, k] ids, [N, k] logprobs)."""

@@ -40,3 +40,26 @@ def test_wrong_credentials_are_clear(s3_bucket, tmp_path, monkeypatch):
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong")
     with pytest.raises(UserError, match="access denied .*check the S3 credentials"):
         download_prefix(f"s3://{s3_bucket}/model", tmp_path)
+
+
+def test_multipart_objects_are_verified_by_their_sha256_metadata(s3_bucket, tmp_path):
+    """Multipart uploads carry a composite S3 checksum; the registry's `sha256` metadata is checked instead."""
+    import hashlib
+
+    from boto3.s3.transfer import TransferConfig
+
+    body = bytes(range(256)) * 40_000  # ~10 MiB: 2 parts of 5 MiB
+    src = tmp_path / "w.bin"
+    src.write_bytes(body)
+    s3 = client()
+    multipart = TransferConfig(multipart_threshold=5 << 20, multipart_chunksize=5 << 20)
+    s3.upload_file(str(src), s3_bucket, "good/w.bin", Config=multipart,
+                   ExtraArgs={"ChecksumAlgorithm": "SHA256", "Metadata": {"sha256": hashlib.sha256(body).hexdigest()}})
+    s3.upload_file(str(src), s3_bucket, "bad/w.bin", Config=multipart,
+                   ExtraArgs={"ChecksumAlgorithm": "SHA256", "Metadata": {"sha256": "0" * 64}})
+    assert "-" in s3.head_object(Bucket=s3_bucket, Key="good/w.bin", ChecksumMode="ENABLED")["ChecksumSHA256"]
+    (got,) = download_prefix(f"s3://{s3_bucket}/good", tmp_path / "good")
+    assert got.read_bytes() == body
+    with pytest.raises(UserError, match=r"bad/w.bin: sha256 mismatch after download"):
+        download_prefix(f"s3://{s3_bucket}/bad", tmp_path / "bad")
+    assert not list((tmp_path / "bad").glob("*"))  # nothing half-downloaded is left visible

@@ -129,9 +129,23 @@ def test_bf16_autocast_and_bf16_teacher_as_on_gpu(neo_run, tiny_workspace, tmp_p
     trainer = run(workdir)
     assert trainer.teacher.dtype == torch.bfloat16
     assert all(p.dtype == torch.float32 for p in trainer.trainable)  # master weights stay fp32
+    frozen = [p for p in trainer.student.parameters() if not p.requires_grad]
+    assert frozen and all(p.dtype == torch.bfloat16 for p in frozen)  # frozen_dtype=auto under bf16
     for a, b in zip(log(workdir), log(ref_dir), strict=True):
         assert a["loss"] == pytest.approx(b["loss"], rel=2e-2) and a["kd"] == pytest.approx(b["kd"], rel=0.2)
     assert all(torch.isfinite(v).all() for v in adapter(workdir).values())
+
+
+def test_frozen_base_stays_fp32_when_asked_and_in_fp32_training(neo_run, tiny_workspace, tmp_path):
+    """frozen_dtype=fp32 under bf16 keeps the base fp32; fp32 training (the CPU default) never casts it."""
+    _, ref = neo_run
+    assert all(p.dtype == torch.float32 for p in ref.student.parameters())
+    workdir = make_workdir(tmp_path, tiny_workspace, "distill.precision=bf16", "distill.frozen_dtype=fp32",
+                           "distill.max_steps=1")
+    trainer = DistillTrainer(workdir)
+    trainer.setup()
+    assert all(p.dtype == torch.float32 for p in trainer.student.parameters())
+    trainer.cleanup()
 
 
 # ---------------------------------------------------------------------------- packed rows
