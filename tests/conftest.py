@@ -2,6 +2,7 @@
 torchrun / kfp.local (and, where marked, a real S3 server)."""
 
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -13,6 +14,18 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def llmneo_run(root: Path, preset: str, *overrides: str, timeout: int = 600) -> tuple[Path, str]:
+    """`llmneo run` (the whole DAG through kfp.local) in ``root``, registry under ``root/registry``:
+    (the run's pipeline folder, its stdout). Fails the test with the run's output tail."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "llmneo.cli", "run", "--preset", preset, "--pipeline-root", str(root / "kfp"),
+         f"registry.uri={root / 'registry'}", *overrides],
+        capture_output=True, text=True, cwd=root, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (run_dir,) = list((root / "kfp").iterdir())
+    return run_dir, proc.stdout
 
 
 @pytest.fixture

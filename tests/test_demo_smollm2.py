@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 
 import pytest
 
+from conftest import llmneo_run
 from llmneo.config import load_config
 
 pytestmark = pytest.mark.integration
@@ -24,14 +23,9 @@ STEPS = 6
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("demo")
-    proc = subprocess.run(
-        [sys.executable, "-m", "llmneo.cli", "run", "--preset", "smollm2-demo", "--pipeline-root", str(root / "kfp"),
-         f"registry.uri={root / 'registry'}", f"distill.max_steps={STEPS}", "eval.lm_eval_tasks=[llmneo_mc]",
-         "eval.lm_eval_models=[distilled]"],
-        capture_output=True, text=True, cwd=root, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    (run_dir,) = list((root / "kfp").iterdir())
-    return root, run_dir, proc.stdout
+    run_dir, out = llmneo_run(root, "smollm2-demo", f"distill.max_steps={STEPS}", "eval.lm_eval_tasks=[llmneo_mc]",
+                              "eval.lm_eval_models=[distilled]", timeout=900)
+    return root, run_dir, out
 
 
 def test_student_is_the_pruned_teacher_and_data_is_the_shipped_set(demo_run):

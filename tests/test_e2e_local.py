@@ -2,13 +2,12 @@
 
 import json
 import math
-import subprocess
-import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import llmneo_run
 from llmneo.registry import verify
 
 pytestmark = pytest.mark.integration
@@ -17,13 +16,8 @@ pytestmark = pytest.mark.integration
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("run")
-    proc = subprocess.run(
-        [sys.executable, "-m", "llmneo.cli", "run", "--preset", "tiny", "--pipeline-root", str(root / "kfp"),
-         f"registry.uri={root / 'registry'}", "distill.max_steps=3"],
-        capture_output=True, text=True, cwd=root, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    (run_dir,) = list((root / "kfp").iterdir())
-    return root, run_dir, proc.stdout
+    run_dir, out = llmneo_run(root, "tiny", "distill.max_steps=3")
+    return root, run_dir, out
 
 
 def test_artifacts_exist(tiny_run):
