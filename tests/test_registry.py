@@ -102,7 +102,7 @@ def test_round_trip_is_byte_equal(registry_uri, tmp_path):
 
 
 def test_multipart_upload_with_sha256_per_part(s3_bucket, tmp_path):
-    from llmneo.s3 import client
+    from llmneo.storage.s3 import client
 
     src = make_model(tmp_path / "m", big=12 * 2**20)
     open_(f"s3://{s3_bucket}/models").register("demo", src, {}, {})
@@ -181,7 +181,8 @@ def test_concurrent_registrations_get_distinct_versions(registry_uri, tmp_path):
 KILL_CHILD = r"""
 import sys, time
 from llmneo.registry import open_registry
-from llmneo.registry.stores import LocalStore, S3Store
+from llmneo.storage.local import LocalStore
+from llmneo.storage.s3 import S3Store
 
 class S: pass
 s = S(); s.uri = sys.argv[1]; s.multipart_threshold_mb = 5; s.multipart_chunk_mb = 5; s.max_concurrency = 1
@@ -221,7 +222,7 @@ def test_upload_killed_midway_leaves_no_visible_version(registry_uri, tmp_path):
 
 def corrupt(registry_uri, key, data):
     if registry_uri.startswith("s3://"):
-        from llmneo.s3 import client, parse_uri
+        from llmneo.storage.s3 import client, parse_uri
 
         bucket, prefix = parse_uri(registry_uri)
         client().put_object(Bucket=bucket, Key=f"{prefix}/{key}", Body=data)
@@ -277,7 +278,7 @@ def test_wrong_credentials_are_clear(s3_bucket, tmp_path, monkeypatch):
 
 @pytest.mark.integration
 def test_missing_bucket_is_clear(s3_env, tmp_path):
-    from llmneo.s3 import client
+    from llmneo.storage.s3 import client
 
     bucket = f"missing-{uuid.uuid4().hex[:8]}"
     reg = open_(f"s3://{bucket}/models")

@@ -1,9 +1,10 @@
-"""llmneo.s3 against a real S3 server (SeaweedFS on loopback)."""
+"""llmneo.storage (S3 backend, download_prefix) against a real S3 server (SeaweedFS on loopback)."""
 
 import pytest
 
 from llmneo.errors import UserError
-from llmneo.s3 import client, download_prefix, parse_uri
+from llmneo.storage import download_prefix
+from llmneo.storage.s3 import client, parse_uri
 
 pytestmark = pytest.mark.integration
 
