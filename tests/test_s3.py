@@ -28,7 +28,7 @@ def test_download_prefix_round_trip_with_checksums(s3_bucket, tmp_path):
 
 
 def test_missing_bucket_and_prefix_are_clear(s3_env, tmp_path):
-    with pytest.raises(UserError, match=r"s3://no-such-bucket-x/m: bucket does not exist"):
+    with pytest.raises(UserError, match=r"s3://no-such-bucket-x/m: bucket 'no-such-bucket-x' does not exist at http"):
         download_prefix("s3://no-such-bucket-x/m", tmp_path)
 
 
