@@ -318,3 +318,68 @@ def test_register_step_records_lineage_and_aliases(tmp_path, monkeypatch):
     assert reg.versions("tiny-neo") == ["v1"]
     with pytest.raises(UserError, match="no eval.json"):
         run_register(cfg, tmp_path / "m-missing", "run-11")
+
+
+# --------------------------------------------------------------------------------------------
+# Forged manifests and links out of the model folder
+# --------------------------------------------------------------------------------------------
+
+
+def plant(registry_uri, key, data):
+    """Write ``key`` into the registry as someone with write access to it could."""
+    import contextlib
+
+    from llmneo.storage import open_store
+
+    store = open_store(registry_uri)
+    with contextlib.suppress(UserError):  # SeaweedFS refuses keys with '..' parts (AWS S3 keeps them)
+        store.put_bytes(key, data)
+
+
+@pytest.mark.parametrize("evil", ["../../x", "ABS"])
+def test_pull_refuses_a_forged_manifest_path_and_writes_nothing_outside(registry_uri, tmp_path, evil):
+    reg = open_(registry_uri)
+    v1 = reg.register("demo", make_model(tmp_path / "m"), {}, {})
+    payload = b"#!/bin/sh\necho owned\n"
+    if evil == "ABS":
+        evil = str(tmp_path / "outside" / "abs.sh")  # absolute: would be written where it says
+    forged = {**v1, "version": "v2", "files": v1["files"] + [
+        {"path": evil, "sha256": hashlib.sha256(payload).hexdigest(), "size": len(payload)}]}
+    plant(registry_uri, f"demo/v2/{evil}", payload)  # the matching object, next to the real files
+    for e in v1["files"]:
+        plant(registry_uri, f"demo/v2/{e['path']}", tree(tmp_path / "m")[e["path"]])
+    plant(registry_uri, "demo/v2/manifest.json", json.dumps(forged).encode())
+    assert reg.versions("demo") == ["v1", "v2"]
+    work = tmp_path / "work"
+    work.mkdir()
+    before = {p for p in tmp_path.rglob("*") if not str(p).startswith(registry_uri)}
+    with pytest.raises(UserError, match=rf"demo:v2: manifest.json: refusing unsafe path '{evil}' \("):
+        reg.pull("demo:v2", work / "out")
+    after = {p for p in tmp_path.rglob("*") if not str(p).startswith(registry_uri)}
+    assert after == before  # no dest, no temporary folder, no x next to it, no outside/abs.sh
+    assert not (tmp_path / "x").exists() and not (tmp_path / "outside").exists()
+    assert reg.pull("demo:v1", work / "out")["version"] == "v1"  # the honest version still pulls
+
+
+def test_register_refuses_a_link_out_of_the_model_folder(tmp_path):
+    reg = open_(str(tmp_path / "registry"))
+    secret = tmp_path / "secret.key"
+    secret.write_text("private")
+    model = make_model(tmp_path / "m")
+    (model / "sub" / "extra.json").symlink_to(secret)
+    with pytest.raises(UserError, match=r"m: sub/extra.json is a symbolic link to .*secret.key, outside the model "
+                                        r"folder; copy the file in instead$"):
+        reg.register("demo", model, {}, {})
+    assert reg.names() == []
+    (model / "sub" / "extra.json").unlink()
+    (model / "sub" / "extra.json").symlink_to(model / "config.json")  # a link inside the folder is fine
+    assert reg.register("demo", model, {}, {})["version"] == "v1"
+
+
+def test_register_refuses_a_linked_folder_out(tmp_path):
+    reg = open_(str(tmp_path / "registry"))
+    model = make_model(tmp_path / "m")
+    (tmp_path / "elsewhere").mkdir()
+    (model / "more").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    with pytest.raises(UserError, match=r"more is a symbolic link to .*elsewhere, outside the model folder"):
+        reg.register("demo", model, {}, {})
