@@ -161,7 +161,7 @@ def _dumps(obj) -> bytes:
 
 
 class Registry:
-    """Registry operations on a store (:class:`~llmneo.registry.stores.LocalStore` or ``S3Store``)."""
+    """Registry operations on any :class:`llmneo.storage.Store` (a folder, S3, …)."""
 
     def __init__(self, store):
         self.store = store
