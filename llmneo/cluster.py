@@ -45,6 +45,7 @@ import yaml
 
 from llmneo.config import Config, config_from_dict, dump_yaml
 from llmneo.errors import UserError
+from llmneo.storage import download_prefix, open_object, open_store, upload_dir
 
 GROUP, VERSION, PLURAL, KIND = "trainer.kubeflow.org", "v1alpha1", "trainjobs", "TrainJob"
 NODE = "node"  # replicated job and container name of Kubeflow Trainer's torch runtimes
@@ -249,59 +250,24 @@ def current_namespace(cfg: Config) -> str:
     return "default"
 
 
-def upload_dir(local: str | Path, uri: str) -> int:
-    """Upload every file under ``local`` to ``uri/<relative path>`` with a SHA-256 checksum (so
-    :func:`llmneo.s3.download_prefix` verifies it). Returns the number of files."""
-    from llmneo import s3
-
-    bucket, prefix = s3.parse_uri(uri)
-    client = s3.client()
-    files = sorted(p for p in Path(local).rglob("*") if p.is_file())
-    with s3.errors(uri):
-        for path in files:
-            key = f"{prefix}/{path.relative_to(local).as_posix()}".lstrip("/")
-            client.upload_file(str(path), bucket, key, ExtraArgs={"ChecksumAlgorithm": "SHA256"})
-    return len(files)
+# Staging goes through llmneo.storage: upload_dir (imported above) stores each file with its SHA-256,
+# download_prefix checks every key and verifies every file.
 
 
 def put_json(uri: str, payload: dict) -> None:
-    from llmneo import s3
-
-    bucket, key = s3.parse_uri(uri)
-    with s3.errors(uri):
-        s3.client().put_object(Bucket=bucket, Key=key, Body=json.dumps(payload).encode(),
-                               ChecksumAlgorithm="SHA256")
+    store, key = open_object(uri)
+    store.put_bytes(key, json.dumps(payload).encode())
 
 
 def get_json(uri: str) -> dict | None:
     """The JSON object at ``uri``, or None when it does not exist."""
-    from botocore.exceptions import ClientError
-
-    from llmneo import s3
-
-    bucket, key = s3.parse_uri(uri)
-    with s3.errors(uri):
-        try:
-            return json.loads(s3.client().get_object(Bucket=bucket, Key=key)["Body"].read())
-        except ClientError as e:
-            if e.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
-                return None
-            raise
+    store, key = open_object(uri)
+    data = store.get_bytes(key)
+    return None if data is None else json.loads(data)
 
 
 def delete_prefix(uri: str) -> int:
-    from llmneo import s3
-
-    bucket, prefix = s3.parse_uri(uri)
-    client = s3.client()
-    n = 0
-    with s3.errors(uri):
-        for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix + "/"):
-            keys = [{"Key": o["Key"]} for o in page.get("Contents", [])]
-            if keys:
-                client.delete_objects(Bucket=bucket, Delete={"Objects": keys, "Quiet": True})
-                n += len(keys)
-    return n
+    return open_store(uri).delete_prefix("")
 
 
 # --------------------------------------------------------------------------------------------
@@ -360,8 +326,6 @@ def run_distill_multinode(cfg: Config, dataset_dir: str | Path, teacher_dir: str
             raise UserError(f"distill: TrainJob {namespace}/{name} {state.lower()}: {message or 'see the log above'}")
         if get_json(f"{staging}/{DONE_MARKER}") is None:
             raise UserError(f"distill: TrainJob {name} completed but node 0 wrote no adapter under {staging}")
-        from llmneo.s3 import download_prefix
-
         download_prefix(f"{staging}/adapter", out)
     except _Terminated:
         raise UserError(f"distill: terminated; TrainJob {namespace}/{name} deleted") from None
@@ -434,8 +398,6 @@ def node_torchrun_command(cfg: Config, workdir: Path, node_rank: int, master_add
 
 def run_node(staging: str, workdir: str | Path | None = None) -> int:
     """One training node: fetch the staged inputs, run torchrun, and (node 0) upload the output."""
-    from llmneo.s3 import download_prefix
-
     env = dict(os.environ)
     rank = int(env.get("PET_NODE_RANK") or env.get("JOB_COMPLETION_INDEX") or 0)
     addr = env.get("PET_MASTER_ADDR") or env.get("MASTER_ADDR") or "127.0.0.1"

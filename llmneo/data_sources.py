@@ -13,7 +13,7 @@ Sources (``data.source``):
 - ``hf:ID[@REVISION]`` — ``datasets.load_dataset`` (``data.subset``, ``data.split``); offline it loads
   from the local datasets cache (``HF_DATASETS_CACHE``);
 - ``s3://bucket/prefix`` (a folder) or ``s3://bucket/key.jsonl`` (one object), downloaded with SHA-256
-  verification (where the store kept a checksum) through :mod:`llmneo.s3`.
+  verification (where the store kept a checksum) through :mod:`llmneo.storage`.
 
 Row numbers start at 1 and count positions in the source: for JSONL the line number (blank lines are
 skipped but counted), for JSON arrays / Parquet / datasets the record index; across the files of a
@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from llmneo.errors import UserError
+from llmneo.storage import download_prefix, open_object, safe_path
 
 FILE_SUFFIXES = (".jsonl", ".json", ".parquet")
 READ_CHUNK = 1 << 20
@@ -174,13 +175,11 @@ def _hub_source(source: str, dcfg) -> Source:
 
 def _download_s3(uri: str, dest: Path) -> Path:
     """One object (``s3://b/x.jsonl``) or every object under a prefix, into ``dest``."""
-    from llmneo import s3
-
-    bucket, key = s3.parse_uri(uri)
-    if key and Path(key).suffix in FILE_SUFFIXES and not uri.endswith("/"):
-        with s3.errors(uri):
-            return s3.download_object(s3.client(), bucket, key, dest / Path(key).name)
-    s3.download_prefix(uri, dest)
+    has_key = "/" in uri.partition("://")[2].strip("/")  # s3://bucket/key, not a bare bucket
+    if has_key and Path(uri).suffix in FILE_SUFFIXES and not uri.endswith("/"):
+        store, name = open_object(uri)
+        return store.get_file(name, safe_path(name, dest, uri))
+    download_prefix(uri, dest)
     return dest
 
 

@@ -17,6 +17,7 @@ import tempfile
 from pathlib import Path
 
 from llmneo.errors import UserError
+from llmneo.storage import download_prefix, open_store
 
 CARD = "card.json"
 CHATML_TEMPLATE = (
@@ -240,15 +241,8 @@ def s3_model_dir(uri: str, field: str = "teacher.source") -> Path:
     """Download a model folder from S3 once into :func:`cache_dir` (SHA-256 verified where the store
     kept checksums); the cache entry is keyed by the object listing (keys, sizes, ETags), so a
     changed object is downloaded again and an unchanged one is reused."""
-    from llmneo import s3
-
-    bucket, prefix = s3.parse_uri(uri)
-    listing = []
-    with s3.errors(f"{field}: {uri}"):
-        pages = s3.client().get_paginator("list_objects_v2").paginate(
-            Bucket=bucket, Prefix=prefix + "/" if prefix else "")
-        for page in pages:
-            listing += [(o["Key"], o["Size"], o.get("ETag", "")) for o in page.get("Contents", [])]
+    store = open_store(uri, label=f"{field}: {uri}")
+    listing = [tuple(e) for e in store.entries("")]
     if not any(key.endswith("/config.json") or key == "config.json" for key, _, _ in listing):
         raise UserError(f"{field}: {uri} holds no config.json (not a Hugging Face model folder)")
     digest = hashlib.sha256(json.dumps([uri, sorted(listing)]).encode()).hexdigest()[:16]
@@ -258,7 +252,7 @@ def s3_model_dir(uri: str, field: str = "teacher.source") -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{digest}-"))
     try:
-        s3.download_prefix(uri, tmp)
+        download_prefix(store, tmp)  # every key checked before the first file is written
         tmp.rename(target)  # atomic: a partial download is never seen as a model
     except OSError:
         if not (target / "config.json").is_file():

@@ -77,7 +77,7 @@ def s3_bucket(s3_env):
     """A fresh, empty bucket name on the test server."""
     import uuid
 
-    from llmneo.s3 import client
+    from llmneo.storage.s3 import client
 
     name = f"t-{uuid.uuid4().hex[:12]}"
     client().create_bucket(Bucket=name)

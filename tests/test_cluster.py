@@ -150,7 +150,7 @@ class FakeKube:
 
 
 def staged_objects(bucket, prefix):
-    from llmneo.s3 import client
+    from llmneo.storage.s3 import client
 
     pages = client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
     return [o["Key"] for page in pages for o in page.get("Contents", [])]

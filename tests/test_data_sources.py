@@ -182,7 +182,7 @@ def test_hub_dataset_from_the_local_cache_offline(tmp_path, tok, reference, monk
 
 @pytest.mark.integration
 def test_s3_object_and_prefix(s3_bucket, tmp_path, tok, reference):
-    from llmneo.s3 import client
+    from llmneo.storage.s3 import client
 
     s3 = client()
     body = "".join(json.dumps(r) + "\n" for r in RECORDS).encode()

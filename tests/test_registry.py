@@ -102,7 +102,7 @@ def test_round_trip_is_byte_equal(registry_uri, tmp_path):
 
 
 def test_multipart_upload_with_sha256_per_part(s3_bucket, tmp_path):
-    from llmneo.s3 import client
+    from llmneo.storage.s3 import client
 
     src = make_model(tmp_path / "m", big=12 * 2**20)
     open_(f"s3://{s3_bucket}/models").register("demo", src, {}, {})
@@ -181,7 +181,8 @@ def test_concurrent_registrations_get_distinct_versions(registry_uri, tmp_path):
 KILL_CHILD = r"""
 import sys, time
 from llmneo.registry import open_registry
-from llmneo.registry.stores import LocalStore, S3Store
+from llmneo.storage.local import LocalStore
+from llmneo.storage.s3 import S3Store
 
 class S: pass
 s = S(); s.uri = sys.argv[1]; s.multipart_threshold_mb = 5; s.multipart_chunk_mb = 5; s.max_concurrency = 1
@@ -221,7 +222,7 @@ def test_upload_killed_midway_leaves_no_visible_version(registry_uri, tmp_path):
 
 def corrupt(registry_uri, key, data):
     if registry_uri.startswith("s3://"):
-        from llmneo.s3 import client, parse_uri
+        from llmneo.storage.s3 import client, parse_uri
 
         bucket, prefix = parse_uri(registry_uri)
         client().put_object(Bucket=bucket, Key=f"{prefix}/{key}", Body=data)
@@ -277,7 +278,7 @@ def test_wrong_credentials_are_clear(s3_bucket, tmp_path, monkeypatch):
 
 @pytest.mark.integration
 def test_missing_bucket_is_clear(s3_env, tmp_path):
-    from llmneo.s3 import client
+    from llmneo.storage.s3 import client
 
     bucket = f"missing-{uuid.uuid4().hex[:8]}"
     reg = open_(f"s3://{bucket}/models")
@@ -317,3 +318,68 @@ def test_register_step_records_lineage_and_aliases(tmp_path, monkeypatch):
     assert reg.versions("tiny-neo") == ["v1"]
     with pytest.raises(UserError, match="no eval.json"):
         run_register(cfg, tmp_path / "m-missing", "run-11")
+
+
+# --------------------------------------------------------------------------------------------
+# Forged manifests and links out of the model folder
+# --------------------------------------------------------------------------------------------
+
+
+def plant(registry_uri, key, data):
+    """Write ``key`` into the registry as someone with write access to it could."""
+    import contextlib
+
+    from llmneo.storage import open_store
+
+    store = open_store(registry_uri)
+    with contextlib.suppress(UserError):  # SeaweedFS refuses keys with '..' parts (AWS S3 keeps them)
+        store.put_bytes(key, data)
+
+
+@pytest.mark.parametrize("evil", ["../../x", "ABS"])
+def test_pull_refuses_a_forged_manifest_path_and_writes_nothing_outside(registry_uri, tmp_path, evil):
+    reg = open_(registry_uri)
+    v1 = reg.register("demo", make_model(tmp_path / "m"), {}, {})
+    payload = b"#!/bin/sh\necho owned\n"
+    if evil == "ABS":
+        evil = str(tmp_path / "outside" / "abs.sh")  # absolute: would be written where it says
+    forged = {**v1, "version": "v2", "files": v1["files"] + [
+        {"path": evil, "sha256": hashlib.sha256(payload).hexdigest(), "size": len(payload)}]}
+    plant(registry_uri, f"demo/v2/{evil}", payload)  # the matching object, next to the real files
+    for e in v1["files"]:
+        plant(registry_uri, f"demo/v2/{e['path']}", tree(tmp_path / "m")[e["path"]])
+    plant(registry_uri, "demo/v2/manifest.json", json.dumps(forged).encode())
+    assert reg.versions("demo") == ["v1", "v2"]
+    work = tmp_path / "work"
+    work.mkdir()
+    before = {p for p in tmp_path.rglob("*") if not str(p).startswith(registry_uri)}
+    with pytest.raises(UserError, match=rf"demo:v2: manifest.json: refusing unsafe path '{evil}' \("):
+        reg.pull("demo:v2", work / "out")
+    after = {p for p in tmp_path.rglob("*") if not str(p).startswith(registry_uri)}
+    assert after == before  # no dest, no temporary folder, no x next to it, no outside/abs.sh
+    assert not (tmp_path / "x").exists() and not (tmp_path / "outside").exists()
+    assert reg.pull("demo:v1", work / "out")["version"] == "v1"  # the honest version still pulls
+
+
+def test_register_refuses_a_link_out_of_the_model_folder(tmp_path):
+    reg = open_(str(tmp_path / "registry"))
+    secret = tmp_path / "secret.key"
+    secret.write_text("private")
+    model = make_model(tmp_path / "m")
+    (model / "sub" / "extra.json").symlink_to(secret)
+    with pytest.raises(UserError, match=r"m: sub/extra.json is a symbolic link to .*secret.key, outside the model "
+                                        r"folder; copy the file in instead$"):
+        reg.register("demo", model, {}, {})
+    assert reg.names() == []
+    (model / "sub" / "extra.json").unlink()
+    (model / "sub" / "extra.json").symlink_to(model / "config.json")  # a link inside the folder is fine
+    assert reg.register("demo", model, {}, {})["version"] == "v1"
+
+
+def test_register_refuses_a_linked_folder_out(tmp_path):
+    reg = open_(str(tmp_path / "registry"))
+    model = make_model(tmp_path / "m")
+    (tmp_path / "elsewhere").mkdir()
+    (model / "more").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    with pytest.raises(UserError, match=r"more is a symbolic link to .*elsewhere, outside the model folder"):
+        reg.register("demo", model, {}, {})

@@ -1,5 +1,6 @@
 """``llmneo registry ls|show|pull|promote|lineage|history`` on a local folder and on real S3."""
 
+import json
 import os
 import subprocess
 import sys
@@ -96,3 +97,75 @@ def test_cli_session_s3(s3_bucket, tmp_path):
     uri = f"s3://{s3_bucket}/registry"
     seed(uri, tmp_path)
     check_session(uri, tmp_path)  # the subprocesses inherit the AWS_* variables of the test server
+
+
+def damage(reg_dir):
+    """What a crashed writer or a careless hand leaves: v1's manifest truncated, v2's missing keys,
+    and a garbage newest event for the alias ``latest``."""
+    v1 = reg_dir / "demo" / "v1" / "manifest.json"
+    v1.write_bytes(v1.read_bytes()[:40])
+    v2 = reg_dir / "demo" / "v2" / "manifest.json"
+    m = json.loads(v2.read_text())
+    del m["files"], m["created"]
+    v2.write_text(json.dumps(m))
+    (reg_dir / "demo" / "_aliases" / "latest" / "00000003.json").write_bytes(b"\x00garbage{")
+
+
+def test_cli_listing_flags_damaged_entries_and_lists_the_rest(tmp_path):
+    reg_dir = tmp_path / "reg"
+    seed(str(reg_dir), tmp_path)
+    d = tmp_path / "m3"
+    d.mkdir()
+    (d / "model.safetensors").write_bytes(b"weights 3")
+    open_registry(str(reg_dir)).register("demo", d, {"pipeline_run_id": "run-3"}, {"kl_to_teacher": 0.1})
+    d = tmp_path / "other"
+    d.mkdir()
+    (d / "model.safetensors").write_bytes(b"other")
+    open_registry(str(reg_dir)).register("other", d, {}, {})
+    damage(reg_dir)
+    reg = str(reg_dir)
+    v1_line = f"warning: registry {reg}: demo:v1: damaged manifest.json: not JSON ("
+    v2_line = f"warning: registry {reg}: demo:v2: damaged manifest.json: missing created, files (skipped)"
+    event_line = (f"warning: registry {reg}: demo@latest: damaged alias event 3 "
+                  f"(demo/_aliases/latest/00000003.json; skipped)")
+
+    proc = llmneo("registry", "ls", "--registry", reg)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+    rows = {ln.split()[0]: ln.split() for ln in proc.stdout.splitlines()[3:]}
+    assert rows["demo"][1:3] == ["3", "v3"] and rows["other"][1:3] == ["1", "v1"]
+    assert "latest→v2" in proc.stdout  # the newest readable event of the alias
+    assert proc.stderr.splitlines() == [event_line]
+
+    proc = llmneo("registry", "ls", "demo", "--registry", reg)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+    assert [ln.split()[0] for ln in proc.stdout.splitlines()[3:]] == ["v3"]  # v1 and v2 flagged, not listed
+    assert "run-3" in proc.stdout
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 3 and lines[0] == event_line and lines[1].startswith(v1_line) and lines[2] == v2_line
+
+    proc = llmneo("registry", "history", "demo", "--registry", reg)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+    assert [ln.split()[1:4] for ln in proc.stdout.splitlines()[2:]] == [["latest", "-", "v1"], ["latest", "v1", "v2"]]
+    assert proc.stderr.splitlines() == [event_line]
+
+    proc = llmneo("registry", "show", "demo:v3", "--registry", reg)
+    assert proc.returncode == 0 and "demo:v3" in proc.stdout, proc.stderr
+    proc = llmneo("registry", "show", "demo:v2", "--registry", reg)  # the damaged one itself: one line
+    assert proc.returncode == 2 and proc.stderr == f"error: registry {reg}: demo:v2: damaged manifest.json: " \
+                                                   f"missing created, files\n"
+
+
+def test_cli_promote_that_changes_nothing_adds_no_history_row(tmp_path):
+    seed(str(tmp_path / "reg"), tmp_path)
+    reg = str(tmp_path / "reg")
+    for _ in range(2):
+        proc = llmneo("registry", "promote", "demo:v1", "production", "--registry", reg)
+        assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "demo@production → v1 (already; nothing changed)"
+    proc = llmneo("registry", "promote", "demo:v2", "latest", "--registry", reg)  # latest is v2 already
+    assert proc.stdout.strip() == "demo@latest → v2 (already; nothing changed)"
+    proc = llmneo("registry", "history", "demo", "--registry", reg)
+    assert [ln.split()[1:4] for ln in proc.stdout.splitlines()[2:]] == \
+        [["latest", "-", "v1"], ["latest", "v1", "v2"], ["production", "-", "v1"]]
+    assert sorted(p.name for p in (tmp_path / "reg" / "demo" / "_aliases").rglob("*.json")) == \
+        ["00000001.json", "00000001.json", "00000002.json"]

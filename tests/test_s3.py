@@ -1,9 +1,10 @@
-"""llmneo.s3 against a real S3 server (SeaweedFS on loopback)."""
+"""llmneo.storage (S3 backend, download_prefix) against a real S3 server (SeaweedFS on loopback)."""
 
 import pytest
 
 from llmneo.errors import UserError
-from llmneo.s3 import client, download_prefix, parse_uri
+from llmneo.storage import download_prefix
+from llmneo.storage.s3 import client, parse_uri
 
 pytestmark = pytest.mark.integration
 
@@ -27,7 +28,7 @@ def test_download_prefix_round_trip_with_checksums(s3_bucket, tmp_path):
 
 
 def test_missing_bucket_and_prefix_are_clear(s3_env, tmp_path):
-    with pytest.raises(UserError, match=r"s3://no-such-bucket-x/m: bucket does not exist"):
+    with pytest.raises(UserError, match=r"s3://no-such-bucket-x/m: bucket 'no-such-bucket-x' does not exist at http"):
         download_prefix("s3://no-such-bucket-x/m", tmp_path)
 
 

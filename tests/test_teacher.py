@@ -109,7 +109,7 @@ def test_bad_model_sources_are_clear(tmp_path, source, message):
 @pytest.mark.integration
 def test_s3_teacher_is_downloaded_verified_and_cached(s3_bucket, tmp_path, tok, monkeypatch):
     from llmneo.models import s3_model_dir
-    from llmneo.s3 import client
+    from llmneo.storage.s3 import client
 
     monkeypatch.setenv("LLMNEO_CACHE", str(tmp_path / "cache"))
     model = save_tiny(tmp_path / "src", tok, layers=3)

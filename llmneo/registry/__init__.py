@@ -27,11 +27,11 @@ from llmneo.registry.core import (
     sha256_file,
     verify,
 )
-from llmneo.registry.stores import LocalStore, S3Store
+from llmneo.storage import LocalStore, open_store
 
 ENV_URI = "LLMNEO_REGISTRY"
 
-__all__ = ["MANIFEST", "NAME_RE", "ENV_URI", "Registry", "LocalRegistry", "LocalStore", "S3Store",
+__all__ = ["MANIFEST", "NAME_RE", "ENV_URI", "Registry", "LocalRegistry",
            "open_registry", "content_digest", "file_entries", "git_commit", "parse_ref", "sha256_file",
            "verify"]
 
@@ -51,14 +51,15 @@ def open_registry(where) -> Registry:
     if not isinstance(where, (str, Path)):
         settings, where = where, where.uri
     uri = str(where)
-    if uri.startswith("s3://"):
-        if settings is None:
-            return Registry(S3Store(uri))
-        return Registry(S3Store(uri, settings.multipart_threshold_mb, settings.multipart_chunk_mb,
-                                settings.max_concurrency))
     if not uri:
         raise UserError("registry.uri: empty; give a folder or s3://bucket/prefix")
-    return LocalRegistry(Path(uri.removeprefix("file://")))
+    store = open_store(uri, label=f"registry {uri.rstrip('/')}")
+    if isinstance(store, LocalStore):
+        return LocalRegistry(store.root)
+    if settings is not None:  # the transfer settings of a RegistryConfig (S3 multipart sizes)
+        store = open_store(uri, label=store.label, multipart_threshold_mb=settings.multipart_threshold_mb,
+                           multipart_chunk_mb=settings.multipart_chunk_mb, max_concurrency=settings.max_concurrency)
+    return Registry(store)
 
 
 def registry_uri(flag: str | None, config_uri: str | None) -> str:

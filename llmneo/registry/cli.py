@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 from llmneo.registry import open_registry, registry_uri
 
@@ -32,6 +33,12 @@ def _registry(args):
     return open_registry(uri)
 
 
+def _flag_problems(reg) -> None:
+    """One stderr line per damaged registry object the command skipped (the rest was listed)."""
+    for line in reg.problems:
+        print(f"warning: {line}", file=sys.stderr)
+
+
 def _table(headers, rows) -> str:
     from llmneo.report import table
 
@@ -43,6 +50,7 @@ def cmd_ls(args) -> int:
     headers, rows = reg.version_rows(args.name) if args.name else reg.model_rows()
     print(f"registry {reg.uri}")
     print(_table(headers, rows) if rows else "(empty)")
+    _flag_problems(reg)
     return 0
 
 
@@ -51,6 +59,7 @@ def cmd_show(args) -> int:
     m = reg.show(args.ref)
     if args.json:
         print(json.dumps(m, indent=2))
+        _flag_problems(reg)
         return 0
     from llmneo.registry.core import _size
 
@@ -68,6 +77,7 @@ def cmd_show(args) -> int:
     if args.files:
         print()
         print(_table(["file", "size", "sha256"], [[f["path"], f["size"], f["sha256"]] for f in m["files"]]))
+    _flag_problems(reg)
     return 0
 
 
@@ -82,8 +92,12 @@ def cmd_promote(args) -> int:
     reg = _registry(args)
     name = args.ref.split(":")[0].split("@")[0]
     event = reg.promote(args.ref, args.alias)
-    was = f" (was {event['previous']})" if event["previous"] else ""
-    print(f"{name}@{event['alias']} → {event['version']}{was}")
+    if event.get("unchanged"):
+        print(f"{name}@{event['alias']} → {event['version']} (already; nothing changed)")
+    else:
+        was = f" (was {event['previous']})" if event["previous"] else ""
+        print(f"{name}@{event['alias']} → {event['version']}{was}")
+    _flag_problems(reg)
     return 0
 
 
@@ -101,14 +115,16 @@ def cmd_lineage(args) -> int:
     rows = [[k, v if v is not None else "-"] for k, v in lineage.items()]
     rows += [[f"metric {k}", v] for k, v in metrics.items()]
     print(_table(["what", "value"], rows))
+    _flag_problems(reg)
     return 0
 
 
 def cmd_history(args) -> int:
     reg = _registry(args)
     events = reg.alias_history(args.name, args.alias)
-    rows = [[e["time"], e["alias"], e.get("previous") or "-", e["version"], e.get("by", "-")] for e in events]
+    rows = [[e.get("time", "-"), e["alias"], e.get("previous") or "-", e["version"], e.get("by", "-")] for e in events]
     print(_table(["time", "alias", "from", "to", "by"], rows) if rows else "(no aliases)")
+    _flag_problems(reg)
     return 0
 
 

@@ -21,6 +21,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import socket
 import subprocess
 import time
@@ -28,6 +29,7 @@ import uuid
 from pathlib import Path
 
 from llmneo.errors import UserError
+from llmneo.storage import safe_path, sha256_file
 
 MANIFEST = "manifest.json"
 CLAIM = ".claim"
@@ -45,14 +47,6 @@ RESERVED = {MANIFEST, CLAIM}
 # --------------------------------------------------------------------------------------------
 
 
-def sha256_file(path: Path, block: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(block):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def file_entries(model_dir: Path) -> list[dict]:
     """sha256 and size of every file under ``model_dir`` (sorted relative paths).
 
@@ -62,6 +56,7 @@ def file_entries(model_dir: Path) -> list[dict]:
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise UserError(f"{model_dir}: not a folder")
+    _refuse_escaping_links(model_dir)
     files = sorted(p for p in model_dir.rglob("*") if p.is_file())
     entries = [{"path": p.relative_to(model_dir).as_posix(), "sha256": sha256_file(p), "size": p.stat().st_size}
                for p in files]
@@ -69,6 +64,18 @@ def file_entries(model_dir: Path) -> list[dict]:
     if not entries:
         raise UserError(f"{model_dir}: no files to register")
     return entries
+
+
+def _refuse_escaping_links(model_dir: Path) -> None:
+    """A symbolic link in a model folder that points outside it would upload whatever it points at
+    (another user's key, /etc/…): refuse it, naming the link."""
+    root = model_dir.resolve()
+    for folder, dirs, files in os.walk(model_dir):
+        for name in dirs + files:
+            path = Path(folder) / name
+            if path.is_symlink() and not path.resolve().is_relative_to(root):
+                raise UserError(f"{model_dir}: {path.relative_to(model_dir).as_posix()} is a symbolic link to "
+                                f"{os.readlink(path)}, outside the model folder; copy the file in instead")
 
 
 def content_digest(entries: list[dict]) -> str:
@@ -154,14 +161,21 @@ def _dumps(obj) -> bytes:
 
 
 class Registry:
-    """Registry operations on a store (:class:`~llmneo.registry.stores.LocalStore` or ``S3Store``)."""
+    """Registry operations on any :class:`llmneo.storage.Store` (a folder, S3, …)."""
 
     def __init__(self, store):
         self.store = store
+        # one line per damaged object met while reading (a corrupted manifest, a garbage alias event):
+        # listings skip the entry and go on, the CLI prints these lines on stderr
+        self.problems: list[str] = []
 
     @property
     def uri(self) -> str:
         return self.store.uri
+
+    def _flag(self, message: str) -> None:
+        if message not in self.problems:
+            self.problems.append(message)
 
     # ------------------------------------------------------------------ reading
     def _scan(self, name: str) -> tuple[set[int], list[str], dict[str, list[int]]]:
@@ -190,19 +204,56 @@ class Registry:
         return self._scan(name)[1]
 
     def manifest(self, name: str, version: str) -> dict:
+        """The manifest of ``name:version``; a one-line UserError when it is missing or damaged."""
         data = self.store.get_bytes(f"{name}/{version}/{MANIFEST}")
         if data is None:
             known = self.versions(name)
             raise UserError(f"registry {self.uri}: {name}:{version} not found"
                             + (f" (versions: {', '.join(known)})" if known else f"; no model named {name!r}"))
-        return json.loads(data)
+        try:
+            manifest = json.loads(data)
+        except (ValueError, UnicodeDecodeError) as e:
+            manifest, problem = None, f"not JSON ({str(e).splitlines()[0][:80]})"
+        else:
+            problem = _manifest_problem(manifest, name, version)
+        if problem:
+            raise UserError(f"registry {self.uri}: {name}:{version}: damaged {MANIFEST}: {problem}")
+        return manifest
 
-    def _event(self, name: str, alias: str, seq: int) -> dict:
-        return json.loads(self.store.get_bytes(f"{name}/{ALIASES}/{alias}/{seq:08d}.json") or b"{}")
+    def _manifest_or_none(self, name: str, version: str) -> dict | None:
+        """:meth:`manifest`, or None (and a flagged problem) when it is damaged."""
+        try:
+            return self.manifest(name, version)
+        except UserError as e:
+            self._flag(f"{e} (skipped)")
+            return None
+
+    def _event(self, name: str, alias: str, seq: int) -> dict | None:
+        """One alias event, or None (flagged) when it is missing or damaged."""
+        key = f"{name}/{ALIASES}/{alias}/{seq:08d}.json"
+        data = self.store.get_bytes(key)
+        try:
+            event = json.loads(data) if data is not None else None
+        except (ValueError, UnicodeDecodeError):
+            event = None
+        if not (isinstance(event, dict) and isinstance(event.get("version"), str)
+                and VERSION_RE.match(event["version"]) and event.get("alias", alias) == alias):
+            self._flag(f"registry {self.uri}: {name}@{alias}: damaged alias event {seq} ({key}; skipped)")
+            return None
+        return {**event, "alias": alias, "seq": seq}
+
+    def _current(self, name: str, alias: str, seqs: list[int]) -> dict | None:
+        """The newest readable event of ``alias`` (damaged newer ones are flagged and skipped)."""
+        for seq in reversed(seqs):
+            event = self._event(name, alias, seq)
+            if event is not None:
+                return event
+        return None
 
     def aliases(self, name: str) -> dict[str, str]:
         """alias → version it points at now."""
-        return {alias: self._event(name, alias, seqs[-1])["version"] for alias, seqs in self._scan(name)[2].items()}
+        current = {alias: self._current(name, alias, seqs) for alias, seqs in self._scan(name)[2].items()}
+        return {alias: e["version"] for alias, e in current.items() if e is not None}
 
     def alias_history(self, name: str, alias: str | None = None) -> list[dict]:
         """Every alias move (oldest first): {alias, version, previous, seq, time, by}."""
@@ -212,8 +263,8 @@ class Registry:
                 raise UserError(f"registry {self.uri}: {name} has no alias {alias!r}"
                                 + (f" (aliases: {', '.join(events)})" if events else ""))
             events = {alias: events[alias]}
-        history = [self._event(name, a, s) for a, seqs in events.items() for s in seqs]
-        return sorted(history, key=lambda e: (e.get("time", ""), e.get("alias", ""), e.get("seq", 0)))
+        history = [e for a, seqs in events.items() for s in seqs if (e := self._event(name, a, s)) is not None]
+        return sorted(history, key=lambda e: (str(e.get("time", "")), e["alias"], e["seq"]))
 
     def resolve(self, ref: str) -> tuple[str, str]:
         """A reference → (name, version) of a complete version."""
@@ -225,7 +276,11 @@ class Registry:
             if alias not in events:
                 raise UserError(f"registry {self.uri}: {name} has no alias {alias!r}"
                                 + (f" (aliases: {', '.join(events)})" if events else ""))
-            return name, self._event(name, alias, events[alias][-1])["version"]
+            event = self._current(name, alias, events[alias])
+            if event is None:
+                raise UserError(f"registry {self.uri}: {name}@{alias}: every event of this alias is damaged; "
+                                f"promote a version to it again")
+            return name, event["version"]
         if version is None:
             return name, versions[-1]
         if version not in versions:
@@ -260,8 +315,8 @@ class Registry:
         digest = content_digest(entries)
         claimed, complete, _ = self._scan(name)
         for version in reversed(complete):
-            manifest = self.manifest(name, version)
-            if manifest.get("content_digest") == digest:
+            manifest = self._manifest_or_none(name, version)
+            if manifest is not None and manifest.get("content_digest") == digest:
                 self._point(name, version, aliases)
                 return {**manifest, "reused": True}
         n = max(claimed, default=0) + 1
@@ -286,9 +341,17 @@ class Registry:
         return manifest
 
     def promote(self, ref: str, alias: str) -> dict:
-        """Point ``alias`` at ``NAME:VERSION`` (or at whatever another reference resolves to)."""
+        """Point ``alias`` at ``NAME:VERSION`` (or at whatever another reference resolves to).
+
+        When the alias already points there nothing is written (no history row) and the current
+        event is returned with ``unchanged: True``.
+        """
         name, version = self.resolve(ref)
         _check_alias(alias)
+        seqs = self._scan(name)[2].get(alias, [])
+        current = self._current(name, alias, seqs) if seqs else None
+        if current is not None and current["version"] == version:
+            return {**current, "unchanged": True}
         return self._move(name, version, alias)
 
     def _point(self, name: str, version: str, aliases) -> None:
@@ -301,9 +364,9 @@ class Registry:
         seqs = self._scan(name)[2].get(alias, [])
         seq = (seqs[-1] if seqs else 0) + 1
         while True:
-            previous = self._event(name, alias, seq - 1).get("version") if seq > 1 else None
-            event = {"alias": alias, "version": version, "previous": previous, "seq": seq, "time": _now(),
-                     "by": _who()}
+            before = self._current(name, alias, list(range(1, seq))) if seq > 1 else None
+            event = {"alias": alias, "version": version, "previous": before["version"] if before else None,
+                     "seq": seq, "time": _now(), "by": _who()}
             if self.store.create(f"{name}/{ALIASES}/{alias}/{seq:08d}.json", _dumps(event)):
                 return event
             seq += 1  # a concurrent move: go after it
@@ -312,26 +375,27 @@ class Registry:
     def pull(self, ref: str, dest: str | Path) -> dict:
         """Download a version into ``dest`` (new or empty), checking every file's size and sha256.
 
-        Files land in a hidden sibling folder first and ``dest`` appears only once all of them
-        verified; a mismatch raises a UserError naming the file and leaves ``dest`` untouched.
-        ``manifest.json`` is written next to the model files.
+        Every manifest path is checked first (:func:`llmneo.storage.safe_path`: no absolute path, no
+        ``..``, nothing outside ``dest``) — a forged manifest is refused before anything is written.
+        Files land in a hidden sibling folder and ``dest`` appears only once all of them verified; a
+        mismatch raises a UserError naming the file and leaves ``dest`` untouched. ``manifest.json``
+        is written next to the model files.
         """
         name, version = self.resolve(ref)
         manifest = self.manifest(name, version)
         dest = Path(dest).expanduser()
         if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
             raise UserError(f"{dest}: exists and is not an empty folder; pull into a new folder")
-        dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = dest.parent / f".{dest.name}.pull-{uuid.uuid4().hex[:8]}"
-        import shutil
-
+        targets = [safe_path(e["path"], tmp, f"registry {self.uri}: {name}:{version}: {MANIFEST}")
+                   for e in manifest["files"]]
+        dest.parent.mkdir(parents=True, exist_ok=True)
         from tqdm import tqdm
 
         try:
             with tqdm(total=manifest.get("size") or sum(e["size"] for e in manifest["files"]), unit="B",
                       unit_scale=True, unit_divisor=1024, desc=f"pull {name}:{version}", disable=None) as bar:
-                for e in manifest["files"]:
-                    target = tmp / e["path"]
+                for e, target in zip(manifest["files"], targets, strict=True):
                     self.store.get_file(f"{name}/{version}/{e['path']}", target, bar.update)
                     check_file(target, e, f"{name}:{version}")
             (tmp / MANIFEST).write_bytes(_dumps(manifest))
@@ -345,30 +409,65 @@ class Registry:
 
     # ------------------------------------------------------------------ tables
     def model_rows(self) -> tuple[list[str], list[list]]:
+        """One row per model (its newest readable version); damaged manifests are flagged and skipped."""
         rows = []
         for name in self.names():
             versions = self.versions(name)
-            latest = self.manifest(name, versions[-1])
+            latest = next((m for v in reversed(versions) if (m := self._manifest_or_none(name, v))), None)
             aliases = self.aliases(name)
-            rows.append([name, len(versions), versions[-1], latest["created"],
+            rows.append([name, len(versions), latest["version"] if latest else "-",
+                         latest["created"] if latest else "-",
                          ", ".join(f"{a}→{v}" for a, v in aliases.items()) or "-"])
         return ["name", "versions", "newest", "created", "aliases"], rows
 
     def version_rows(self, name: str) -> tuple[list[str], list[list]]:
+        """One row per version of ``name``; damaged manifests are flagged and skipped."""
         versions = self.versions(name)
         if not versions:
             raise UserError(f"registry {self.uri}: no model named {name!r}")
         aliases = self.aliases(name)
         rows = []
         for version in versions:
-            m = self.manifest(name, version)
-            metrics = m.get("metrics") or {}
+            m = self._manifest_or_none(name, version)
+            if m is None:
+                continue
+            metrics = m.get("metrics") if isinstance(m.get("metrics"), dict) else {}
+            lineage = m.get("lineage") if isinstance(m.get("lineage"), dict) else {}
             rows.append([version, m["created"], _size(m.get("size") or sum(f["size"] for f in m["files"])),
                          len(m["files"]), ", ".join(a for a, v in aliases.items() if v == version) or "-",
                          metrics.get("kl_to_teacher"), metrics.get("top1_agreement"),
-                         metrics.get("llmneo_mc/acc"), (m.get("lineage") or {}).get("pipeline_run_id") or "-"])
+                         metrics.get("llmneo_mc/acc"), lineage.get("pipeline_run_id") or "-"])
         return ["version", "created", "size", "files", "aliases", "kl_to_teacher", "top1_agreement",
                 "llmneo_mc/acc", "run"], rows
+
+
+_REQUIRED = {"name": str, "version": str, "created": str, "uri": str, "content_digest": str, "files": list}
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+
+
+def _manifest_problem(m, name: str, version: str) -> str | None:
+    """Why a manifest read from the store cannot be used, or None when it can."""
+    if not isinstance(m, dict):
+        return f"a JSON {type(m).__name__}, not an object"
+    missing = [k for k in _REQUIRED if k not in m]
+    if missing:
+        return f"missing {', '.join(missing)}"
+    wrong = [k for k, t in _REQUIRED.items() if not isinstance(m[k], t)]
+    if wrong:
+        return f"wrong type for {', '.join(wrong)}"
+    if (m["name"], m["version"]) != (name, version):
+        return f"it says {m['name']}:{m['version']}"
+    for i, f in enumerate(m["files"]):
+        if not (isinstance(f, dict) and isinstance(f.get("path"), str) and isinstance(f.get("sha256"), str)
+                and _HEX64.match(f["sha256"]) and isinstance(f.get("size"), int) and f["size"] >= 0):
+            return f"files[{i}] is not a {{path, sha256, size}} entry"
+    for k in ("size",):
+        if k in m and not isinstance(m[k], int):
+            return f"wrong type for {k}"
+    for k in ("lineage", "metrics"):
+        if m.get(k) is not None and not isinstance(m[k], dict):
+            return f"wrong type for {k}"
+    return None
 
 
 def _size(n: int) -> str:
