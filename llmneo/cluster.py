@@ -60,6 +60,11 @@ SECRET_ENV = {
     HUB_SECRET: ["HF_TOKEN"],
 }
 TASK_CONFIG_ENV = "LLMNEO_TASK_CONFIG"  # JSON of kfp's TaskConfig, set by the distill component
+# The launcher pod's identity (downward API; pipelines/llm_neo.py sets them on the launcher task):
+# the TrainJob is owned by that pod, and named after the run's Argo workflow and the configuration so
+# that a retried launcher finds its job again instead of starting a second one.
+POD_IDENTITY_ENV = {"POD_NAME": "metadata.name", "POD_UID": "metadata.uid",
+                    "LLMNEO_WORKFLOW": "metadata.labels['workflows.argoproj.io/workflow']"}
 SA_NAMESPACE_FILE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
 
 

@@ -126,7 +126,7 @@ def test_overlays_set_their_pool_and_storage(builds):
         assert pvc["spec"]["storageClassName"] == storage_class and pvc["spec"]["accessModes"] == ["ReadWriteMany"]
         (pool_cm,) = [o for o in objs if o["kind"] == "ConfigMap" and o["metadata"]["name"].startswith("llmneo-pool")]
         pool = yaml.safe_load(pool_cm["data"]["pool.yaml"])
-        assert label in pool["gpu_node_selector"] and pool["distill_gpus"] == 6
+        assert label in pool["gpu_node_selector"] and pool["distill_gpus"] == "6"
         (cron,) = [o for o in objs if o["kind"] == "CronJob"]
         volumes = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]["volumes"]
         assert any(v.get("configMap", {}).get("name") == pool_cm["metadata"]["name"] for v in volumes)
