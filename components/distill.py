@@ -7,7 +7,7 @@ from llmneo_components.images import IMAGE
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
-def distill(preset: str, overrides: list, gpus: int, nodes: int, dataset: Input[Dataset], teacher: Input[Model],
+def distill(preset: str, overrides: list, config: str, gpus: str, nodes: int, dataset: Input[Dataset], teacher: Input[Model],
             student: Input[Model], adapter: Output[Model], metrics: Output[Metrics],
             task_config: dsl.TaskConfig = None):
     """Train the student's LoRA branch on (1-a)*CE + a*T^2*KL(teacher||student) with torchrun.
@@ -15,7 +15,9 @@ def distill(preset: str, overrides: list, gpus: int, nodes: int, dataset: Input[
     Args:
         preset: llmneo preset name (configs/) or YAML path inside the image.
         overrides: configuration overrides as key=value strings.
-        gpus: GPUs per node = torchrun processes per node (0: CPU, processes from the configuration).
+        config: the resolved configuration as YAML (replaces the preset when set; see llmneo_components.params).
+        gpus: GPUs per node = torchrun processes per node, as a string ("0": CPU, processes from the
+            configuration): KFP resolves accelerator limits from STRING parameters only.
         nodes: nodes; more than 1 launches a Kubeflow Trainer TrainJob (llmneo/cluster.py).
         dataset: the prepared dataset.
         teacher: teacher model folder.
@@ -30,12 +32,13 @@ def distill(preset: str, overrides: list, gpus: int, nodes: int, dataset: Input[
     import os
 
     from llmneo.cli import guarded
-    from llmneo.config import load_config
     from llmneo.steps import run_distill
+    from llmneo_components.params import load_run_config, parse_gpus
 
     # the pipeline's GPU/node counts win over the preset: the pod has exactly that many GPUs
-    cluster = [f"distill.nnodes={nodes}"] + ([f"distill.nproc_per_node={gpus}"] if gpus > 0 else [])
-    cfg = guarded(load_config, preset, [*overrides, *cluster])
+    n_gpus = parse_gpus(gpus, "distill_gpus")
+    cluster = [f"distill.nnodes={nodes}"] + ([f"distill.nproc_per_node={n_gpus}"] if n_gpus > 0 else [])
+    cfg = load_run_config(preset, overrides, config, cluster)
     if task_config is not None:
         os.environ["LLMNEO_TASK_CONFIG"] = json.dumps(dataclasses.asdict(task_config))
     card = guarded(run_distill, cfg, dataset.path, teacher.path, student.path, adapter.path)

@@ -7,7 +7,7 @@ from llmneo_components.images import IMAGE
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
-def merge_eval(preset: str, overrides: list, max_kl_to_teacher: float, dataset: Input[Dataset],
+def merge_eval(preset: str, overrides: list, config: str, max_kl_to_teacher: float, dataset: Input[Dataset],
                teacher: Input[Model], student: Input[Model], adapter: Input[Model], model: Output[Model],
                metrics: Output[Metrics], report: Output[Markdown], report_html: Output[HTML]) -> str:
     """Merge the LoRA adapter into the base student, evaluate it against the teacher, apply the gate.
@@ -15,6 +15,7 @@ def merge_eval(preset: str, overrides: list, max_kl_to_teacher: float, dataset: 
     Args:
         preset: llmneo preset name (configs/) or YAML path inside the image.
         overrides: configuration overrides as key=value strings.
+        config: the resolved configuration as YAML (replaces the preset when set; see llmneo_components.params).
         max_kl_to_teacher: gate threshold on KL(teacher||student) over the val split.
         dataset: the prepared dataset (val split).
         teacher: teacher model folder.
@@ -32,10 +33,10 @@ def merge_eval(preset: str, overrides: list, max_kl_to_teacher: float, dataset: 
     import shutil
 
     from llmneo.cli import guarded
-    from llmneo.config import load_config
     from llmneo.steps import run_merge_eval
+    from llmneo_components.params import load_run_config
 
-    cfg = guarded(load_config, preset, [*overrides, f"eval.max_kl_to_teacher={max_kl_to_teacher}"])
+    cfg = load_run_config(preset, overrides, config, [f"eval.max_kl_to_teacher={max_kl_to_teacher}"])
     result = guarded(run_merge_eval, cfg, dataset.path, teacher.path, student.path, adapter.path, model.path)
     passed = result["gate"]["passed"]
     metrics.log_metric("seconds", result["seconds"])

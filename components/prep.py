@@ -7,20 +7,21 @@ from llmneo_components.images import IMAGE
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
-def prep_data(preset: str, overrides: list, dataset: Output[Dataset], metrics: Output[Metrics]):
+def prep_data(preset: str, overrides: list, config: str, dataset: Output[Dataset], metrics: Output[Metrics]):
     """Tokenize the configured data into train/val Parquet with response-only labels.
 
     Args:
         preset: llmneo preset name (configs/) or YAML path inside the image.
         overrides: configuration overrides as key=value strings, e.g. ["data.limit=10000"].
+        config: the resolved configuration as YAML (replaces the preset when set; see llmneo_components.params).
         dataset: output folder with train.parquet, val.parquet, rejects.jsonl, card.json, length_histogram.png.
         metrics: row counts (read/kept/rejected, rejected per reason), token statistics, throughput.
     """
     from llmneo.cli import guarded
-    from llmneo.config import load_config
     from llmneo.steps import run_prep
+    from llmneo_components.params import load_run_config
 
-    cfg = guarded(load_config, preset, overrides)
+    cfg = load_run_config(preset, overrides, config)
     card = guarded(run_prep, cfg, dataset.path)
     metrics.log_metric("seconds", card["seconds"])
     metrics.log_metric("rows_per_second", card["rows_per_second"])

@@ -7,7 +7,7 @@ from llmneo_components.images import IMAGE
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
-def register(preset: str, overrides: list, run_id: str, model: Input[Model], metrics: Output[Metrics]) -> str:
+def register(preset: str, overrides: list, config: str, run_id: str, model: Input[Model], metrics: Output[Metrics]) -> str:
     """Upload the merged model and its manifest (sha256 and size of every file, lineage) into the registry.
 
     The registry is registry.uri (a folder or s3://bucket/prefix; S3 credentials from the pod's
@@ -17,6 +17,7 @@ def register(preset: str, overrides: list, run_id: str, model: Input[Model], met
     Args:
         preset: llmneo preset name (configs/) or YAML path inside the image.
         overrides: configuration overrides as key=value strings.
+        config: the resolved configuration as YAML (replaces the preset when set; see llmneo_components.params).
         run_id: pipeline run id, recorded in the manifest's lineage.
         model: merged model folder from merge-eval.
         metrics: registered size and file count, whether identical content was already registered.
@@ -27,10 +28,10 @@ def register(preset: str, overrides: list, run_id: str, model: Input[Model], met
     import time
 
     from llmneo.cli import guarded
-    from llmneo.config import load_config
     from llmneo.steps import run_register
+    from llmneo_components.params import load_run_config
 
-    cfg = guarded(load_config, preset, overrides)
+    cfg = load_run_config(preset, overrides, config)
     t0 = time.time()
     manifest = guarded(run_register, cfg, model.path, run_id)
     metrics.log_metric("seconds", round(time.time() - t0, 2))

@@ -7,23 +7,24 @@ from llmneo_components.images import IMAGE
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
-def load_teacher(preset: str, overrides: list, dataset: Input[Dataset], teacher: Output[Model],
+def load_teacher(preset: str, overrides: list, config: str, dataset: Input[Dataset], teacher: Output[Model],
                  student: Output[Model], metrics: Output[Metrics]):
     """Load and verify the teacher, build or reference the base student, check their tokenizers.
 
     Args:
         preset: llmneo preset name (configs/) or YAML path inside the image.
         overrides: configuration overrides as key=value strings.
+        config: the resolved configuration as YAML (replaces the preset when set; see llmneo_components.params).
         dataset: the prepared dataset (its tokenizer fingerprint must match the student's).
         teacher: teacher model folder (weights, or a card referencing them; topk/ with teacher.mode=offline).
         student: base student model folder (weights, or a card referencing them).
         metrics: parameter counts, layers; with teacher.mode=offline the top-k cache size and throughput.
     """
     from llmneo.cli import guarded
-    from llmneo.config import load_config
     from llmneo.steps import run_teacher
+    from llmneo_components.params import load_run_config
 
-    cfg = guarded(load_config, preset, overrides)
+    cfg = load_run_config(preset, overrides, config)
     card = guarded(run_teacher, cfg, dataset.path, teacher.path, student.path)
     metrics.log_metric("seconds", card["seconds"])
     for role in ("teacher", "student"):

@@ -60,7 +60,19 @@ SECRET_ENV = {
     S3_SECRET: ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION"],
     HUB_SECRET: ["HF_TOKEN"],
 }
+IMAGE_GID = 1000  # the image's user and group (images/Dockerfile)
+NO_ISTIO = {"labels": {"sidecar.istio.io/inject": "false"}, "annotations": {"sidecar.istio.io/inject": "false"}}
+# Trainer v2.2.0 is the first release whose TrainJob has runtimePatches and activeDeadlineSeconds
+# (kubeflow/trainer 38d8243cf "Replace PodTemplateOverrides with RuntimePatches API"; v2.1.0's CRD has
+# podTemplateOverrides); the API server prunes unknown fields of a structural CRD silently.
+MIN_TRAINER = "v2.2"
+REQUIRED_FIELDS = ("spec.runtimePatches", "spec.activeDeadlineSeconds")
 TASK_CONFIG_ENV = "LLMNEO_TASK_CONFIG"  # JSON of kfp's TaskConfig, set by the distill component
+# The launcher pod's identity (downward API; pipelines/llm_neo.py sets them on the launcher task):
+# the TrainJob is owned by that pod, and named after the run's Argo workflow and the configuration so
+# that a retried launcher finds its job again instead of starting a second one.
+POD_IDENTITY_ENV = {"POD_NAME": "metadata.name", "POD_UID": "metadata.uid",
+                    "LLMNEO_WORKFLOW": "metadata.labels['workflows.argoproj.io/workflow']"}
 SA_NAMESPACE_FILE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
 
 
@@ -94,12 +106,16 @@ def task_settings(raw: dict | None = None) -> dict:
 
 
 def build_trainjob(cfg: Config, name: str, namespace: str, image: str, staging: str,
-                   task: dict | None = None) -> dict:
+                   task: dict | None = None, owner: dict | None = None) -> dict:
     """The TrainJob that runs ``python -m llmneo.cluster node`` on ``distill.nnodes`` nodes.
 
     ``task`` holds what the KFP task forwards (see :func:`task_settings`): ``resources`` become
     ``resourcesPerNode`` (default: ``distill.nproc_per_node`` × ``cluster.gpu_resource``);
     tolerations, node selector, affinity and volumes go into a runtime patch of the ``node`` pods.
+    ``owner`` (:func:`launcher_owner`): the launcher pod owns the job, so the garbage collector
+    removes it with the pod. The node pods opt out of Istio sidecar injection (profile namespaces
+    inject one, and a sidecar that never exits keeps a finished node "running") and run with
+    fsGroup 1000, so a cache volume created by root is writable by the image's uid 1000.
     """
     task = task or {}
     d, c = cfg.distill, cfg.cluster
@@ -114,7 +130,8 @@ def build_trainjob(cfg: Config, name: str, namespace: str, image: str, staging: 
     volumes += [v for v in task.get("volumes", []) if v.get("name") not in taken]
     mounts += [m for m in task.get("volume_mounts", []) if m.get("name") not in taken]
     pod = {
-        "securityContext": {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}},
+        "securityContext": {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"},
+                            "fsGroup": IMAGE_GID, "fsGroupChangePolicy": "OnRootMismatch"},
         "volumes": volumes,
         "containers": [{"name": NODE, "volumeMounts": mounts, "securityContext": restricted_container_security()}],
     }
@@ -124,12 +141,15 @@ def build_trainjob(cfg: Config, name: str, namespace: str, image: str, staging: 
         pod["tolerations"] = list(task["tolerations"])
     if task.get("affinity"):
         pod["affinity"] = task["affinity"]
+    metadata = {"name": name, "namespace": namespace,
+                "labels": {"app.kubernetes.io/name": "llmneo", "app.kubernetes.io/component": "distill",
+                           "llmneo.io/config-hash": cfg.hash()}}
+    if owner:
+        metadata["ownerReferences"] = [owner]
     return {
         "apiVersion": f"{GROUP}/{VERSION}",
         "kind": KIND,
-        "metadata": {"name": name, "namespace": namespace,
-                     "labels": {"app.kubernetes.io/name": "llmneo", "app.kubernetes.io/component": "distill",
-                                "llmneo.io/config-hash": cfg.hash()}},
+        "metadata": metadata,
         "spec": {
             "runtimeRef": {"apiGroup": GROUP, "kind": "ClusterTrainingRuntime", "name": c.runtime},
             "activeDeadlineSeconds": int(c.timeout_hours * 3600),
@@ -144,10 +164,56 @@ def build_trainjob(cfg: Config, name: str, namespace: str, image: str, staging: 
             "runtimePatches": [{
                 "manager": PATCH_MANAGER,
                 "trainingRuntimeSpec": {"template": {"spec": {"replicatedJobs": [
-                    {"name": NODE, "template": {"spec": {"template": {"spec": pod}}}}]}}},
+                    {"name": NODE, "template": {"spec": {"template": {"metadata": NO_ISTIO, "spec": pod}}}}]}}},
             }],
         },
     }
+
+
+def launcher_owner(env: dict | None = None) -> dict | None:
+    """ownerReference to the launcher pod (``$POD_NAME``/``$POD_UID``, downward API), or None off-cluster.
+    No ``blockOwnerDeletion``: that would need update rights on pods/finalizers."""
+    env = os.environ if env is None else env
+    if not (env.get("POD_NAME") and env.get("POD_UID")):
+        return None
+    return {"apiVersion": "v1", "kind": "Pod", "name": env["POD_NAME"], "uid": env["POD_UID"]}
+
+
+def trainjob_name(cfg: Config, env: dict | None = None) -> str:
+    """Deterministic inside a KFP run — the run's Argo workflow (``$LLMNEO_WORKFLOW``) and the
+    configuration — so a retried launcher finds the job its earlier attempt created; random elsewhere."""
+    import hashlib
+
+    env = os.environ if env is None else env
+    workflow = env.get("LLMNEO_WORKFLOW", "")
+    if not workflow:
+        return f"llmneo-{uuid.uuid4().hex[:8]}"
+    return "llmneo-" + hashlib.sha256(f"{workflow}/{cfg.hash()}".encode()).hexdigest()[:12]
+
+
+def missing_fields(sent: dict, kept: dict, paths=REQUIRED_FIELDS) -> list[str]:
+    """The dotted ``paths`` set in ``sent`` but absent from ``kept`` (the object after the API server's
+    structural pruning, e.g. the answer to a dry-run create)."""
+    def get(obj, path):
+        for key in path.split("."):
+            if not isinstance(obj, dict) or key not in obj:
+                return None
+            obj = obj[key]
+        return obj
+
+    return [p for p in paths if get(sent, p) is not None and get(kept, p) is None]
+
+
+def check_trainer(api, namespace: str, body: dict) -> None:
+    """Refuse a Kubeflow Trainer older than :data:`MIN_TRAINER`: a server-side dry-run create returns
+    the object as it would be stored; an older TrainJob CRD prunes the fields it does not know
+    (runtimePatches: no tolerations, node selector, /dev/shm, cache; activeDeadlineSeconds) without error."""
+    with api_errors(f"check TrainJob {namespace}/{body['metadata']['name']} (dry run)"):
+        kept = api.create_job(namespace, body, dry_run=True)
+    lost = missing_fields(body, kept or {})
+    if lost:
+        raise UserError(f"Kubeflow Trainer on this cluster drops {', '.join(lost)} from a TrainJob: llmneo needs "
+                        f"Kubeflow Trainer >= {MIN_TRAINER} (Kubeflow 1.11 ships v2.1: upgrade Trainer)")
 
 
 def job_state(job: dict) -> tuple[str, str]:
@@ -164,7 +230,7 @@ def job_state(job: dict) -> tuple[str, str]:
 
 
 class KubeApi:
-    """The four calls the launcher needs, on the official client (in-cluster config or kubeconfig).
+    """The calls the launcher needs, on the official client (in-cluster config or kubeconfig).
     Tests pass an object with the same methods instead."""
 
     def __init__(self):
@@ -183,11 +249,28 @@ class KubeApi:
         self.custom = client.CustomObjectsApi()
         self.core = client.CoreV1Api()
 
-    def create_job(self, namespace: str, body: dict) -> dict:
-        return self.custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, body)
+    def create_job(self, namespace: str, body: dict, dry_run: bool = False) -> dict:
+        kwargs = {"dry_run": "All"} if dry_run else {}
+        return self.custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, body, **kwargs)
 
     def get_job(self, namespace: str, name: str) -> dict:
         return self.custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+
+    def find_job(self, namespace: str, name: str) -> dict | None:
+        """The TrainJob, or None when there is none by that name."""
+        from kubernetes.client.exceptions import ApiException
+
+        try:
+            return self.get_job(namespace, name)
+        except ApiException as e:
+            if e.status == 404:
+                return None
+            raise
+
+    def set_owners(self, namespace: str, name: str, owners: list[dict]) -> None:
+        """Replace the job's ownerReferences (a JSON merge patch replaces the whole list)."""
+        self.custom.patch_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name,
+                                                   {"metadata": {"ownerReferences": owners}})
 
     def delete_job(self, namespace: str, name: str) -> None:
         self.custom.delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name,
@@ -296,31 +379,35 @@ def run_distill_multinode(cfg: Config, dataset_dir: str | Path, teacher_dir: str
     if not image:
         raise UserError("cluster.image: empty and $LLMNEO_IMAGE is not set: which image do the nodes run?")
     t0 = time.time()
-    name = job_name or f"llmneo-{uuid.uuid4().hex[:8]}"
+    name = job_name or trainjob_name(cfg)
     staging = f"{c.staging_uri.rstrip('/')}/{name}"
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
 
     api = api or KubeApi()
     namespace = current_namespace(cfg)
-    body = build_trainjob(cfg, name, namespace, image, staging, task_settings())
+    owner = launcher_owner()
+    body = build_trainjob(cfg, name, namespace, image, staging, task_settings(), owner=owner)
     previous = signal.getsignal(signal.SIGTERM)
     in_main = _is_main_thread()
     if in_main:  # KFP cancels a run by terminating the pod: still clean up the TrainJob
         signal.signal(signal.SIGTERM, _raise_terminated)
     created = False
     try:
-        with tempfile.TemporaryDirectory() as tmp:
-            (Path(tmp) / "config.yaml").write_text(dump_yaml(cfg))
-            upload_dir(tmp, f"{staging}/inputs")
-        for key, folder in zip(INPUTS, (dataset_dir, teacher_dir, student_dir), strict=True):
-            n = upload_dir(folder, f"{staging}/inputs/{key}")
-            log(f"staged {key}: {n} files → {staging}/inputs/{key}")
-        with api_errors(f"create TrainJob {namespace}/{name}"):
-            api.create_job(namespace, body)
-        created = True
-        log(f"created TrainJob {namespace}/{name}: {cfg.distill.nnodes} nodes × {cfg.distill.nproc_per_node} "
-            f"processes on runtime {c.runtime}")
+        created = _attach(api, namespace, name, owner, log)  # a retry finds its earlier attempt's job
+        if not created:
+            check_trainer(api, namespace, body)
+            with tempfile.TemporaryDirectory() as tmp:
+                (Path(tmp) / "config.yaml").write_text(dump_yaml(cfg))
+                upload_dir(tmp, f"{staging}/inputs")
+            for key, folder in zip(INPUTS, (dataset_dir, teacher_dir, student_dir), strict=True):
+                n = upload_dir(folder, f"{staging}/inputs/{key}")
+                log(f"staged {key}: {n} files → {staging}/inputs/{key}")
+            with api_errors(f"create TrainJob {namespace}/{name}"):
+                api.create_job(namespace, body)
+            created = True
+            log(f"created TrainJob {namespace}/{name}: {cfg.distill.nnodes} nodes × {cfg.distill.nproc_per_node} "
+                f"processes on runtime {c.runtime}")
         state, message = _wait(api, cfg, namespace, name, log)
         if state != "Complete":
             raise UserError(f"distill: TrainJob {namespace}/{name} {state.lower()}: {message or 'see the log above'}")
@@ -346,6 +433,35 @@ def run_distill_multinode(cfg: Config, dataset_dir: str | Path, teacher_dir: str
     card.update({"wall_seconds": round(time.time() - t0, 2), "engine": "kubeflow-trainer", "job": name,
                  "nnodes": cfg.distill.nnodes})
     return write_card(out, card)
+
+
+def _attach(api, namespace: str, name: str, owner: dict | None, log, gone_timeout: float = 300) -> bool:
+    """Re-attach to a TrainJob of that name left by an earlier attempt of this task: a running or
+    completed one is kept (the launcher becomes a second owner, so the garbage collector keeps it
+    while either pod exists); a failed one is deleted, and the caller starts afresh. True: attached."""
+    with api_errors(f"TrainJob {namespace}/{name}"):
+        job = api.find_job(namespace, name)
+    if job is None:
+        return False
+    state, _ = job_state(job)
+    if state == "Failed":
+        log(f"TrainJob {namespace}/{name} of an earlier attempt failed: deleting it and starting afresh")
+        with api_errors(f"delete TrainJob {name}"):
+            api.delete_job(namespace, name)
+        deadline = time.time() + gone_timeout
+        while True:
+            with api_errors(f"TrainJob {namespace}/{name}"):
+                if api.find_job(namespace, name) is None:
+                    return False
+            if time.time() > deadline:
+                raise UserError(f"distill: TrainJob {namespace}/{name} of an earlier attempt is still being deleted")
+            time.sleep(2)
+    owners = list((job.get("metadata") or {}).get("ownerReferences") or [])
+    if owner and all(o.get("uid") != owner["uid"] for o in owners):
+        with api_errors(f"own TrainJob {namespace}/{name}"):
+            api.set_owners(namespace, name, owners + [owner])
+    log(f"re-attached to TrainJob {namespace}/{name} ({state.lower()}), started by an earlier attempt")
+    return True
 
 
 def _is_main_thread() -> bool:

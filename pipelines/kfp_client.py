@@ -5,10 +5,20 @@
         [--param distill_nodes=2] [key=value ...]
 
 ``--host`` defaults to ``$KFP_HOST`` and ``--namespace`` to ``$KFP_NAMESPACE`` (multi-user Kubeflow:
-the profile namespace). Inside a cluster, kfp.Client authenticates with the projected service
-account token (``$KF_PIPELINES_SA_TOKEN_PATH``); from a laptop, port-forward the UI or pass a
-token through your usual kfp set-up. Everything is checked locally first (configuration, pipeline
-parameter names and types): a mistake is one ``error:`` line and nothing is created.
+the profile namespace). Authentication (multi-user KFP answers 401 "no user identity header"
+without it): when the service-account token file exists — ``$KF_PIPELINES_SA_TOKEN_PATH``, default
+``/var/run/secrets/kubeflow/pipelines/token``, a projected token with audience
+``pipelines.kubeflow.org`` — every call sends it. kfp.Client given a ``host`` never does that by
+itself (its in-cluster default credentials apply only without a host). From a laptop through a
+port-forward, write a token to a file and point the variable at it::
+
+    kubectl -n NS create token default-editor --audience=pipelines.kubeflow.org > /tmp/kfp-token
+    KF_PIPELINES_SA_TOKEN_PATH=/tmp/kfp-token llmneo submit --host http://localhost:8888 ...
+
+Everything is checked locally first (configuration, pipeline parameter names and types): a
+mistake is one ``error:`` line and nothing is created. Before uploading or submitting, the API
+server's version (``/apis/v2beta1/healthz``) must be at least :data:`MIN_KFP` (the TaskConfig
+passthrough of the multi-node branch; older servers reject the pipeline spec).
 """
 
 from __future__ import annotations
@@ -23,12 +33,19 @@ from typing import Any
 
 import yaml
 
-from llmneo.config import load_config
+from llmneo.config import dump_yaml, load_config
 from llmneo.errors import UserError
 
 PIPELINE_NAME = "llm-neo"  # = pipelines/llm_neo.py PIPELINE_NAME (a test checks)
 DEFAULT_EXPERIMENT = "llmneo"
 DEFAULT_SERVICE_ACCOUNT = "llmneo-pipeline"  # k8s/base/serviceaccounts.yaml
+# KFP 2.15.0 is the first release with TaskConfig passthrough (kubeflow/pipelines a6f7fb6e84,
+# api/v2alpha1/pipeline_spec.proto task_config_passthroughs); the API server parses pipeline specs
+# with DiscardUnknown=false (backend/src/apiserver/common/utils.go CustomMarshaler), so an older
+# server rejects our spec.
+MIN_KFP = (2, 15)
+TOKEN_ENV, TOKEN_PATH = "KF_PIPELINES_SA_TOKEN_PATH", "/var/run/secrets/kubeflow/pipelines/token"  # = kfp.client's
+CONFIG_PARAM = "config"  # the resolved configuration, as YAML (llmneo_components.params)
 PARAM_TYPES = {"STRING": str, "NUMBER_INTEGER": int, "NUMBER_DOUBLE": (int, float), "BOOLEAN": bool,
                "LIST": list, "STRUCT": dict}
 
@@ -85,7 +102,9 @@ def read_pool(pool_file: str | Path | None) -> dict[str, Any]:
 def run_parameters(preset: str, overrides: list[str], pool: dict | None = None, params: dict | None = None,
                    package: str | Path | None = None, where: str = "") -> dict[str, Any]:
     """The pipeline arguments of one run: the configuration (validated here, so a typo fails now and
-    not an hour into the run), the pool's parameters, then explicit ones. ``where`` prefixes errors."""
+    not an hour into the run, and sent resolved as ``config``, so a local preset file reaches the
+    pods), the pool's parameters, then explicit ones. ``where`` prefixes errors. A whole number for
+    a STRING parameter (``distill_gpus: 6``) is sent as text, the type the pipeline declares."""
     prefix = f"{where}: " if where else ""
     try:
         cfg = load_config(preset, overrides)
@@ -94,13 +113,17 @@ def run_parameters(preset: str, overrides: list[str], pool: dict | None = None, 
     declared = pipeline_spec(package)["root"]["inputDefinitions"]["parameters"]
     args: dict[str, Any] = {"preset": preset, "overrides": list(overrides),
                             "max_kl_to_teacher": cfg.eval.max_kl_to_teacher}
+    if CONFIG_PARAM in declared:
+        args[CONFIG_PARAM] = dump_yaml(cfg)
     for source, values in (("pool file", pool or {}), ("parameter", params or {})):
         for name, value in values.items():
             if name not in declared:
                 raise UserError(f"{prefix}{source} {name}: not a pipeline parameter; known: {', '.join(sorted(declared))}")
-            if name in ("preset", "overrides"):
+            if name in ("preset", "overrides", CONFIG_PARAM):
                 raise UserError(f"{prefix}{source} {name}: use --preset / key=value overrides")
             want = PARAM_TYPES[declared[name]["parameterType"]]
+            if want is str and isinstance(value, int) and not isinstance(value, bool):
+                value = str(value)
             if not isinstance(value, want) or (want is int and isinstance(value, bool)):
                 raise UserError(f"{prefix}{source} {name}: expected {declared[name]['parameterType'].lower()}, got {value!r}")
             args[name] = value
@@ -116,8 +139,25 @@ def run_parameters(preset: str, overrides: list[str], pool: dict | None = None, 
 # --------------------------------------------------------------------------------------------
 
 
-def connect(host: str | None, namespace: str | None = None):
-    """A kfp.Client for ``host`` (or ``$KFP_HOST``)."""
+def token_credentials(path: str | None = None):
+    """kfp's ServiceAccountTokenVolumeCredentials when the token file exists (``path``, else
+    ``$KF_PIPELINES_SA_TOKEN_PATH``, else kfp's default path), else None.
+
+    Upstream rule (kfp SDK 2.17, kfp/client/client.py Client._load_config): with ``host`` set and no
+    ``existing_token``/``credentials``, the client returns before its in-cluster default credentials,
+    so no token is sent and multi-user KFP answers 401; the credentials must be passed explicitly.
+    The token is re-read before each call (projected tokens rotate)."""
+    path = path or os.environ.get(TOKEN_ENV) or TOKEN_PATH
+    if not Path(path).is_file():
+        return None
+    from kfp.client import ServiceAccountTokenVolumeCredentials
+
+    return ServiceAccountTokenVolumeCredentials(path=path)
+
+
+def connect(host: str | None, namespace: str | None = None, token_path: str | None = None):
+    """A kfp.Client for ``host`` (or ``$KFP_HOST``), authenticated by the service-account token
+    file when there is one (:func:`token_credentials`)."""
     host = host or os.environ.get("KFP_HOST")
     if not host:
         raise UserError("--host: the Kubeflow Pipelines URL is required (or set KFP_HOST)")
@@ -125,9 +165,51 @@ def connect(host: str | None, namespace: str | None = None):
 
     import kfp
 
+    credentials = token_credentials(token_path)
     with _api_errors(f"connect to {host}"), warnings.catch_warnings():
         warnings.filterwarnings("ignore", "This client only works with Kubeflow Pipeline v2", FutureWarning)
-        return kfp.Client(host=host, namespace=namespace or os.environ.get("KFP_NAMESPACE") or None)
+        return kfp.Client(host=host, namespace=namespace or os.environ.get("KFP_NAMESPACE") or None,
+                          credentials=credentials)
+
+
+def parse_version(text: str) -> tuple[int, ...] | None:
+    """``"2.15.0"``, ``"v2.15.0-rc.1"`` → (2, 15, 0); None when it is no version (dev builds: "unknown")."""
+    import re
+
+    m = re.match(r"^v?(\d+)\.(\d+)(?:\.(\d+))?", str(text or "").strip())
+    return tuple(int(g) for g in m.groups() if g is not None) if m else None
+
+
+def server_version(client) -> str:
+    """The KFP API server's ``tag_name`` from ``/apis/v2beta1/healthz`` (backend/src/apiserver/main.go
+    healthzResponse). kfp_server_api's response model has no such field, so the raw JSON is read."""
+    resp = client._healthz_api.healthz_service_get_healthz(_preload_content=False)
+    try:
+        return str(json.loads(resp.data or b"{}").get("tag_name") or "")
+    except (ValueError, AttributeError):
+        return ""
+
+
+def check_server(client) -> str:
+    """Refuse a KFP API server older than :data:`MIN_KFP`; an unversioned (dev) build passes."""
+    with _api_errors("Kubeflow Pipelines healthz"):
+        tag = server_version(client)
+    found = parse_version(tag)
+    if found is not None and found[:2] < MIN_KFP:
+        need = ".".join(map(str, MIN_KFP))
+        raise UserError(f"Kubeflow Pipelines {tag}: llmneo needs KFP >= {need} (TaskConfig passthrough in the "
+                        f"pipeline spec; Kubeflow >= 1.11 ships it)")
+    return tag
+
+
+def check_caching(version: str | None, enable_caching: bool | None) -> None:
+    """``enable_caching`` applies only to the local package: the SDK rewrites the caching options of a
+    package's tasks (kfp 2.17, kfp/client/client.py Client._create_job_config: only ``if
+    pipeline_package_path``) and leaves an uploaded version's spec alone, so it is refused, not ignored."""
+    if version and enable_caching is not None:
+        raise UserError("--no-cache: KFP sets caching in the pipeline spec, and an uploaded version's spec is fixed: "
+                        "submit without --version (the local package, caching off) or upload a version compiled "
+                        "with caching off")
 
 
 @contextlib.contextmanager
@@ -189,12 +271,19 @@ def upload(client, version: str | None = None, description: str | None = None,
     package = Path(package or package_path())
     version = version or package_version(package)
     spec = pipeline_spec(package)
+    check_server(client)
     pipeline_description = spec["pipelineInfo"].get("description") or "llmneo"
     description = description or f"llmneo {version}: {pipeline_description}"
     with _api_errors(f"upload {pipeline} {version}"):
         pipeline_id = client.get_pipeline_id(pipeline)
         if pipeline_id is None:
-            created = client.upload_pipeline(str(package), pipeline_name=pipeline, description=pipeline_description)
+            # not client.upload_pipeline: the upload endpoint also creates a first version named after the
+            # pipeline (backend/src/apiserver/server/pipeline_upload_server.go uploadPipeline); CreatePipeline
+            # (pipeline_server.go) creates the pipeline alone, and our named version follows.
+            import kfp_server_api
+
+            created = client._pipelines_api.pipeline_service_create_pipeline(
+                pipeline=kfp_server_api.V2beta1Pipeline(display_name=pipeline, description=pipeline_description))
             pipeline_id = created.pipeline_id
         existing = find_version(client, pipeline_id, version)
         if existing is not None:
@@ -213,11 +302,14 @@ def submit(client, host: str, preset: str, overrides: list[str], pool: dict | No
            params: dict | None = None, experiment: str = DEFAULT_EXPERIMENT, version: str | None = None,
            run_name: str | None = None, service_account: str | None = DEFAULT_SERVICE_ACCOUNT,
            enable_caching: bool | None = None, namespace: str | None = None) -> dict:
-    """Create one run (of the local compiled package, or of an uploaded ``version``); returns its id and URL."""
+    """Create one run (of the local compiled package, or of an uploaded ``version``); returns its id and URL.
+    ``enable_caching`` only with the local package (:func:`check_caching`)."""
     import time
 
+    check_caching(version, enable_caching)
     args = run_parameters(preset, overrides, pool, params)
     name = run_name or f"{preset}-{time.strftime('%Y%m%d-%H%M%S')}"
+    check_server(client)
     with _api_errors(f"submit to {host}"):
         exp = client.create_experiment(experiment, namespace=namespace)
         kwargs = dict(experiment_id=exp.experiment_id, job_name=name, params=args, enable_caching=enable_caching,
@@ -249,6 +341,7 @@ def cmd_submit(args) -> int:
     host = args.host or os.environ.get("KFP_HOST", "")
     pool, params = read_pool(args.pool_file), parse_params(args.param)
     run_parameters(args.preset, args.overrides, pool, params)  # validate before connecting
+    check_caching(args.version, False if args.no_cache else None)
     result = submit(connect(host, args.namespace), host, args.preset, args.overrides, pool, params,
                     experiment=args.experiment, version=args.version, run_name=args.run_name,
                     service_account=args.service_account, enable_caching=False if args.no_cache else None,

@@ -6,25 +6,34 @@
 Caching policy: KFP caches a task on its component spec (image and code included) and inputs.
 prep, load-teacher, distill and merge-eval are deterministic for given inputs (seeded), so they
 cache; register writes to an external registry and never caches. A run is fully described by
-``preset`` + ``overrides``; note that a cache hit means a changed preset *file* inside the same
-image tag is not seen: bump the image tag, or submit with caching off (``llmneo run --no-cache``).
+``config`` (or ``preset``) + ``overrides``: ``llmneo submit`` sends the resolved configuration
+itself, so a changed preset is a changed input. Started from the Kubeflow UI with ``config`` empty,
+the preset file inside the image is used: after changing a preset there, bump the image tag.
 
 Retries: steps that touch the network or storage (prep, load-teacher, register) retry 2× with
 backoff; distill retries once (preemption).
+
+Defaults (a run started from the Kubeflow UI as is): the ``tiny`` preset on CPU (0 GPUs).
+
+Machine fields are STRING parameters: the KFP driver resolves a pod-spec placeholder such as the
+accelerator limit with ``GetStringValue()`` (backend/src/v2/driver/resolve.go,
+resolvePodSpecInputRuntimeParameter), so an integer parameter would become an empty limit.
 
 Kubernetes (kfp-kubernetes; kfp.local ignores it): distill asks for ``distill_gpus`` GPUs on the pool
 chosen by ``gpu_node_selector`` / ``gpu_tolerations`` (pipeline parameters, e.g. from a
 k8s/overlays/*/pool.yaml), with /dev/shm; merge-and-eval for ``eval_gpus``; prep, teacher loading
 and register are CPU only. Every step gets the S3/hub secrets as env, the cache volume and a
 deadline. ``distill_nodes`` > 1 takes the other branch: the same component as a small launcher pod
-whose GPU/pool settings KFP forwards (TaskConfig passthrough) to a Kubeflow Trainer TrainJob.
+whose GPU/pool settings KFP forwards (TaskConfig passthrough, KFP >= 2.15) to a Kubeflow Trainer
+TrainJob; the launcher learns its pod's name, uid and workflow (downward API) to own the TrainJob
+and to find it again after a retry.
 """
 
 import argparse
 
 from kfp import compiler, dsl, kubernetes
 
-from llmneo.cluster import SECRET_ENV
+from llmneo.cluster import POD_IDENTITY_ENV, SECRET_ENV
 from llmneo_components.distill import distill, distill_multinode
 from llmneo_components.images import CPU_IMAGE
 from llmneo_components.merge_eval import merge_eval
@@ -59,6 +68,14 @@ def _gpu_pool(task: dsl.PipelineTask, gpus, node_selector, tolerations) -> dsl.P
     return task
 
 
+def _launcher_identity(task: dsl.PipelineTask) -> dsl.PipelineTask:
+    """The launcher pod's identity (downward API), for the TrainJob's ownerReference and its
+    deterministic name: a retry of the same task in the same run re-attaches to the same job."""
+    for env, path in POD_IDENTITY_ENV.items():
+        kubernetes.use_field_path_as_env(task, env, path)
+    return task
+
+
 def _light(task: dsl.PipelineTask, step: str) -> dsl.PipelineTask:
     cpu, memory = LIGHT[step]
     return task.set_cpu_request(cpu).set_memory_request(memory)
@@ -66,32 +83,35 @@ def _light(task: dsl.PipelineTask, step: str) -> dsl.PipelineTask:
 
 @dsl.pipeline(name=PIPELINE_NAME, description="LLM-NEO: distill a teacher LLM into a student's LoRA branch "
               "(CE + KL to the teacher, base frozen), evaluate, and register the merged model.")
-def llm_neo(preset: str = "tiny", overrides: list = [], max_kl_to_teacher: float = 1000000.0,  # noqa: B006
-            distill_gpus: int = 6, distill_nodes: int = 1, eval_gpus: int = 1,
-            gpu_node_selector: dict = {}, gpu_tolerations: list = A100_TOLERATIONS):  # noqa: B006
+def llm_neo(preset: str = "tiny", overrides: list = [], config: str = "",  # noqa: B006
+            max_kl_to_teacher: float = 1000000.0, distill_gpus: str = "0", distill_nodes: int = 1,
+            eval_gpus: str = "0", gpu_node_selector: dict = {},  # noqa: B006
+            gpu_tolerations: list = A100_TOLERATIONS):  # noqa: B006
     """LLM-NEO distillation.
 
     Args:
         preset: configuration preset (tiny, smollm2-demo, llama3.1-8b_to_3.2-1b, ...).
         overrides: configuration overrides as key=value strings, e.g. ["distill.alpha=0.9"].
+        config: the resolved configuration as YAML (llmneo submit sends it); when set it replaces the preset file, overrides still apply on top.
         max_kl_to_teacher: register the model only if KL(teacher||student) on val is at most this.
-        distill_gpus: GPUs per node for distill = torchrun processes per node (0 = CPU, processes from the preset).
+        distill_gpus: GPUs per node for distill = torchrun processes per node, a whole number as text ("0" = CPU, processes from the preset).
         distill_nodes: nodes for distill; more than 1 runs a Kubeflow Trainer TrainJob (set cluster.staging_uri).
-        eval_gpus: GPUs for merge-and-eval (0 = CPU).
+        eval_gpus: GPUs for merge-and-eval, a whole number as text ("0" = CPU).
         gpu_node_selector: node selector of the GPU pool as JSON, e.g. {"cloud.google.com/gke-accelerator": "nvidia-tesla-a100"}.
         gpu_tolerations: tolerations for the GPU pool's taints as a JSON list of Kubernetes tolerations.
     """
-    prep_task = prep_data(preset=preset, overrides=overrides)
+    cfg = dict(preset=preset, overrides=overrides, config=config)
+    prep_task = prep_data(**cfg)
     prep_task.set_display_name("data prep").set_retry(num_retries=2, backoff_duration="30s")
     _secrets_and_cache(_light(prep_task, "prep"))
     kubernetes.set_timeout(prep_task, TIMEOUT_S["prep"])
 
-    teacher_task = load_teacher(preset=preset, overrides=overrides, dataset=prep_task.outputs["dataset"])
+    teacher_task = load_teacher(**cfg, dataset=prep_task.outputs["dataset"])
     teacher_task.set_display_name("teacher loading").set_retry(num_retries=2, backoff_duration="60s")
     _secrets_and_cache(_light(teacher_task, "teacher"))
     kubernetes.set_timeout(teacher_task, TIMEOUT_S["teacher"])
 
-    distill_inputs = dict(preset=preset, overrides=overrides, gpus=distill_gpus, nodes=distill_nodes,
+    distill_inputs = dict(**cfg, gpus=distill_gpus, nodes=distill_nodes,
                           dataset=prep_task.outputs["dataset"], teacher=teacher_task.outputs["teacher"],
                           student=teacher_task.outputs["student"])
     with dsl.If(distill_nodes == 1, name="one-node"):  # torchrun in the pod, which holds the GPUs
@@ -105,10 +125,11 @@ def llm_neo(preset: str = "tiny", overrides: list = [], max_kl_to_teacher: float
         multinode_task.set_display_name("NEO distill (TrainJob)").set_retry(num_retries=1, backoff_duration="60s")
         _secrets_and_cache(_gpu_pool(multinode_task, distill_gpus, gpu_node_selector, gpu_tolerations))
         multinode_task.set_env_variable("LLMNEO_IMAGE", multinode_task.container_spec.image)
+        _launcher_identity(multinode_task)
         kubernetes.set_timeout(multinode_task, TIMEOUT_S["distill"])
     adapter = dsl.OneOf(distill_task.outputs["adapter"], multinode_task.outputs["adapter"])
 
-    eval_task = merge_eval(preset=preset, overrides=overrides, max_kl_to_teacher=max_kl_to_teacher,
+    eval_task = merge_eval(**cfg, max_kl_to_teacher=max_kl_to_teacher,
                            dataset=prep_task.outputs["dataset"], teacher=teacher_task.outputs["teacher"],
                            student=teacher_task.outputs["student"], adapter=adapter)
     eval_task.set_display_name("merge and eval")
@@ -117,7 +138,7 @@ def llm_neo(preset: str = "tiny", overrides: list = [], max_kl_to_teacher: float
     kubernetes.set_timeout(eval_task, TIMEOUT_S["eval"])
 
     with dsl.If(eval_task.outputs["Output"] == "pass", name="registration-gate"):
-        register_task = register(preset=preset, overrides=overrides, run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+        register_task = register(**cfg, run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
                                  model=eval_task.outputs["model"])
         register_task.set_display_name("register").set_caching_options(False)
         register_task.set_retry(num_retries=2, backoff_duration="30s")

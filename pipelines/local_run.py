@@ -88,9 +88,9 @@ def run_local(preset: str, overrides: list[str], pipeline_root: str = "runs/kfp"
     before = {p.name for p in root.iterdir()}
     t0 = time.time()
     try:
-        # distill_gpus=0: torchrun processes from the preset (no GPUs here); kfp.local ignores the rest
+        # distill_gpus="0": torchrun processes from the preset (no GPUs here); kfp.local ignores the rest
         llm_neo(preset=preset, overrides=overrides, max_kl_to_teacher=cfg.eval.max_kl_to_teacher,
-                distill_gpus=0, distill_nodes=cfg.distill.nnodes)
+                distill_gpus="0", eval_gpus="0", distill_nodes=cfg.distill.nnodes)
     except RuntimeError as e:
         print(f"error: pipeline failed: {str(e).splitlines()[0]}", file=sys.stderr)
         return 1

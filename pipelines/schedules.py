@@ -41,6 +41,7 @@ from llmneo_pipelines.kfp_client import (
     DEFAULT_SERVICE_ACCOUNT,
     _api_errors,
     all_pages,
+    check_server,
     read_pool,
     resolve_version,
     run_parameters,
@@ -232,6 +233,7 @@ def sync(client, directory: str | Path, pool_file: str | Path | None = None, *, 
          experiment: str = DEFAULT_EXPERIMENT, namespace: str | None = None,
          service_account: str | None = DEFAULT_SERVICE_ACCOUNT, log=print) -> list[Action]:
     schedules = load_schedules(directory, read_pool(pool_file))  # all files valid before any KFP call
+    check_server(client)  # KFP >= 2.15 runs what the versions hold
     with _api_errors("experiment"):
         exp = client.create_experiment(experiment, namespace=namespace)
     actions = plan(client, schedules, exp.experiment_id, namespace, service_account)

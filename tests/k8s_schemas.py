@@ -8,6 +8,7 @@ declare; plain JSON Schema allows them. ``strict`` closes every object that list
 from __future__ import annotations
 
 import copy
+import os
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,8 @@ import yaml
 
 from conftest import REPO
 
-SCHEMAS = REPO.parent / "shared" / "schemas"
+# beside the repository; $LLMNEO_SCHEMAS points elsewhere (e.g. from a git worktree)
+SCHEMAS = Path(os.environ.get("LLMNEO_SCHEMAS") or REPO.parent / "shared" / "schemas")
 TRAINJOB_CRD = "trainer.kubeflow.org_trainjobs.yaml"
 
 

@@ -13,10 +13,45 @@ import kfp_server_api as api
 import yaml
 
 
+class _Raw:
+    """What an API call with ``_preload_content=False`` returns: the raw body."""
+
+    def __init__(self, payload: dict):
+        self.data = json.dumps(payload).encode()
+
+
+class _HealthzApi:
+    def __init__(self, fake):
+        self.fake = fake
+
+    def healthz_service_get_healthz(self, _preload_content=True):
+        # backend/src/apiserver/main.go healthzResponse: commit_sha, tag_name, multi_user, pipeline_store
+        self.fake.calls.append(("get_healthz",))
+        payload = {"commit_sha": "abc", "tag_name": self.fake.tag, "multi_user": True}
+        return _Raw(payload) if not _preload_content else api.V2beta1GetHealthzResponse(multi_user=True)
+
+
+class _PipelinesApi:
+    def __init__(self, fake):
+        self.fake = fake
+
+    def pipeline_service_create_pipeline(self, pipeline):
+        """CreatePipeline (backend/src/apiserver/server/pipeline_server.go): the pipeline, no version."""
+        self.fake.calls.append(("create_pipeline", pipeline.display_name, pipeline.description))
+        p = api.V2beta1Pipeline(pipeline_id=next(self.fake._ids), display_name=pipeline.display_name,
+                                description=pipeline.description)
+        self.fake.pipelines[p.display_name] = p
+        self.fake.versions[p.pipeline_id] = []
+        return p
+
+
 class FakeKfp:
     PAGE = 2
 
-    def __init__(self):
+    def __init__(self, tag: str = "2.16.0"):
+        self.tag = tag  # the API server's version (healthz tag_name)
+        self._healthz_api = _HealthzApi(self)
+        self._pipelines_api = _PipelinesApi(self)
         self.calls: list[tuple] = []
         self.pipelines: dict[str, api.V2beta1Pipeline] = {}
         self.versions: dict[str, list[api.V2beta1PipelineVersion]] = {}

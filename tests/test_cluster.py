@@ -10,6 +10,7 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from k8s_schemas import TRAINJOB_CRD, crd_validator, errors
@@ -117,15 +118,30 @@ def test_steps_dispatches_to_the_launcher_when_nnodes_gt_1(tmp_path, monkeypatch
 class FakeKube:
     """Records every call; ``on_create`` simulates the engine, ``states`` the TrainJob's progress."""
 
-    def __init__(self, states=("Running", "Complete"), message="", on_create=None, create_error=None):
+    def __init__(self, states=("Running", "Complete"), message="", on_create=None, create_error=None,
+                 existing=None, prune=None):
         self.calls: list[tuple] = []
         self.states, self.message, self.on_create, self.create_error = list(states), message, on_create, create_error
         self.body = None
+        self.existing = existing  # a TrainJob left by an earlier attempt (find_job returns it, once)
+        self.prune = prune or (lambda body: body)  # the API server's structural pruning (dry run answer)
 
-    def create_job(self, namespace, body):
-        self.calls.append(("create_job", namespace, body["metadata"]["name"]))
+    def find_job(self, namespace, name):
+        self.calls.append(("find_job", namespace, name))
+        if self.existing is not None:
+            self.body = self.existing
+        return self.existing
+
+    def set_owners(self, namespace, name, owners):
+        self.calls.append(("set_owners", namespace, name))
+        self.body = {**self.body, "metadata": {**self.body["metadata"], "ownerReferences": owners}}
+
+    def create_job(self, namespace, body, dry_run=False):
+        self.calls.append(("dry_run_job" if dry_run else "create_job", namespace, body["metadata"]["name"]))
         if self.create_error:
             raise self.create_error
+        if dry_run:
+            return self.prune(json.loads(json.dumps(body)))
         self.body = body
         if self.on_create:
             self.on_create(body)
@@ -147,6 +163,7 @@ class FakeKube:
 
     def delete_job(self, namespace, name):
         self.calls.append(("delete_job", namespace, name))
+        self.existing = None
 
 
 def staged_objects(bucket, prefix):
@@ -176,7 +193,7 @@ def test_launcher_call_sequence_download_and_cleanup(s3_bucket, tiny_workspace, 
                                  tiny_workspace / "student", tmp_path / "out", api=fake, job_name="llmneo-t1",
                                  log=lines.append)
     names = [c[0] for c in fake.calls]
-    assert names[0] == "create_job" and names[-1] == "delete_job"
+    assert names[:3] == ["find_job", "dry_run_job", "create_job"] and names[-1] == "delete_job"
     assert names.count("stream_log") == 1  # one node-0 pod, streamed once
     assert names.index("stream_log") < names.index("delete_job")
     assert all(c[1] == "team-a" and "llmneo-t1" in c[2] for c in fake.calls)
@@ -209,7 +226,7 @@ def test_forbidden_create_names_the_role(s3_bucket, tiny_workspace, tmp_path):
     with pytest.raises(UserError, match=r"Kubernetes API 403 forbidden: apply k8s/ \(Role llmneo-launcher\)"):
         run_distill_multinode(cfg, tiny_workspace / "dataset", tiny_workspace / "teacher",
                               tiny_workspace / "student", tmp_path / "out", api=fake, log=lambda *_: None)
-    assert [c[0] for c in fake.calls] == ["create_job"]  # nothing to delete
+    assert [c[0] for c in fake.calls] == ["find_job", "dry_run_job"]  # refused by the dry run: nothing to delete
     assert staged_objects(s3_bucket, "stage/") == []
 
 
@@ -225,9 +242,11 @@ class LocalEngine(FakeKube):
         super().__init__()
         self.tmp, self.procs, self.logs = tmp_path, [], []
 
-    def create_job(self, namespace, body):
+    def create_job(self, namespace, body, dry_run=False):
         from s3server import free_ports
 
+        if dry_run:
+            return super().create_job(namespace, body, dry_run=True)
         self.calls.append(("create_job", namespace, body["metadata"]["name"]))
         self.body = body
         trainer = body["spec"]["trainer"]
@@ -337,17 +356,147 @@ def test_kube_api_calls_the_official_client_with_valid_arguments():
     api.custom = Recorder(client.CustomObjectsApi, {"get_namespaced_custom_object": {"status": {}}})
     api.core = Recorder(client.CoreV1Api, {"list_namespaced_pod": SimpleNamespace(items=[pod]),
                                            "read_namespaced_pod_log": Stream()})
+    api.create_job("ns", {"kind": "TrainJob"}, dry_run=True)
     api.create_job("ns", {"kind": "TrainJob"})
     api.get_job("ns", "j")
+    api.set_owners("ns", "j", [{"apiVersion": "v1", "kind": "Pod", "name": "p", "uid": "u"}])
     assert api.node0_pods("ns", "j") == [{"name": "j-node-0-0-abc", "uid": "u1", "phase": "Running"}]
     assert list(api.stream_log("ns", "j-node-0-0-abc")) == ["step 1 loss 3.2", "step 2 loss 3.1", "last line"]
     assert Stream.released
     api.delete_job("ns", "j")
     names = [c[0] for c in calls]
-    assert names == ["create_namespaced_custom_object", "get_namespaced_custom_object", "list_namespaced_pod",
+    assert names == ["create_namespaced_custom_object", "create_namespaced_custom_object",
+                     "get_namespaced_custom_object", "patch_namespaced_custom_object", "list_namespaced_pod",
                      "read_namespaced_pod_log", "delete_namespaced_custom_object"]
     assert calls[0][1][:4] == ("trainer.kubeflow.org", "v1alpha1", "ns", "trainjobs")
-    selector = calls[2][2]["label_selector"]
+    assert calls[0][2] == {"dry_run": "All"} and calls[1][2] == {}  # the check, then the real create
+    assert calls[3][1][-1] == {"metadata": {"ownerReferences": [{"apiVersion": "v1", "kind": "Pod", "name": "p",
+                                                                  "uid": "u"}]}}
+    selector = calls[4][2]["label_selector"]
     assert "jobset.sigs.k8s.io/jobset-name=j" in selector and "job-completion-index=0" in selector
-    assert calls[3][2]["follow"] is True and calls[3][2]["container"] == "node"
-    assert calls[4][2]["propagation_policy"] == "Foreground"
+    assert calls[5][2]["follow"] is True and calls[5][2]["container"] == "node"
+    assert calls[6][2]["propagation_policy"] == "Foreground"
+
+
+# --------------------------------------------------------------------------------------------
+# Backend rules: Trainer version floor, ownership, re-attach after a retry, Istio, fsGroup
+# --------------------------------------------------------------------------------------------
+
+
+def prune_to(schema: dict):
+    """The API server's structural pruning (apiextensions: fields not in a structural CRD schema are
+    dropped silently on create, dry run included), for one CRD version's openAPIV3Schema."""
+    def prune(node, sch):
+        if not isinstance(node, dict) or sch.get("x-kubernetes-preserve-unknown-fields"):
+            if isinstance(node, list) and "items" in sch:
+                return [prune(v, sch["items"]) for v in node]
+            return node
+        props = sch.get("properties")
+        if props is None:
+            extra = sch.get("additionalProperties")
+            return {k: prune(v, extra) for k, v in node.items()} if isinstance(extra, dict) else node
+        return {k: prune(v, props[k]) for k, v in node.items() if k in props or k in ("apiVersion", "kind")}
+
+    return lambda body: prune(body, schema)
+
+
+def trainjob_schema(older: bool = False) -> dict:
+    """The TrainJob v1alpha1 schema from ../shared/schemas (Trainer main); ``older``: as Trainer v2.1.0's
+    CRD has it, without runtimePatches and activeDeadlineSeconds (both came in v2.2.0)."""
+    import copy
+
+    import yaml
+    from k8s_schemas import SCHEMAS
+
+    if not (SCHEMAS / TRAINJOB_CRD).is_file():
+        pytest.skip(f"{SCHEMAS / TRAINJOB_CRD} not found: the CRD schemas live in the shared folder")
+    (crd,) = [d for d in yaml.safe_load_all((SCHEMAS / TRAINJOB_CRD).read_text()) if d]
+    (ver,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1alpha1"]
+    schema = copy.deepcopy(ver["schema"]["openAPIV3Schema"])
+    if older:
+        for field in ("runtimePatches", "activeDeadlineSeconds"):
+            del schema["properties"]["spec"]["properties"][field]
+    return schema
+
+
+def test_trainer_older_than_v2_2_is_refused_before_anything_is_staged(tmp_path):
+    """Upstream rule (kubeflow/trainer: runtimePatches replaced podTemplateOverrides in 38d8243cf,
+    first in v2.2.0; spec.activeDeadlineSeconds is also absent from v2.1.0's
+    manifests/base/crds/trainer.kubeflow.org_trainjobs.yaml): a v2.1 API server prunes those fields
+    silently — no tolerations, node selector, /dev/shm, deadline. A dry-run create shows what is kept."""
+    from llmneo.cluster import REQUIRED_FIELDS, check_trainer
+
+    cfg = multinode_cfg()
+    body = build_trainjob(cfg, "j", "ns", "img", "s3://b/stage/j", task_settings(KFP_TASK_CONFIG))
+    check_trainer(FakeKube(prune=prune_to(trainjob_schema())), "ns", body)  # current Trainer: all kept
+    old = FakeKube(prune=prune_to(trainjob_schema(older=True)))
+    with pytest.raises(UserError, match=r"drops spec.runtimePatches, spec.activeDeadlineSeconds .*Trainer >= v2.2"):
+        check_trainer(old, "ns", body)
+    assert [c[0] for c in old.calls] == ["dry_run_job"]
+    assert REQUIRED_FIELDS == ("spec.runtimePatches", "spec.activeDeadlineSeconds")
+    # in the launcher: refused before any staging upload or real create (no S3 needed to get there)
+    with pytest.raises(UserError, match=r"Trainer >= v2.2"):
+        run_distill_multinode(multinode_cfg(), tmp_path, tmp_path, tmp_path, tmp_path / "out",
+                              api=FakeKube(prune=prune_to(trainjob_schema(older=True))), log=lambda *_: None)
+
+
+def test_trainjob_is_owned_by_the_launcher_pod_and_named_after_the_run(monkeypatch):
+    """No orphan: the launcher pod (downward API POD_NAME/POD_UID) owns the TrainJob, and the name is
+    deterministic per run (Argo workflow) and configuration, so a retry finds the same job."""
+    from llmneo.cluster import launcher_owner, trainjob_name
+
+    env = {"POD_NAME": "llm-neo-abc-system-container-impl-1", "POD_UID": "uid-1", "LLMNEO_WORKFLOW": "llm-neo-abc"}
+    owner = launcher_owner(env)
+    assert owner == {"apiVersion": "v1", "kind": "Pod", "name": env["POD_NAME"], "uid": "uid-1"}
+    job = build_trainjob(multinode_cfg(), "j", "ns", "img", "s3://b/p", {}, owner=owner)
+    assert job["metadata"]["ownerReferences"] == [owner]
+    assert errors(crd_validator(TRAINJOB_CRD, "v1alpha1"), job) == []
+    cfg = multinode_cfg()
+    name = trainjob_name(cfg, env)
+    assert name == trainjob_name(cfg, dict(env, POD_NAME="retry-pod", POD_UID="uid-2"))  # a retry: same job
+    assert name != trainjob_name(cfg, dict(env, LLMNEO_WORKFLOW="llm-neo-other"))  # another run
+    assert name != trainjob_name(multinode_cfg(**{"distill.alpha": 0.1}), env)  # another configuration
+    assert re.fullmatch(r"llmneo-[0-9a-f]{12}", name)
+    assert launcher_owner({}) is None and trainjob_name(cfg, {}) != trainjob_name(cfg, {})  # off-cluster: random
+
+
+def test_trainjob_pods_skip_istio_and_own_their_volumes():
+    job = build_trainjob(multinode_cfg(), "j", "ns", "img", "s3://b/p", task_settings(KFP_TASK_CONFIG))
+    template = job["spec"]["runtimePatches"][0]["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"][0][
+        "template"]["spec"]["template"]
+    assert template["metadata"]["labels"]["sidecar.istio.io/inject"] == "false"
+    assert template["metadata"]["annotations"]["sidecar.istio.io/inject"] == "false"
+    assert template["spec"]["securityContext"]["fsGroup"] == 1000
+
+
+def test_a_retry_reattaches_to_the_running_job_instead_of_starting_a_second(monkeypatch, tmp_path):
+    from llmneo import cluster
+
+    cfg = multinode_cfg(**{"cluster.poll_seconds": 0.01})
+    monkeypatch.setenv("POD_NAME", "retry-pod")
+    monkeypatch.setenv("POD_UID", "uid-2")
+    first_owner = {"apiVersion": "v1", "kind": "Pod", "name": "first-pod", "uid": "uid-1"}
+    earlier = build_trainjob(cfg, "llmneo-r1", "ns", "img", "s3://b/stage/llmneo-r1", {}, owner=first_owner)
+    fake = FakeKube(states=["Running", "Complete"], existing=earlier)
+    monkeypatch.setattr(cluster, "get_json", lambda uri: {"files": 1})
+    monkeypatch.setattr("llmneo.s3.download_prefix", lambda uri, out: (Path(out) / "card.json").write_text(
+        json.dumps({"kind": "adapter", "method": "neo", "steps": 3})))
+    monkeypatch.setattr(cluster, "delete_prefix", lambda uri: 0)
+    card = run_distill_multinode(cfg, tmp_path, tmp_path, tmp_path, tmp_path / "out", api=fake, job_name="llmneo-r1",
+                                 log=lambda *_: None)
+    names = [c[0] for c in fake.calls]
+    assert "create_job" not in names and "dry_run_job" not in names  # no second job, nothing re-staged
+    assert names[:2] == ["find_job", "set_owners"]
+    assert [o["uid"] for o in fake.body["metadata"]["ownerReferences"]] == ["uid-1", "uid-2"]
+    assert card["steps"] == 3 and card["job"] == "llmneo-r1"
+
+
+def test_a_failed_job_of_an_earlier_attempt_is_replaced(monkeypatch, tmp_path):
+    from llmneo.cluster import _attach
+
+    cfg = multinode_cfg()
+    earlier = {**build_trainjob(cfg, "llmneo-r2", "ns", "img", "s3://b/p", {}),
+               "status": {"conditions": [{"type": "Failed", "status": "True", "message": "OOM"}]}}
+    fake = FakeKube(existing=earlier)
+    assert _attach(fake, "ns", "llmneo-r2", None, log=lambda *_: None) is False  # the caller creates afresh
+    assert [c[0] for c in fake.calls] == ["find_job", "delete_job", "find_job"]

@@ -126,7 +126,7 @@ def test_overlays_set_their_pool_and_storage(builds):
         assert pvc["spec"]["storageClassName"] == storage_class and pvc["spec"]["accessModes"] == ["ReadWriteMany"]
         (pool_cm,) = [o for o in objs if o["kind"] == "ConfigMap" and o["metadata"]["name"].startswith("llmneo-pool")]
         pool = yaml.safe_load(pool_cm["data"]["pool.yaml"])
-        assert label in pool["gpu_node_selector"] and pool["distill_gpus"] == 6
+        assert label in pool["gpu_node_selector"] and pool["distill_gpus"] == "6"
         (cron,) = [o for o in objs if o["kind"] == "CronJob"]
         volumes = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]["volumes"]
         assert any(v.get("configMap", {}).get("name") == pool_cm["metadata"]["name"] for v in volumes)
@@ -173,9 +173,10 @@ def test_launcher_role_grants_exactly_what_the_launcher_calls(builds):
     grants = {(g, r, v) for rule in role["rules"] for g in rule["apiGroups"] for r in rule["resources"]
               for v in rule["verbs"]}
     assert grants == {("trainer.kubeflow.org", "trainjobs", "create"), ("trainer.kubeflow.org", "trainjobs", "get"),
-                      ("trainer.kubeflow.org", "trainjobs", "delete"), ("", "pods", "list"), ("", "pods/log", "get")}
+                      ("trainer.kubeflow.org", "trainjobs", "patch"), ("trainer.kubeflow.org", "trainjobs", "delete"),
+                      ("", "pods", "list"), ("", "pods/log", "get")}
     src = inspect.getsource(cluster.KubeApi)
-    for call in ("create_namespaced_custom_object", "get_namespaced_custom_object",
+    for call in ("create_namespaced_custom_object", "get_namespaced_custom_object", "patch_namespaced_custom_object",
                  "delete_namespaced_custom_object", "list_namespaced_pod", "read_namespaced_pod_log"):
         assert call in src
     assert all("*" not in rule["verbs"] and "*" not in rule["resources"]
@@ -211,3 +212,71 @@ def test_cronjob_runs_the_cpu_image_and_the_sync_command(builds):
     assert container["image"] == DEFAULT_CPU_IMAGE
     assert container["command"][:3] == ["llmneo", "schedule", "sync"]
     assert cron["spec"]["concurrencyPolicy"] == "Forbid"
+
+
+def _grants(objects, service_account):
+    """(apiGroup, resource, resourceName or "*", verb) granted to a service account by Roles bound to it."""
+    roles = {o["metadata"]["name"]: o for o in objects if o["kind"] == "Role"}
+    out = set()
+    for rb in (o for o in objects if o["kind"] == "RoleBinding"):
+        if any(s["kind"] == "ServiceAccount" and s["name"] == service_account for s in rb["subjects"]):
+            for rule in roles[rb["roleRef"]["name"]]["rules"]:
+                for g in rule["apiGroups"]:
+                    for r in rule["resources"]:
+                        for n in rule.get("resourceNames") or ["*"]:
+                            out |= {(g, r, n, v) for v in rule["verbs"]}
+    return out
+
+
+# What KFP v2's driver and launcher read with the run's service account, and KFP's own pipeline-runner
+# Role grants (kubeflow/pipelines 2.17.0 manifests/kustomize/base/pipeline/pipeline-runner-role.yaml):
+KFP_RUN_NEEDS = {
+    ("", "configmaps", "kfp-launcher", "get"),  # backend/src/v2/config/env.go FromConfigMap (Forbidden is fatal)
+    ("", "secrets", "mlpipeline-minio-artifact", "get"),  # backend/src/v2/objectstore/object_store.go
+    ("", "pods", "*", "get"),  # backend/src/v2/component/launcher_v2.go
+    ("argoproj.io", "workflowtaskresults", "*", "create"),  # Argo's executor reports outputs
+    ("argoproj.io", "workflowtaskresults", "*", "patch"),
+}
+
+
+@pytest.mark.parametrize("name", [*OVERLAYS, "base"])
+def test_run_service_account_may_read_what_the_kfp_driver_and_launcher_read(name, builds):
+    """Upstream rule (kubeflow/pipelines 2.17.0): the whole Argo workflow runs as the run's service
+    account (backend/src/apiserver/template/template.go → util.Workflow.SetServiceAccount), so the root
+    driver reads ConfigMap kfp-launcher (config/env.go FromConfigMap: only NotFound is tolerated) and the
+    launcher reads Secret mlpipeline-minio-artifact (objectstore/object_store.go) as llmneo-pipeline."""
+    from llmneo_pipelines.kfp_client import DEFAULT_SERVICE_ACCOUNT
+
+    granted = _grants(builds[name], DEFAULT_SERVICE_ACCOUNT)
+    assert KFP_RUN_NEEDS <= granted, KFP_RUN_NEEDS - granted
+    secrets = {n for g, r, n, v in granted if r == "secrets"}
+    assert secrets == {"mlpipeline-minio-artifact"}  # no wildcard read of the namespace's secrets
+
+
+@pytest.mark.parametrize("name", [*OVERLAYS, "base"])
+def test_no_namespace_object_is_built(name, builds):
+    """Upstream rule (kubeflow/manifests 2026-04, applications/profiles/upstream/base/namespace-labels.yaml:
+    the profile controller never replaces an existing label key; common/kubeflow-namespace/base/kubeflow/
+    ml-pipeline.yaml NetworkPolicy admits only namespaces labelled app.kubernetes.io/part-of=kubeflow-profile).
+    A Namespace in our build would get part-of=llmneo from the labels transformer and lose KFP's API."""
+    assert [o for o in builds[name] if o["kind"] == "Namespace"] == []
+    assert all(o["metadata"]["labels"]["app.kubernetes.io/part-of"] == "llmneo" for o in builds[name])
+
+
+def test_profile_example_makes_a_kubeflow_profile_namespace():
+    profile = yaml.safe_load((K8S / "profile.yaml").read_text())
+    assert (profile["apiVersion"], profile["kind"], profile["metadata"]["name"]) == ("kubeflow.org/v1", "Profile", "llmneo")
+    base = yaml.safe_load((K8S / "base" / "kustomization.yaml").read_text())
+    assert not any("profile" in r for r in base["resources"])  # applied once by an administrator, not by overlays
+
+
+@pytest.mark.parametrize("name", [*OVERLAYS, "base"])
+def test_cronjob_opts_out_of_istio_and_owns_its_volumes(name, builds):
+    """Profile namespaces inject Istio sidecars, which never exit (a Job never completes): KFP's own
+    workflow pods opt out (kubeflow/pipelines 2.17.0 backend/src/apiserver/template/argo_template.go);
+    fsGroup 1000 makes volumes writable by the image's uid 1000."""
+    (cron,) = [o for o in builds[name] if o["kind"] == "CronJob"]
+    template = cron["spec"]["jobTemplate"]["spec"]["template"]
+    assert template["metadata"]["labels"]["sidecar.istio.io/inject"] == "false"
+    assert template["metadata"]["annotations"]["sidecar.istio.io/inject"] == "false"
+    assert template["spec"]["securityContext"]["fsGroup"] == 1000

@@ -10,7 +10,7 @@ import yaml
 
 from conftest import REPO
 
-PARAMS = {"distill_gpus", "distill_nodes", "eval_gpus", "gpu_node_selector", "gpu_tolerations"}
+PARAMS = {"config", "distill_gpus", "distill_nodes", "eval_gpus", "gpu_node_selector", "gpu_tolerations"}
 
 
 @pytest.fixture(scope="module")
@@ -23,11 +23,24 @@ def container(spec, name):
     return spec["deploymentSpec"]["executors"][f"exec-{name}"]["container"]
 
 
-def test_gpu_counts_are_pipeline_parameters(compiled):
+def test_gpu_counts_are_string_pipeline_parameters(compiled):
+    """Upstream rule (kubeflow/pipelines 2.17.0, backend/src/v2/driver/driver.go initPodSpecPatch →
+    resolve.go resolvePodSpecInputRuntimeParameter): the driver reads an accelerator count placeholder
+    with ``GetStringValue()``, which is "" for a NUMBER_INTEGER value, so the GPU limit silently
+    vanishes. GPU counts must be STRING parameters, on every task whose pod spec uses them."""
     spec, _ = compiled
     params = spec["root"]["inputDefinitions"]["parameters"]
-    assert params["distill_gpus"]["defaultValue"] == 6 and params["distill_nodes"]["defaultValue"] == 1
-    assert params["eval_gpus"]["defaultValue"] == 1
+    for name in ("distill_gpus", "eval_gpus"):
+        assert params[name]["parameterType"] == "STRING", name
+    # the UI's defaults alone make sense: the tiny preset on CPU, no GPU asked for
+    assert params["preset"]["defaultValue"] == "tiny"
+    assert params["distill_gpus"]["defaultValue"] == "0" and params["eval_gpus"]["defaultValue"] == "0"
+    assert params["distill_nodes"]["defaultValue"] == 1
+    # every component input fed from a GPU parameter is STRING too (the channel keeps the type)
+    for comp_name, comp in spec["components"].items():
+        for pname, pdef in comp.get("inputDefinitions", {}).get("parameters", {}).items():
+            if pname.endswith(("distill_gpus", "eval_gpus")) or (comp_name.startswith("comp-distill") and pname == "gpus"):
+                assert pdef["parameterType"] == "STRING", (comp_name, pname)
     for name, param in ("distill", "distill_gpus"), ("distill-multinode", "distill_gpus"), ("merge-eval", "eval_gpus"):
         acc = container(spec, name)["resources"]["accelerator"]
         assert acc["resourceType"] == "nvidia.com/gpu"
@@ -118,11 +131,40 @@ def test_distill_component_passes_gpu_and_node_counts(monkeypatch, tmp_path):
     for a in art.values():
         a.path = a.uri
     metrics = dsl.Metrics(uri=str(tmp_path / "m"))
-    distill.python_func(preset="tiny", overrides=[], gpus=6, nodes=1, dataset=art["dataset"], teacher=art["teacher"],
+    distill.python_func(preset="tiny", overrides=[], config="", gpus="6", nodes=1, dataset=art["dataset"], teacher=art["teacher"],
                         student=art["student"], adapter=art["adapter"], metrics=metrics)
     assert seen == {"nproc": 6, "nnodes": 1, "task": None}
-    distill.python_func(preset="tiny", overrides=["distill.nproc_per_node=3"], gpus=0, nodes=2,
+    distill.python_func(preset="tiny", overrides=["distill.nproc_per_node=3"], config="", gpus="0", nodes=2,
                         dataset=art["dataset"], teacher=art["teacher"], student=art["student"], adapter=art["adapter"],
                         metrics=metrics, task_config=dsl.TaskConfig(node_selector={"pool": "a100"}))
     assert seen["nproc"] == 3 and seen["nnodes"] == 2  # gpus=0: the preset's process count
     assert json.loads(seen["task"])["node_selector"] == {"pool": "a100"}
+    with pytest.raises(SystemExit) as exc:  # one error: line, no traceback
+        distill.python_func(preset="tiny", overrides=[], config="", gpus="six", nodes=1, dataset=art["dataset"],
+                            teacher=art["teacher"], student=art["student"], adapter=art["adapter"], metrics=metrics)
+    assert exc.value.code == 2
+
+
+def test_components_load_the_sent_configuration_before_the_preset():
+    """``config`` (the resolved configuration llmneo submit sends) replaces the preset; overrides and
+    the step's own settings apply on top, in that order."""
+    from llmneo.config import dump_yaml, load_config
+    from llmneo_components.params import load_run_config, parse_gpus
+
+    mine = load_config("tiny", ["distill.alpha=0.25", "distill.max_steps=7"])
+    cfg = load_run_config("mine.yaml", ["distill.max_steps=9"], dump_yaml(mine), ["distill.nnodes=1"])
+    assert (cfg.distill.alpha, cfg.distill.max_steps) == (0.25, 9)  # "mine.yaml" is only a label here
+    assert load_run_config("tiny", [], "").distill.alpha == load_config("tiny").distill.alpha
+    assert parse_gpus(" 6 ") == 6 and parse_gpus("0") == 0
+    with pytest.raises(SystemExit):
+        load_run_config("tiny", [], "- not a mapping")
+
+
+def test_launcher_task_gets_its_pod_identity(compiled):
+    """The multi-node launcher owns its TrainJob (ownerReference to its pod) and names it after the
+    run's workflow: kfp-kubernetes fieldPathAsEnv (downward API) gives it name, uid and workflow."""
+    from llmneo.cluster import POD_IDENTITY_ENV
+
+    _, executors = compiled
+    got = {e["name"]: e["fieldPath"] for e in executors["exec-distill-multinode"]["fieldPathAsEnv"]}
+    assert got == POD_IDENTITY_ENV

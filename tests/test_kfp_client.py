@@ -25,11 +25,17 @@ def test_pipeline_name_matches_the_dag():
 
 
 def test_upload_creates_pipeline_and_version_then_is_idempotent():
+    """Upstream rule (kubeflow/pipelines 2.17.0, backend/src/apiserver/server/pipeline_upload_server.go
+    uploadPipeline): the upload endpoint creates the pipeline *and* a first version named after it;
+    CreatePipeline (pipeline_server.go) creates the pipeline alone. The first upload must leave exactly
+    one version, ours."""
     fake = FakeKfp()
     first = kfp_client.upload(fake, version="0.1.0")
     assert first["created"] and first["version"] == "0.1.0"
-    (up,) = [c for c in fake.calls if c[0] == "upload_pipeline"]
+    assert not [c for c in fake.calls if c[0] == "upload_pipeline"]
+    (up,) = [c for c in fake.calls if c[0] == "create_pipeline"]
     assert up[1] == "llm-neo" and up[2].startswith("LLM-NEO: distill a teacher LLM")  # the DAG's description
+    assert [v.display_name for v in fake.versions[first["pipeline_id"]]] == ["0.1.0"]  # no extra "llm-neo" version
     (ver,) = [c for c in fake.calls if c[0] == "upload_pipeline_version"]
     assert ver[1] == "0.1.0" and ver[2] == first["pipeline_id"] and ver[3].startswith("llmneo 0.1.0: LLM-NEO")
     fake.calls.clear()
@@ -54,8 +60,11 @@ def test_submit_sends_validated_parameters_and_returns_the_url():
     result = kfp_client.submit(fake, "http://kfp.example:8080/", "smollm2-demo", ["distill.alpha=0.9"], pool,
                                {"distill_nodes": 1, "eval_gpus": 0}, run_name="r1")
     (run,) = fake.runs
+    from llmneo.config import dump_yaml, load_config
+
     assert run["params"] == {"preset": "smollm2-demo", "overrides": ["distill.alpha=0.9"], "max_kl_to_teacher": 1e6,
-                             "distill_gpus": 6, "eval_gpus": 0, "distill_nodes": 1,
+                             "config": dump_yaml(load_config("smollm2-demo", ["distill.alpha=0.9"])),
+                             "distill_gpus": "6", "eval_gpus": "0", "distill_nodes": 1,
                              "gpu_node_selector": {"cloud.google.com/gke-accelerator": "nvidia-tesla-a100"},
                              "gpu_tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]}
     assert run["package"] == str(kfp_client.package_path()) and run["service_account"] == "llmneo-pipeline"
@@ -75,8 +84,10 @@ def test_submit_an_uploaded_version():
 
 @pytest.mark.parametrize("overrides, params, message", [
     (["distill.alpha=3"], {}, r"^distill.alpha: must be <= 1.0"),
-    ([], {"distil_gpus": 2}, r"^parameter distil_gpus: not a pipeline parameter; known: distill_gpus"),
-    ([], {"distill_gpus": "six"}, r"^parameter distill_gpus: expected number_integer, got 'six'"),
+    ([], {"distil_gpus": 2}, r"^parameter distil_gpus: not a pipeline parameter; known: config, distill_gpus"),
+    ([], {"distill_nodes": "two"}, r"^parameter distill_nodes: expected number_integer, got 'two'"),
+    ([], {"distill_gpus": [6]}, r"^parameter distill_gpus: expected string, got \[6\]"),
+    ([], {"config": "distill: {}"}, r"^parameter config: use --preset / key=value overrides"),
     ([], {"gpu_tolerations": {"key": "x"}}, r"^parameter gpu_tolerations: expected list"),
     ([], {"distill_nodes": 2}, r"^cluster.staging_uri: set an s3:// prefix for distill_nodes=2"),
 ])
@@ -104,7 +115,7 @@ def test_cli_submit_prints_the_run_url(monkeypatch, capsys, tmp_path):
                  "--param", "eval_gpus=0", "--run-name", "cli-run", "distill.max_steps=2"]) == 0
     out = capsys.readouterr().out
     assert "run cli-run (id-1): http://kfp:8080/#/runs/details/id-1" in out
-    assert fake.runs[0]["params"]["distill_gpus"] == 2 and fake.runs[0]["params"]["overrides"] == ["distill.max_steps=2"]
+    assert fake.runs[0]["params"]["distill_gpus"] == "2" and fake.runs[0]["params"]["overrides"] == ["distill.max_steps=2"]
     assert main(["upload", "--host", "http://kfp:8080", "--version", "0.1.0"]) == 0
     assert "uploaded llm-neo version 0.1.0" in capsys.readouterr().out
 
@@ -126,3 +137,119 @@ def test_unreachable_host_with_the_real_client_is_one_line():
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("error: connect to http://127.0.0.1:9: cannot reach Kubeflow Pipelines")
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_a_custom_preset_file_reaches_the_pods_as_the_config_parameter(tmp_path):
+    """`submit --preset mine.yaml`: the pods cannot read the submitter's file, so the resolved
+    configuration travels as the ``config`` parameter, and the components load it in place of the
+    preset (llmneo_components.params.load_run_config)."""
+    from llmneo.config import load_config
+    from llmneo_components.params import load_run_config
+
+    mine = tmp_path / "mine.yaml"
+    mine.write_text(yaml.safe_dump({"distill": {"alpha": 0.3, "max_steps": 5}}))
+    fake = FakeKfp()
+    kfp_client.submit(fake, "http://h", str(mine), ["distill.max_steps=4"])
+    params = fake.runs[0]["params"]
+    in_pod = load_run_config(params["preset"], params["overrides"], params["config"])
+    assert in_pod == load_config(str(mine), ["distill.max_steps=4"])
+    assert (in_pod.distill.alpha, in_pod.distill.max_steps) == (0.3, 4)
+
+
+def test_no_cache_with_an_uploaded_version_is_refused():
+    """Upstream rule (kfp SDK 2.17.3, kfp/client/client.py Client._create_job_config): enable_caching
+    rewrites task caching options only ``if pipeline_package_path``; with a version id it is dropped."""
+    fake = FakeKfp()
+    kfp_client.upload(fake, version="0.1.0")
+    fake.calls.clear()
+    with pytest.raises(UserError, match=r"^--no-cache: KFP sets caching in the pipeline spec.*submit without --version"):
+        kfp_client.submit(fake, "http://h", "tiny", [], version="0.1.0", enable_caching=False)
+    assert fake.calls == []
+    kfp_client.submit(fake, "http://h", "tiny", [], enable_caching=False)  # the local package: applied
+    assert fake.runs[0]["enable_caching"] is False and fake.runs[0]["package"]
+
+
+@pytest.mark.parametrize("tag, ok", [("2.14.3", False), ("2.5.0", False), ("1.8.5", False), ("2.15.0", True),
+                                     ("v2.16.1", True), ("2.17.0-rc.1", True), ("unknown", True)])
+def test_kfp_older_than_2_15_is_refused_before_upload_or_submit(tag, ok):
+    """Upstream rule (kubeflow/pipelines: TaskConfig passthrough, commit a6f7fb6e84, first in release
+    2.15.0; backend/src/apiserver/common/utils.go CustomMarshaler parses specs with DiscardUnknown=false,
+    so an older API server rejects the spec). The version comes from healthz ``tag_name``
+    (backend/src/apiserver/main.go healthzResponse), read raw: the SDK's model drops the field."""
+    for action in (lambda f: kfp_client.upload(f, version="0.1.0"), lambda f: kfp_client.submit(f, "http://h", "tiny", [])):
+        fake = FakeKfp(tag=tag)
+        if ok:
+            action(fake)
+            assert fake.mutations()
+        else:
+            with pytest.raises(UserError, match=rf"^Kubeflow Pipelines {tag}: llmneo needs KFP >= 2.15"):
+                action(fake)
+            assert fake.mutations() == []
+
+
+def test_client_sends_the_service_account_token_when_the_file_exists(tmp_path, monkeypatch):
+    """Upstream rule (kfp SDK 2.17.3, kfp/client/client.py Client._load_config): with ``host`` set and
+    neither ``existing_token`` nor ``credentials``, it returns before the in-cluster default
+    credentials: no Authorization header, and multi-user KFP answers 401. connect() passes
+    ServiceAccountTokenVolumeCredentials for the projected token (KF_PIPELINES_SA_TOKEN_PATH)."""
+    import kfp
+    from kfp.client import ServiceAccountTokenVolumeCredentials
+
+    seen = {}
+
+    class Recorder:
+        def __init__(self, **kwargs):
+            seen.update(kwargs)
+
+    monkeypatch.setattr(kfp, "Client", Recorder)
+    token = tmp_path / "token"
+    token.write_text("tok-1")
+    monkeypatch.setenv("KF_PIPELINES_SA_TOKEN_PATH", str(token))
+    kfp_client.connect("http://ml-pipeline.kubeflow:8888", "team")
+    creds = seen["credentials"]
+    assert isinstance(creds, ServiceAccountTokenVolumeCredentials) and seen["host"] == "http://ml-pipeline.kubeflow:8888"
+    assert creds._get_token() == "tok-1"
+    token.write_text("tok-2")  # projected tokens rotate: read again on each refresh
+    assert creds._get_token() == "tok-2"
+    monkeypatch.setenv("KF_PIPELINES_SA_TOKEN_PATH", str(tmp_path / "absent"))
+    kfp_client.connect("http://localhost:8888")
+    assert seen["credentials"] is None  # single-user / port-forward without a token: nothing to send
+    assert kfp_client.TOKEN_PATH == kfp.client.KF_PIPELINES_SA_TOKEN_PATH  # the path kfp and our CronJob use
+
+
+def test_the_real_client_sends_the_token_as_bearer(tmp_path, monkeypatch):
+    """End to end through the real kfp.Client against a local HTTP server that records the headers
+    (and answers healthz like backend/src/apiserver/main.go): every call carries the token, and the
+    server version check reads its tag_name."""
+    import http.server
+    import json as _json
+    import threading
+
+    seen = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - http.server's name
+            seen.append((self.path, self.headers.get("Authorization")))
+            body = _json.dumps({"commit_sha": "x", "tag_name": "2.14.0", "multi_user": True}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        token = tmp_path / "token"
+        token.write_text("tok-xyz")
+        monkeypatch.setenv("KF_PIPELINES_SA_TOKEN_PATH", str(token))
+        client = kfp_client.connect(f"http://127.0.0.1:{server.server_address[1]}")
+        with pytest.raises(UserError, match=r"^Kubeflow Pipelines 2.14.0: llmneo needs KFP >= 2.15"):
+            kfp_client.check_server(client)
+    finally:
+        server.shutdown()
+    assert seen and all(auth == "Bearer tok-xyz" for _, auth in seen), seen
+    assert {path for path, _ in seen} == {"/apis/v2beta1/healthz"}

@@ -59,7 +59,7 @@ def test_first_sync_creates_then_second_sync_does_nothing(setup):
     assert nightly.service_account == "llmneo-pipeline" and nightly.no_catchup is True
     params = nightly.runtime_config.parameters
     assert params["preset"] == "tiny" and params["overrides"] == ["distill.max_steps=8"]
-    assert params["eval_gpus"] == 0 and params["distill_gpus"] == 6  # schedule over pool file
+    assert params["eval_gpus"] == "0" and params["distill_gpus"] == "6"  # schedule over pool file
     assert params["gpu_node_selector"] == {"cloud.google.com/gke-accelerator": "nvidia-tesla-a100"}
     assert nightly.description.startswith(schedules.MARKER + " nightly fingerprint=")
     (version,) = [v for v in fake.versions[nightly.pipeline_version_reference.pipeline_id] if v.display_name == "0.1.0"]
