@@ -26,8 +26,6 @@ def distill(preset: str, overrides: list, gpus: int, nodes: int, dataset: Input[
             by KFP to the TrainJob.
     """
     import dataclasses
-    import json
-    import os
 
     from llmneo.cli import guarded
     from llmneo.config import load_config
@@ -36,9 +34,8 @@ def distill(preset: str, overrides: list, gpus: int, nodes: int, dataset: Input[
     # the pipeline's GPU/node counts win over the preset: the pod has exactly that many GPUs
     cluster = [f"distill.nnodes={nodes}"] + ([f"distill.nproc_per_node={gpus}"] if gpus > 0 else [])
     cfg = guarded(load_config, preset, [*overrides, *cluster])
-    if task_config is not None:
-        os.environ["LLMNEO_TASK_CONFIG"] = json.dumps(dataclasses.asdict(task_config))
-    card = guarded(run_distill, cfg, dataset.path, teacher.path, student.path, adapter.path)
+    task = dataclasses.asdict(task_config) if task_config is not None else None
+    card = guarded(run_distill, cfg, dataset.path, teacher.path, student.path, adapter.path, task)
     metrics.log_metric("seconds", card["wall_seconds"])
     for key, value in card["final"].items():
         metrics.log_metric(f"final_{key}", value)

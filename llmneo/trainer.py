@@ -6,7 +6,8 @@
     torchrun --standalone --nproc-per-node 2 -m llmneo.trainer --workdir runs/x/distill
 
 The workdir holds ``config.yaml`` and ``inputs.json`` (dataset/teacher/student folders), written by
-:func:`llmneo.steps.run_distill`; outputs go next to them: ``adapter/`` (lora, neo) or ``model/``
+:func:`llmneo.launch.write_workdir`; the entry point reads them with :meth:`DistillTrainer.from_workdir`
+(in process: ``DistillTrainer(cfg, inputs, workdir)``); outputs go next to them: ``adapter/`` (lora, neo) or ``model/``
 (sft, kd), ``train_log.jsonl``, ``tensorboard/``, ``loss_curve.png``, ``card.json`` (written last:
 the run is complete), and while training ``checkpoint/`` (see :mod:`llmneo.checkpointing`).
 
@@ -28,7 +29,6 @@ save a checkpoint and exit with 128+signal. Re-running the same command resumes 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import os
@@ -45,17 +45,16 @@ import torch.distributed as dist
 from torch import nn
 
 from llmneo import checkpointing
-from llmneo.config import Config, config_from_dict
+from llmneo.config import FINGERPRINT_SECTIONS, Config
 from llmneo.data import IGNORE_INDEX, collate, read_split
 from llmneo.errors import UserError
+from llmneo.launch import TrainerInputs, read_workdir
 from llmneo.lora import apply_lora, base_model, save_adapter
 from llmneo.losses import TeacherTopK, chunked_distill_loss, distill_loss, shift_mask
 from llmneo.models import load_causal_lm, read_card, torch_dtype, write_card
 
 LORA_METHODS = ("lora", "neo")
 KD_METHODS = ("kd", "neo")
-# distill keys that change how a run is executed, not what it computes: a checkpoint stays valid
-RUN_MECHANICS = ("save_every", "log_every", "keep_checkpoint", "resume", "nproc_per_node", "nnodes")
 
 
 class Preempted(Exception):
@@ -159,13 +158,9 @@ def peak_memory_mb(device: torch.device) -> float:
 
 
 def training_hash(cfg: Config, dataset_hash: str | None) -> str:
-    """What a checkpoint's numbers depend on: data/teacher/student/distill config (less run
-    mechanics) and the prepared dataset. Resuming under a different hash is refused."""
-    data = cfg.to_dict()
-    distill = {k: v for k, v in data["distill"].items() if k not in RUN_MECHANICS}
-    blob = json.dumps({"data": data["data"], "teacher": data["teacher"], "student": data["student"],
-                       "distill": distill, "dataset_hash": dataset_hash}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    """What a checkpoint's numbers depend on: :meth:`Config.fingerprint` of the data/teacher/student/
+    distill sections and the prepared dataset. Resuming under a different hash is refused."""
+    return cfg.fingerprint(FINGERPRINT_SECTIONS, extra={"dataset_hash": dataset_hash})
 
 
 # --------------------------------------------------------------------------------------------
@@ -179,16 +174,14 @@ class DistillTrainer:
     Subclasses may override :meth:`load_student`, :meth:`load_teacher` and :meth:`load_tokenizer`
     (the benchmark builds random-init models in memory that way)."""
 
-    def __init__(self, workdir: str | Path):
-        import yaml
-
+    def __init__(self, cfg: Config, inputs: TrainerInputs, workdir: str | Path):
         self.workdir = Path(workdir)
-        self.cfg: Config = config_from_dict(yaml.safe_load((self.workdir / "config.yaml").read_text()))
-        self.inputs = json.loads((self.workdir / "inputs.json").read_text())
+        self.cfg = cfg
+        self.inputs = inputs
         self.d = self.cfg.distill
         self.method = self.d.method
         self.checkpoint_root = self.workdir / "checkpoint"
-        self.dataset_card = read_card(self.inputs["dataset"])
+        self.dataset_card = read_card(self.inputs.dataset)
         self.config_hash = training_hash(self.cfg, self.dataset_card.get("dataset_hash"))
         self.rank, self.world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
         self.teacher: nn.Module | None = None
@@ -197,6 +190,12 @@ class DistillTrainer:
         self.history: list[dict] = []
         self.resumed_from: int | None = None
         self._stop_signal: int | None = None
+
+    @classmethod
+    def from_workdir(cls, workdir: str | Path) -> DistillTrainer:
+        """The trainer of a work folder written by :func:`llmneo.launch.write_workdir` (torchrun's entry)."""
+        cfg, inputs = read_workdir(workdir)
+        return cls(cfg, inputs, workdir)
 
     def already_complete(self) -> bool:
         """A previous attempt finished with the same configuration (e.g. a KFP retry after the step
@@ -238,9 +237,9 @@ class DistillTrainer:
         torch.manual_seed(d.seed)
 
     def _setup_data(self) -> None:
-        self.train_rows = read_split(self.inputs["dataset"], "train")
+        self.train_rows = read_split(self.inputs.dataset, "train")
         if not self.train_rows:
-            raise UserError(f"dataset {self.inputs['dataset']}: train split is empty")
+            raise UserError(f"dataset {self.inputs.dataset}: train split is empty")
         self.targets_per_row = [count_targets([r]) for r in self.train_rows]
         self.tokenizer = self.load_tokenizer()
         pad = self.tokenizer.pad_token_id
@@ -252,15 +251,15 @@ class DistillTrainer:
 
         from llmneo.models import model_location
 
-        return AutoTokenizer.from_pretrained(model_location(self.inputs["student"])[0])
+        return AutoTokenizer.from_pretrained(model_location(self.inputs.student)[0])
 
     def load_student(self) -> nn.Module:
         """The base student in fp32 (master weights; autocast computes in bf16 on GPU)."""
-        return load_causal_lm(self.inputs["student"], dtype=torch.float32)
+        return load_causal_lm(self.inputs.student, dtype=torch.float32)
 
     def load_teacher(self) -> nn.Module:
         """The teacher in ``teacher.dtype`` (auto: bf16 on GPU, fp32 on CPU)."""
-        return load_causal_lm(self.inputs["teacher"], dtype=torch_dtype(self.cfg.teacher.dtype, self.device.type))
+        return load_causal_lm(self.inputs.teacher, dtype=torch_dtype(self.cfg.teacher.dtype, self.device.type))
 
     def _setup_model(self) -> None:
         d = self.d
@@ -316,14 +315,14 @@ class DistillTrainer:
         teacher.requires_grad_(False)
         student_vocab = base_model(self.student).get_output_embeddings().out_features
         if teacher.get_output_embeddings().out_features < student_vocab:
-            raise UserError(f"teacher {self.inputs['teacher']}: vocabulary smaller than the student's ({student_vocab})")
+            raise UserError(f"teacher {self.inputs.teacher}: vocabulary smaller than the student's ({student_vocab})")
         self.teacher = teacher
         self.distill_module.set_teacher(teacher)
 
     def _open_topk_cache(self):
         from llmneo.topk import META, TopKCache
 
-        path = Path(self.inputs["teacher"]) / "topk"
+        path = Path(self.inputs.teacher) / "topk"
         if not (path / META).is_file():
             raise UserError(f"teacher.mode=offline: no top-k cache in {path} (the teacher step writes it "
                             f"when teacher.mode=offline; re-run that step)")
@@ -573,7 +572,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     rank0 = int(os.environ.get("RANK", "0")) == 0
     try:
-        trainer = DistillTrainer(args.workdir)
+        trainer = DistillTrainer.from_workdir(args.workdir)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
