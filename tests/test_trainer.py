@@ -153,7 +153,9 @@ def test_packed_row_loss_equals_the_separate_examples(loss_impl, tiny_workspace)
     """A packed row (position_ids restarting per example, no attention mask) gives the same CE and KD
     sums as its examples one by one: no token attends across an example boundary."""
     from llmneo.data import collate, read_split
+    from llmneo.losses import LossSpec
     from llmneo.models import load_causal_lm
+    from llmneo.signals import OnlineTeacher
     from llmneo.trainer import DistillModule
 
     cfg = load_config("tiny", [f"distill.loss_impl={loss_impl}"])
@@ -161,8 +163,8 @@ def test_packed_row_loss_equals_the_separate_examples(loss_impl, tiny_workspace)
     packed = {"input_ids": sum((r["input_ids"] for r in examples), []),
               "labels": sum(([-100] + r["labels"][1:] for r in examples), []),  # as data prep packs them
               "position_ids": sum((list(range(len(r["input_ids"]))) for r in examples), [])}
-    module = DistillModule(load_causal_lm(tiny_workspace / "student").eval(), cfg.distill)
-    module.set_teacher(load_causal_lm(tiny_workspace / "teacher").eval())
+    module = DistillModule(load_causal_lm(tiny_workspace / "student").eval(), LossSpec.from_config(cfg.distill))
+    module.set_signal(OnlineTeacher(load_causal_lm(tiny_workspace / "teacher").eval()))
     with torch.no_grad():
         together = module(**collate([packed, {**packed, "input_ids": packed["input_ids"][:40],
                                               "labels": packed["labels"][:40],
