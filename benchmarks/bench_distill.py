@@ -149,7 +149,8 @@ def memory_mb(device: str) -> tuple[float, float]:
 
 
 def run_llmneo(name: str, root: Path, shape: dict, device: str, warmup: int, steps: int) -> dict:
-    from llmneo.config import dump_yaml, load_config
+    from llmneo.config import load_config
+    from llmneo.launch import TrainerInputs
     from llmneo.models import build_tiny_tokenizer
     from llmneo.trainer import DistillTrainer
 
@@ -168,8 +169,8 @@ def run_llmneo(name: str, root: Path, shape: dict, device: str, warmup: int, ste
     if name == "neo-fp32base":
         overrides.append("distill.frozen_dtype=fp32")
     workdir = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=root))
-    (workdir / "config.yaml").write_text(dump_yaml(load_config("tiny", overrides)))
-    (workdir / "inputs.json").write_text(json.dumps({k: str(root / k) for k in ("dataset", "teacher", "student")}))
+    cfg = load_config("tiny", overrides)
+    inputs = TrainerInputs.of(root / "dataset", root / "teacher", root / "student")
 
     class BenchTrainer(DistillTrainer):
         def load_tokenizer(self):
@@ -181,7 +182,7 @@ def run_llmneo(name: str, root: Path, shape: dict, device: str, warmup: int, ste
         def load_teacher(self):
             return build_model(shape, "teacher", device, torch.bfloat16 if device == "cuda" else torch.float32)
 
-    trainer = BenchTrainer(workdir)
+    trainer = BenchTrainer(cfg, inputs, workdir)
     trainer.setup()
     for step in range(warmup):
         trainer.train_step(step)

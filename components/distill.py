@@ -28,8 +28,6 @@ def distill(preset: str, overrides: list, config: str, gpus: str, nodes: int, da
             by KFP to the TrainJob.
     """
     import dataclasses
-    import json
-    import os
 
     from llmneo.cli import guarded
     from llmneo.steps import run_distill
@@ -39,9 +37,8 @@ def distill(preset: str, overrides: list, config: str, gpus: str, nodes: int, da
     n_gpus = parse_gpus(gpus, "distill_gpus")
     cluster = [f"distill.nnodes={nodes}"] + ([f"distill.nproc_per_node={n_gpus}"] if n_gpus > 0 else [])
     cfg = load_run_config(preset, overrides, config, cluster)
-    if task_config is not None:
-        os.environ["LLMNEO_TASK_CONFIG"] = json.dumps(dataclasses.asdict(task_config))
-    card = guarded(run_distill, cfg, dataset.path, teacher.path, student.path, adapter.path)
+    task = dataclasses.asdict(task_config) if task_config is not None else None
+    card = guarded(run_distill, cfg, dataset.path, teacher.path, student.path, adapter.path, task)
     metrics.log_metric("seconds", card["wall_seconds"])
     for key, value in card["final"].items():
         metrics.log_metric(f"final_{key}", value)

@@ -12,7 +12,7 @@ launcher (the KFP distill pod, or a laptop with a kubeconfig):
 2. creates a ``TrainJob`` (trainer.kubeflow.org/v1alpha1) on the ``cluster.runtime``
    ClusterTrainingRuntime with ``numNodes = distill.nnodes`` and ``numProcPerNode =
    distill.nproc_per_node``, forwarding the KFP task's resources, tolerations, node selector,
-   affinity, env and volumes (KFP's TaskConfig passthrough, handed over in ``$LLMNEO_TASK_CONFIG``),
+   affinity, env and volumes (KFP's TaskConfig passthrough, the ``task_config`` argument),
    adding ``/dev/shm`` and the S3/hub secrets;
 3. streams the logs of node 0, polls the TrainJob until ``Complete`` or ``Failed`` (or the deadline);
 4. downloads the adapter written by node 0 (``<job>/adapter/``, sha256-verified) into the output
@@ -34,17 +34,23 @@ import json
 import os
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import time
 import uuid
 from pathlib import Path
 
-import yaml
-
-from llmneo.config import Config, config_from_dict, dump_yaml
+from llmneo.config import Config
 from llmneo.errors import UserError
+from llmneo.launch import (
+    Rendezvous,
+    TrainerInputs,
+    launch_env,
+    read_workdir,
+    run_forwarding_signals,
+    torchrun_command,
+    write_workdir,
+)
 from llmneo.storage import download_prefix, open_object, open_store, upload_dir
 
 GROUP, VERSION, PLURAL, KIND = "trainer.kubeflow.org", "v1alpha1", "trainjobs", "TrainJob"
@@ -67,7 +73,6 @@ NO_ISTIO = {"labels": {"sidecar.istio.io/inject": "false"}, "annotations": {"sid
 # podTemplateOverrides); the API server prunes unknown fields of a structural CRD silently.
 MIN_TRAINER = "v2.2"
 REQUIRED_FIELDS = ("spec.runtimePatches", "spec.activeDeadlineSeconds")
-TASK_CONFIG_ENV = "LLMNEO_TASK_CONFIG"  # JSON of kfp's TaskConfig, set by the distill component
 # The launcher pod's identity (downward API; pipelines/llm_neo.py sets them on the launcher task):
 # the TrainJob is owned by that pod, and named after the run's Argo workflow and the configuration so
 # that a retried launcher finds its job again instead of starting a second one.
@@ -94,14 +99,8 @@ def restricted_container_security() -> dict:
 
 
 def task_settings(raw: dict | None = None) -> dict:
-    """The KFP TaskConfig fields (snake_case keys, Kubernetes JSON values) with empty ones dropped;
-    from ``$LLMNEO_TASK_CONFIG`` when ``raw`` is None."""
-    if raw is None:
-        text = os.environ.get(TASK_CONFIG_ENV, "")
-        try:
-            raw = json.loads(text) if text else {}
-        except json.JSONDecodeError:
-            raise UserError(f"${TASK_CONFIG_ENV}: not valid JSON") from None
+    """The KFP TaskConfig fields (snake_case keys, Kubernetes JSON values; the distill component passes
+    ``dataclasses.asdict(task_config)``) with empty ones dropped."""
     return {k: v for k, v in (raw or {}).items() if v}
 
 
@@ -367,10 +366,11 @@ def _raise_terminated(signum, frame):
 
 
 def run_distill_multinode(cfg: Config, dataset_dir: str | Path, teacher_dir: str | Path,
-                          student_dir: str | Path, out_dir: str | Path, *, api=None,
-                          job_name: str | None = None, log=print) -> dict:
+                          student_dir: str | Path, out_dir: str | Path, task_config: dict | None = None, *,
+                          api=None, job_name: str | None = None, log=print) -> dict:
     """Run NEO distillation as a TrainJob on ``distill.nnodes`` nodes; returns the adapter card
-    (same contract as :func:`llmneo.steps.run_distill`, plus ``engine`` and ``job``)."""
+    (same contract as :func:`llmneo.steps.run_distill`, plus ``engine`` and ``job``). ``task_config``:
+    what the KFP task forwards to the nodes (see :func:`task_settings`)."""
     c = cfg.cluster
     if not c.staging_uri.startswith("s3://"):
         raise UserError(f"cluster.staging_uri: must be an s3:// URI when distill.nnodes > 1 (the nodes read the "
@@ -387,7 +387,7 @@ def run_distill_multinode(cfg: Config, dataset_dir: str | Path, teacher_dir: str
     api = api or KubeApi()
     namespace = current_namespace(cfg)
     owner = launcher_owner()
-    body = build_trainjob(cfg, name, namespace, image, staging, task_settings(), owner=owner)
+    body = build_trainjob(cfg, name, namespace, image, staging, task_settings(task_config), owner=owner)
     previous = signal.getsignal(signal.SIGTERM)
     in_main = _is_main_thread()
     if in_main:  # KFP cancels a run by terminating the pod: still clean up the TrainJob
@@ -398,7 +398,8 @@ def run_distill_multinode(cfg: Config, dataset_dir: str | Path, teacher_dir: str
         if not created:
             check_trainer(api, namespace, body)
             with tempfile.TemporaryDirectory() as tmp:
-                (Path(tmp) / "config.yaml").write_text(dump_yaml(cfg))
+                # the resolved configuration travels as a work folder (its inputs are rewritten on the node)
+                write_workdir(tmp, cfg, TrainerInputs(*INPUTS))
                 upload_dir(tmp, f"{staging}/inputs")
             for key, folder in zip(INPUTS, (dataset_dir, teacher_dir, student_dir), strict=True):
                 n = upload_dir(folder, f"{staging}/inputs/{key}")
@@ -504,36 +505,26 @@ def _wait(api, cfg: Config, namespace: str, name: str, log) -> tuple[str, str]:
 # --------------------------------------------------------------------------------------------
 
 
-def node_torchrun_command(cfg: Config, workdir: Path, node_rank: int, master_addr: str, master_port: int) -> list[str]:
-    """torchrun over ``distill.nnodes`` nodes (static rendezvous on node 0), same entry point as one node."""
-    d = cfg.distill
-    return [sys.executable, "-m", "torch.distributed.run", f"--nnodes={d.nnodes}",
-            f"--nproc-per-node={d.nproc_per_node}", f"--node-rank={node_rank}", f"--master-addr={master_addr}",
-            f"--master-port={master_port}", "-m", "llmneo.trainer", "--workdir", str(workdir)]
-
-
 def run_node(staging: str, workdir: str | Path | None = None) -> int:
     """One training node: fetch the staged inputs, run torchrun, and (node 0) upload the output."""
-    env = dict(os.environ)
-    rank = int(env.get("PET_NODE_RANK") or env.get("JOB_COMPLETION_INDEX") or 0)
-    addr = env.get("PET_MASTER_ADDR") or env.get("MASTER_ADDR") or "127.0.0.1"
-    port = int(env.get("PET_MASTER_PORT") or env.get("MASTER_PORT") or 29400)
+    env = os.environ
+    rendezvous = Rendezvous(node_rank=int(env.get("PET_NODE_RANK") or env.get("JOB_COMPLETION_INDEX") or 0),
+                            master_addr=env.get("PET_MASTER_ADDR") or env.get("MASTER_ADDR") or "127.0.0.1",
+                            master_port=int(env.get("PET_MASTER_PORT") or env.get("MASTER_PORT") or 29400))
+    rank = rendezvous.node_rank
     work = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="llmneo-node-"))
     inputs = work / "inputs"
     download_prefix(f"{staging}/inputs", inputs)
-    cfg = config_from_dict(yaml.safe_load((inputs / "config.yaml").read_text()))
+    cfg, _ = read_workdir(inputs)
     out = work / "out"
     if out.exists():
         shutil.rmtree(out)
-    out.mkdir(parents=True)
-    (out / "config.yaml").write_text(dump_yaml(cfg))
-    (out / "inputs.json").write_text(json.dumps({k: str(inputs / k) for k in INPUTS}, indent=2))
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // cfg.distill.nproc_per_node)))
-    cmd = node_torchrun_command(cfg, out, rank, addr, port)
+    write_workdir(out, cfg, TrainerInputs.of(*(inputs / k for k in INPUTS)))
+    cmd = torchrun_command(cfg, out, rendezvous)
     print(f"node {rank}/{cfg.distill.nnodes}: + " + " ".join(cmd), flush=True)
-    proc = subprocess.run(cmd, env=env)
-    if proc.returncode != 0:
-        return proc.returncode
+    returncode = run_forwarding_signals(cmd, launch_env(cfg))
+    if returncode != 0:
+        return returncode
     if rank == 0:
         n = upload_dir(out, f"{staging}/adapter")
         put_json(f"{staging}/{DONE_MARKER}", {"files": n, "time": time.time()})  # written last

@@ -20,7 +20,6 @@ and ``compare.png`` (the plot).
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import json
 import shutil
@@ -30,7 +29,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from llmneo.config import Config, apply_overrides, config_from_dict
+from llmneo.config import FINGERPRINT_SECTIONS, Config, apply_overrides, config_from_dict
 from llmneo.errors import UserError
 
 METHOD_LABELS = {"base": "pruned student (untouched)", "sft": "SFT (full)", "lora": "LoRA (CE)",
@@ -142,8 +141,7 @@ def run_config(cfg: Config, spec: RunSpec) -> Config:
 
 def _inputs_key(cfg: Config) -> dict:
     """What the shared dataset/teacher/student folders depend on."""
-    d = cfg.to_dict()
-    return {"data": d["data"], "teacher": d["teacher"], "student": d["student"]}
+    return {"fingerprint": cfg.fingerprint(("data", "teacher", "student"))}
 
 
 def prepare(cfg: Config, out: Path) -> tuple[Path, Path, Path]:
@@ -183,15 +181,12 @@ def evaluate_run(cfg: Config, name: str, model_spec, dataset: Path, teacher: Pat
 
 
 def run_hash(cfg: Config, trained: bool = True) -> str:
-    """What one run's numbers depend on: data, teacher, student, distill (if trained) and eval
-    settings — not the registry, not the rest of the comparison (its seeds, methods or grid), so a
-    larger comparison reuses the runs it shares with a smaller one."""
-    d = cfg.to_dict()
-    key = {k: d[k] for k in ("data", "teacher", "student", "eval")}
-    key["lm_eval_tasks"] = d["compare"]["lm_eval_tasks"]
-    if trained:
-        key["distill"] = d["distill"]
-    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    """What one run's numbers depend on (:meth:`Config.fingerprint`): data, teacher, student, distill
+    (if trained) and eval settings — not the registry, not the rest of the comparison (its seeds,
+    methods or grid), so a larger comparison reuses the runs it shares with a smaller one; not run
+    mechanics either (a changed ``distill.log_every`` reuses the run, as the trainer resumes it)."""
+    sections = (*FINGERPRINT_SECTIONS, "eval") if trained else ("data", "teacher", "student", "eval")
+    return cfg.fingerprint(sections, extra={"lm_eval_tasks": cfg.compare.lm_eval_tasks})
 
 
 def run_one(cfg: Config, spec: RunSpec, dataset: Path, teacher: Path, student: Path, out: Path) -> dict:
@@ -250,7 +245,7 @@ def evaluate_teacher(cfg: Config, dataset: Path, teacher: Path, out: Path) -> di
 
     path = out / "runs" / "teacher" / "eval.json"
     key = {"dataset_hash": read_card(dataset).get("dataset_hash"), "tasks": cfg.compare.lm_eval_tasks,
-           "teacher": _inputs_key(cfg)["teacher"]}
+           "teacher": cfg.fingerprint(("teacher",))}
     if path.is_file() and {k: json.loads(path.read_text()).get(k) for k in key} == key:
         return json.loads(path.read_text())
     print("\n=== compare: the teacher's own scores ===", flush=True)

@@ -31,9 +31,12 @@ from llmneo.errors import ConfigError
 
 
 def _f(default: Any = dataclasses.MISSING, *, lo: float | None = None, hi: float | None = None,
-       lo_open: bool = False, hi_open: bool = False, doc: str = "", factory: Any = None):
-    """A dataclass field with a validated range and a one-line description."""
-    meta = {"lo": lo, "hi": hi, "lo_open": lo_open, "hi_open": hi_open, "doc": doc}
+       lo_open: bool = False, hi_open: bool = False, doc: str = "", factory: Any = None,
+       mechanics: bool = False):
+    """A dataclass field with a validated range and a one-line description. ``mechanics=True``: the
+    field changes how a step runs, not what it computes (logging, checkpointing, process count,
+    memory buffers), so it is left out of :meth:`Config.fingerprint`."""
+    meta = {"lo": lo, "hi": hi, "lo_open": lo_open, "hi_open": hi_open, "doc": doc, "mechanics": mechanics}
     if factory is not None:
         return field(default_factory=factory, metadata=meta)
     return field(default=default, metadata=meta)
@@ -64,8 +67,8 @@ class DataConfig:
     min_rows: int = _f(4, lo=1, doc="fail when fewer valid rows remain")
     dedup: bool = _f(True, doc="drop exact duplicates (after normalizing the format) as rejects")
     seed: int = _f(0, doc="shuffle/split seed")
-    buffer_mb: float = _f(32.0, lo=0.0, lo_open=True, doc="records held in memory before a sorted run is "
-                          "spilled to disk (bounds prep memory; the output does not depend on it)")
+    buffer_mb: float = _f(32.0, lo=0.0, lo_open=True, mechanics=True, doc="records held in memory before a "
+                          "sorted run is spilled to disk (bounds prep memory; the output does not depend on it)")
 
 
 @dataclass
@@ -140,20 +143,20 @@ class DistillConfig:
     activation_checkpointing: bool = _f(False, doc="recompute decoder-layer activations in backward (less memory)")
     strategy: Literal["ddp", "fsdp"] = _f(
         "ddp", doc="ddp: replicate the student; fsdp: shard it per decoder layer (FSDP2 fully_shard)")
-    save_every: int = _f(50, lo=0, doc="checkpoint every N optimizer steps (0 = only on SIGTERM/SIGINT)")
-    keep_checkpoint: bool = _f(False, doc="keep checkpoint/ after a successful run (default: removed)")
-    resume: bool = _f(True, doc="resume from checkpoint/ in the output folder (or skip a run already complete "
+    save_every: int = _f(50, lo=0, mechanics=True, doc="checkpoint every N optimizer steps (0 = only on SIGTERM/SIGINT)")
+    keep_checkpoint: bool = _f(False, mechanics=True, doc="keep checkpoint/ after a successful run (default: removed)")
+    resume: bool = _f(True, mechanics=True, doc="resume from checkpoint/ in the output folder (or skip a run already complete "
                       "there); false: train from scratch")
-    nproc_per_node: int = _f(2, lo=1, doc="torchrun processes per node (GPUs per node on a cluster)")
-    nnodes: int = _f(1, lo=1, doc="nodes; >1 runs on the distributed engine (see README)")
+    nproc_per_node: int = _f(2, lo=1, mechanics=True, doc="torchrun processes per node (GPUs per node on a cluster)")
+    nnodes: int = _f(1, lo=1, mechanics=True, doc="nodes; >1 runs on the distributed engine (see README)")
     seed: int = _f(0)
-    log_every: int = _f(1, lo=1)
+    log_every: int = _f(1, lo=1, mechanics=True, doc="write every N-th step to train_log.jsonl")
 
 
 @dataclass
 class EvalConfig:
     # merge
-    max_shard_size: str = _f("2GB", doc="merged model: safetensors shard size (save_pretrained max_shard_size)")
+    max_shard_size: str = _f("2GB", mechanics=True, doc="merged model: safetensors shard size (save_pretrained max_shard_size)")
     merged_dtype: Literal["auto", "float32", "bfloat16", "float16"] = _f(
         "auto", doc="merged model weights dtype; auto = the base student's dtype (merge itself runs in fp32)")
     # fidelity to the teacher (val split)
@@ -227,6 +230,26 @@ class CompareConfig:
         "lm-eval tasks of the comparison (fidelity to the teacher is always measured)"))
 
 
+# what a trained student depends on (the trainer's resume check; compare adds eval for its runs)
+FINGERPRINT_SECTIONS = ("data", "teacher", "student", "distill")
+
+
+def result_fields(section: Any) -> dict[str, Any]:
+    """A config section as a dict without its ``mechanics`` fields (nested sections likewise)."""
+    out = {}
+    for f in dataclasses.fields(section):
+        if f.metadata.get("mechanics"):
+            continue
+        value = getattr(section, f.name)
+        out[f.name] = result_fields(value) if dataclasses.is_dataclass(value) else copy.deepcopy(value)
+    return out
+
+
+def _digest(payload: Any) -> str:
+    blob = json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
 @dataclass
 class Config:
     name: str = _f("tiny", doc="preset/run name")
@@ -243,9 +266,15 @@ class Config:
         return dataclasses.asdict(self)
 
     def hash(self) -> str:
-        """Stable content hash of the resolved configuration (lineage)."""
-        blob = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":")).encode()
-        return hashlib.sha256(blob).hexdigest()[:16]
+        """Content hash of the whole resolved configuration, run mechanics included (lineage: exactly
+        what ran). What a *result* depends on is :meth:`fingerprint`."""
+        return _digest(self.to_dict())
+
+    def fingerprint(self, sections: tuple[str, ...] = FINGERPRINT_SECTIONS, extra: dict | None = None) -> str:
+        """What a result computed from ``sections`` depends on: their values without the fields tagged
+        ``mechanics`` (logging, checkpointing, process counts, ...), plus ``extra`` (e.g. the dataset
+        hash). The one rule behind the trainer's resume check and compare's reuse of a run."""
+        return _digest({**{name: result_fields(getattr(self, name)) for name in sections}, **(extra or {})})
 
     def check(self) -> Config:
         """Cross-field checks that a single field's type/range cannot express."""

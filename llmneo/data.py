@@ -38,7 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
-from llmneo.config import Config, DataConfig
+from llmneo.config import Config, DataConfig, result_fields
 from llmneo.data_output import HISTOGRAM, IGNORE_INDEX, Packer, ParquetRows, RejectLog, TokenStats
 from llmneo.data_shuffle import ExternalShuffle
 from llmneo.data_sources import RecordError, open_source
@@ -469,7 +469,7 @@ def run_prep(cfg: Config, tokenizer, out_dir: str | Path) -> dict:
     }
     # the dataset hash identifies the prepared data (lineage): source bytes + what was done to them
     # not the location (same bytes elsewhere = same data) nor buffer_mb (same output whatever its value)
-    recipe = {k: v for k, v in dcfg.__dict__.items() if k not in ("source", "buffer_mb")}
+    recipe = {k: v for k, v in result_fields(dcfg).items() if k != "source"}
     card["dataset_hash"] = hashlib.sha256(
         json.dumps([content_hash, recipe, card["tokenizer_fingerprint"], card["chat_template_hash"]],
                    sort_keys=True).encode()).hexdigest()[:16]

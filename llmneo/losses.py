@@ -1,9 +1,12 @@
 """The NEO loss: (1-α)·CE(labels) + α·T²·D(teacher‖student), computed on next-token positions.
 
-Two entry points with the same numerics:
+The loss is configured once, by a :class:`LossSpec` built from ``DistillConfig`` (same field names);
+its :meth:`LossSpec.combine` is the one place where CE and KD are weighed. Two entry points with the
+same numerics:
 
-- :func:`distill_loss` takes full logits ``[B, L, V]`` (reference; small inputs, tests, the
-  ``distill.loss_impl=naive`` baseline of the benchmark);
+- :func:`distill_loss` takes full logits ``[B, L, V]`` (reference; small inputs, tests) and
+  :func:`selected_loss` the logits of the selected positions (the ``distill.loss_impl=naive``
+  baseline of the benchmark);
 - :func:`chunked_distill_loss` takes final hidden states of the *selected* positions ``[N, H]`` and
   the output heads, and never materializes more than ``chunk_tokens × V`` fp32 logits at a time. Each
   chunk's backward is done right away inside the forward (the gradient w.r.t. the hidden states and
@@ -11,9 +14,11 @@ Two entry points with the same numerics:
   default forward KL (also against the offline top-k, and CE alone) the logits' gradient is even
   written in closed form, in place.
 
-The teacher is either *online* (its logits, or its hidden states + head) or *offline*: the top-k
-log-probabilities cached by the teacher step (:mod:`llmneo.topk`), compared with a sparse divergence
-(:func:`topk_divergence`; how the mass outside the top-k is treated is ``topk_tail``).
+The teacher's targets for the selected positions come from a teacher signal (:mod:`llmneo.signals`):
+*online*, its logits (or, chunk by chunk, its hidden states through its head: :class:`TeacherHead`),
+or *offline*, the top-k log-probabilities cached by the teacher step (:class:`TeacherTopK`, from
+:mod:`llmneo.topk`), compared with a sparse divergence (:func:`topk_divergence`; how the mass outside
+the top-k is treated is ``topk_tail``).
 
 Alignment: labels are unshifted (HF convention). Position ``t`` predicts ``labels[t+1]``; CE and KD
 both use exactly the positions where ``labels[:, 1:] != -100``. (The seed's code masks KD with the
@@ -25,9 +30,11 @@ number of target tokens in the *global* batch (equal across world sizes and accu
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +45,38 @@ IGNORE_INDEX = -100
 # or 0·inf ever reaches autograd, and exp(LOG_FLOOR) == 0 in fp32, so they weigh nothing.
 LOG_FLOOR = -1.0e4
 TOPK_TAILS = ("tail", "renormalize")
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    """The distillation loss, configured once: ``(1-alpha)·CE + alpha·T²·D(teacher‖student)``. Field
+    names and defaults are those of :class:`llmneo.config.DistillConfig`."""
+
+    alpha: float = 0.5
+    temperature: float = 1.0
+    divergence: str = "forward_kl"  # forward_kl | reverse_kl | jsd
+    jsd_beta: float = 0.5
+    topk_tail: str = "tail"  # offline teacher: tail | renormalize
+    loss_chunk_tokens: int = 512
+    loss_impl: str = "chunked"  # chunked | naive
+
+    @classmethod
+    def from_config(cls, distill: Any) -> LossSpec:
+        """The loss fields of a ``DistillConfig`` (or anything with attributes of the same names)."""
+        return cls(**{f.name: getattr(distill, f.name) for f in dataclasses.fields(cls)})
+
+    def with_teacher(self, present: bool) -> LossSpec:
+        """The spec in effect: without a teacher signal there is no KD term, so alpha is 0 (CE alone)."""
+        return self if present else dataclasses.replace(self, alpha=0.0)
+
+    def combine(self, ce, kd):
+        """(1-α)·ce + α·T²·kd: tensors or floats, sums or means."""
+        return (1.0 - self.alpha) * ce + self.alpha * self.temperature**2 * kd
+
+    @property
+    def is_forward_kl(self) -> bool:
+        """D is KL(teacher‖student) (JSD with β=0 is the same)."""
+        return self.divergence == "forward_kl" or (self.divergence == "jsd" and self.jsd_beta == 0.0)
 
 
 @dataclass
@@ -61,6 +100,23 @@ class TeacherTopK:
     def __getitem__(self, sl) -> TeacherTopK:
         return TeacherTopK(self.ids[sl], self.logprobs[sl])
 
+    def chunk(self, sl: slice) -> TeacherTopK:
+        return self[sl]
+
+
+@dataclass
+class TeacherHead:
+    """Online teacher targets for ``N`` positions, computed chunk by chunk: the teacher's final hidden
+    states ``[N, H']`` (no grad) and its LM head; :meth:`chunk` gives the logits ``[n, V']`` of a slice,
+    so the full ``[N, V']`` logits never exist at once."""
+
+    hidden: torch.Tensor
+    head: Callable
+
+    def chunk(self, sl: slice) -> torch.Tensor:
+        with torch.no_grad():
+            return self.head(self.hidden[sl])
+
 
 # --------------------------------------------------------------------------------------------
 # Divergences
@@ -72,12 +128,13 @@ def _kl(p_log: torch.Tensor, q_log: torch.Tensor) -> torch.Tensor:
     return (p_log.exp() * (p_log - q_log)).sum(-1)
 
 
-def divergence_from_logprobs(s: torch.Tensor, t: torch.Tensor, kind: str = "forward_kl",
-                             beta: float = 0.5) -> torch.Tensor:
+def divergence_from_logprobs(s: torch.Tensor, t: torch.Tensor, spec: LossSpec = LossSpec()) -> torch.Tensor:
     """D(teacher‖student) for normalized log-probs ``s`` (student) and ``t`` (teacher) ``[N, K]`` on the
-    same support. ``forward_kl`` = KL(t‖s), ``reverse_kl`` = KL(s‖t), ``jsd`` = generalized JSD(β) as
-    in TRL's GKD: β·KL(t‖m) + (1-β)·KL(s‖m), m = β·t + (1-β)·s (β=0 → forward KL, β=1 → reverse KL)."""
-    if kind == "forward_kl" or (kind == "jsd" and beta == 0.0):
+    same support, ``spec.divergence``: ``forward_kl`` = KL(t‖s), ``reverse_kl`` = KL(s‖t), ``jsd`` =
+    generalized JSD(β = ``spec.jsd_beta``) as in TRL's GKD: β·KL(t‖m) + (1-β)·KL(s‖m),
+    m = β·t + (1-β)·s (β=0 → forward KL, β=1 → reverse KL)."""
+    kind, beta = spec.divergence, spec.jsd_beta
+    if spec.is_forward_kl:
         return _kl(t, s)
     if kind == "reverse_kl" or (kind == "jsd" and beta == 1.0):
         return _kl(s, t)
@@ -87,22 +144,21 @@ def divergence_from_logprobs(s: torch.Tensor, t: torch.Tensor, kind: str = "forw
     raise ValueError(f"unknown divergence {kind!r}")
 
 
-def divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, kind: str = "forward_kl",
-               temperature: float = 1.0, beta: float = 0.5) -> torch.Tensor:
+def divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, spec: LossSpec = LossSpec()) -> torch.Tensor:
     """Per-token divergence between teacher and student distributions over the full vocabulary.
 
     Args:
         student_logits: ``[N, V]`` (any float dtype; computed in fp32).
         teacher_logits: ``[N, V']`` with ``V' >= V``; extra (padding) columns are sliced off.
-        kind: ``forward_kl`` (default), ``reverse_kl`` or ``jsd`` (see :func:`divergence_from_logprobs`).
-        temperature: softmax temperature applied to both.
+        spec: ``divergence`` (default ``forward_kl``; see :func:`divergence_from_logprobs`),
+            ``jsd_beta`` and ``temperature`` (the softmax temperature applied to both).
     Returns:
         ``[N]`` fp32, not scaled by T².
     """
-    vocab = student_logits.shape[-1]
+    vocab, temperature = student_logits.shape[-1], spec.temperature
     s = F.log_softmax(student_logits.float() / temperature, dim=-1)
     t = F.log_softmax(teacher_logits[..., :vocab].float() / temperature, dim=-1)
-    return divergence_from_logprobs(s, t, kind, beta)
+    return divergence_from_logprobs(s, t, spec)
 
 
 def _teacher_topk_logprobs(teacher: TeacherTopK, vocab: int, temperature: float, tail: str):
@@ -122,15 +178,15 @@ def _teacher_topk_logprobs(teacher: TeacherTopK, vocab: int, temperature: float,
     return t_full[:, :-1], t_full[:, -1]
 
 
-def topk_divergence(student_logits: torch.Tensor, teacher: TeacherTopK, kind: str = "forward_kl",
-                    temperature: float = 1.0, beta: float = 0.5, tail: str = "tail") -> torch.Tensor:
+def topk_divergence(student_logits: torch.Tensor, teacher: TeacherTopK, spec: LossSpec = LossSpec()) -> torch.Tensor:
     """Sparse divergence against cached teacher top-k log-probs (offline teacher).
 
     Args:
         student_logits: ``[N, V]`` full-vocabulary student logits (fp32 inside).
         teacher: top-k ``ids`` / ``logprobs`` ``[N, k]`` (distinct ids per row); ids ``>= V`` (teacher
             padding columns) are dropped.
-        tail: what to do with the teacher mass outside its top-k (``P_tail = 1 − Σ_k p_i``):
+        spec: ``divergence``, ``jsd_beta``, ``temperature``, and ``topk_tail``: what to do with the
+            teacher mass outside its top-k (``P_tail = 1 − Σ_k p_i``):
 
             - ``"tail"`` (default): one extra "everything else" bucket. Both distributions are coarsened
               to k+1 categories — the k ids and the tail — and D is computed exactly on those (for
@@ -145,6 +201,7 @@ def topk_divergence(student_logits: torch.Tensor, teacher: TeacherTopK, kind: st
     Returns:
         ``[N]`` fp32, not scaled by T².
     """
+    temperature, tail = spec.temperature, spec.topk_tail
     if tail not in TOPK_TAILS:
         raise ValueError(f"unknown top-k tail policy {tail!r}; expected one of {TOPK_TAILS}")
     vocab = student_logits.shape[-1]
@@ -153,7 +210,7 @@ def topk_divergence(student_logits: torch.Tensor, teacher: TeacherTopK, kind: st
     t_top, t_tail = _teacher_topk_logprobs(teacher, vocab, temperature, tail)
     if tail == "renormalize":
         s_top = (student_logits.float() / temperature).gather(-1, ids).masked_fill(~valid, LOG_FLOOR)
-        return divergence_from_logprobs(F.log_softmax(s_top, -1), t_top, kind, beta)
+        return divergence_from_logprobs(F.log_softmax(s_top, -1), t_top, spec)
     s_logp = F.log_softmax(student_logits.float() / temperature, dim=-1)
     s_top = s_logp.gather(-1, ids).masked_fill(~valid, LOG_FLOOR)
     in_topk = torch.zeros_like(s_logp, dtype=torch.int32).scatter_add_(-1, ids, valid.int()) > 0
@@ -161,7 +218,7 @@ def topk_divergence(student_logits: torch.Tensor, teacher: TeacherTopK, kind: st
     s_tail = torch.logsumexp(s_logp.masked_fill(in_topk, LOG_FLOOR), dim=-1)
     s_full = torch.cat([s_top, torch.where(has_tail, s_tail, LOG_FLOOR).unsqueeze(-1)], dim=-1)
     t_full = torch.cat([t_top, t_tail.unsqueeze(-1)], dim=-1)
-    return divergence_from_logprobs(s_full.clamp(min=LOG_FLOOR), t_full, kind, beta)
+    return divergence_from_logprobs(s_full.clamp(min=LOG_FLOOR), t_full, spec)
 
 
 # --------------------------------------------------------------------------------------------
@@ -177,9 +234,8 @@ def shift_mask(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def token_loss(student_logits: torch.Tensor, targets: torch.Tensor,
-               teacher: torch.Tensor | TeacherTopK | None, alpha: float, temperature: float = 1.0,
-               kind: str = "forward_kl", beta: float = 0.5, topk_tail: str = "tail"):
-    """Sums over ``N`` selected positions: (loss, ce, kd) with loss = (1-α)·ce + α·T²·kd.
+               teacher: torch.Tensor | TeacherTopK | None, spec: LossSpec):
+    """Sums over ``N`` selected positions: (loss, ce, kd) with loss = ``spec.combine(ce, kd)``.
 
     ``student_logits`` ``[N, V]``; ``teacher``: logits ``[N, V']`` (online), :class:`TeacherTopK`
     (offline) or None (CE only, kd = 0)."""
@@ -188,25 +244,30 @@ def token_loss(student_logits: torch.Tensor, targets: torch.Tensor,
     if teacher is None:
         kd = logits.new_zeros(())
     elif isinstance(teacher, TeacherTopK):
-        kd = topk_divergence(logits, teacher, kind, temperature, beta, topk_tail).sum()
+        kd = topk_divergence(logits, teacher, spec).sum()
     else:
-        kd = divergence(logits, teacher, kind, temperature, beta).sum()
-    return (1.0 - alpha) * ce + alpha * temperature**2 * kd, ce, kd
+        kd = divergence(logits, teacher, spec).sum()
+    return spec.combine(ce, kd), ce, kd
 
 
-def distill_loss(student_logits: torch.Tensor, labels: torch.Tensor, teacher_logits: torch.Tensor | None,
-                 alpha: float, temperature: float = 1.0, kind: str = "forward_kl", beta: float = 0.5,
-                 teacher_topk: TeacherTopK | None = None, topk_tail: str = "tail") -> LossSums:
+def selected_loss(student_logits: torch.Tensor, targets: torch.Tensor,
+                  teacher: torch.Tensor | TeacherTopK | None, spec: LossSpec) -> LossSums:
+    """The naive NEO loss on the full-vocabulary logits ``[N, V]`` of the ``N`` selected positions
+    (``teacher`` as in :func:`token_loss`): the reference the chunked loss is tested against."""
+    loss, ce, kd = token_loss(student_logits, targets, teacher, spec)
+    return LossSums(loss, ce.detach(), kd.detach(), int(targets.shape[0]))
+
+
+def distill_loss(student_logits: torch.Tensor, labels: torch.Tensor,
+                 teacher: torch.Tensor | TeacherTopK | None, spec: LossSpec) -> LossSums:
     """Reference NEO loss on full logits ``[B, L, V]`` and unshifted labels ``[B, L]``.
 
-    ``teacher_topk`` (instead of ``teacher_logits``) holds the offline targets of the selected
-    positions, in row-major order."""
+    ``teacher``: the teacher's logits ``[B, L, V']``, or the offline :class:`TeacherTopK` targets of
+    the selected positions (row-major order), or None."""
     mask, targets = shift_mask(labels)
-    s = student_logits[:, :-1][mask].float()
-    teacher = teacher_topk if teacher_topk is not None else (
-        None if teacher_logits is None else teacher_logits[:, :-1][mask])
-    loss, ce, kd = token_loss(s, targets, teacher, alpha, temperature, kind, beta, topk_tail)
-    return LossSums(loss, ce.detach(), kd.detach(), int(mask.sum()))
+    if isinstance(teacher, torch.Tensor):
+        teacher = teacher[:, :-1][mask]
+    return selected_loss(student_logits[:, :-1][mask].float(), targets, teacher, spec)
 
 
 # --------------------------------------------------------------------------------------------
@@ -215,7 +276,7 @@ def distill_loss(student_logits: torch.Tensor, labels: torch.Tensor, teacher_log
 
 
 def _ce_forward_kl_with_grad(logits: torch.Tensor, targets: torch.Tensor, teacher_logits: torch.Tensor | None,
-                             alpha: float, temperature: float):
+                             spec: LossSpec):
     """(loss, ce, kd, d loss / d logits) for (1-α)·CE + α·T²·KL(teacher‖student) on ``[n, V]`` logits,
     with the gradient in closed form instead of autograd:
 
@@ -224,6 +285,7 @@ def _ce_forward_kl_with_grad(logits: torch.Tensor, targets: torch.Tensor, teache
     Computed in place, so about four ``[n, V]`` fp32 buffers are alive at the peak (autograd through
     log-softmaxes keeps about ten). ``logits`` and ``teacher_logits`` may be overwritten. The default
     (forward KL, and CE alone) takes this path; reverse KL, JSD and top-k targets go through autograd."""
+    alpha, temperature = spec.alpha, spec.temperature
     z = logits.float()
     rows = torch.arange(z.shape[0], device=z.device)
     lse = torch.logsumexp(z, dim=-1, keepdim=True)
@@ -231,7 +293,8 @@ def _ce_forward_kl_with_grad(logits: torch.Tensor, targets: torch.Tensor, teache
     if teacher_logits is None:
         grad = z.sub_(lse).exp_().mul_(1.0 - alpha)  # z is now (1-α)·softmax(z)
         grad[rows, targets] -= 1.0 - alpha
-        return (1.0 - alpha) * ce, ce, ce.new_zeros(()), grad
+        kd = ce.new_zeros(())
+        return spec.combine(ce, kd), ce, kd, grad
     t = teacher_logits[:, : z.shape[-1]].float()  # fresh per chunk: overwritten below
     if temperature != 1.0:
         t = t / temperature
@@ -251,11 +314,10 @@ def _ce_forward_kl_with_grad(logits: torch.Tensor, targets: torch.Tensor, teache
     else:
         grad = z.sub_(lse).exp_().mul_(1.0 - alpha).add_(s_prob.sub_(t_prob), alpha=alpha * temperature)
     grad[rows, targets] -= 1.0 - alpha
-    return (1.0 - alpha) * ce + alpha * temperature**2 * kd, ce, kd, grad
+    return spec.combine(ce, kd), ce, kd, grad
 
 
-def _topk_forward_kl_with_grad(logits: torch.Tensor, targets: torch.Tensor, teacher: TeacherTopK, alpha: float,
-                               temperature: float, tail: str):
+def _topk_forward_kl_with_grad(logits: torch.Tensor, targets: torch.Tensor, teacher: TeacherTopK, spec: LossSpec):
     """(loss, ce, kd, d loss / d logits) for (1-α)·CE + α·T²·(sparse forward KL on the cached top-k
     set S), gradient in closed form (u = z/T, q = softmax(u), P = the teacher on the coarse support):
 
@@ -264,6 +326,7 @@ def _topk_forward_kl_with_grad(logits: torch.Tensor, targets: torch.Tensor, teac
     - ``renormalize``: d KL / du = Q_S − P_S on S (Q = softmax(u) restricted to S), 0 elsewhere.
 
     All ids must be < V (the caller falls back to autograd otherwise). ``logits`` may be overwritten."""
+    alpha, temperature, tail = spec.alpha, spec.temperature, spec.topk_tail
     z = logits.float()
     rows = torch.arange(z.shape[0], device=z.device)
     ids = teacher.ids
@@ -299,20 +362,18 @@ def _topk_forward_kl_with_grad(logits: torch.Tensor, targets: torch.Tensor, teac
         grad.add_(kd_grad, alpha=alpha * temperature)
     grad.scatter_add_(-1, ids, kd_top.mul_(alpha * temperature))
     grad[rows, targets] -= 1.0 - alpha
-    return (1.0 - alpha) * ce + alpha * temperature**2 * kd, ce, kd, grad
+    return spec.combine(ce, kd), ce, kd, grad
 
 
-def _chunk_loss_and_grad(logits: torch.Tensor, targets: torch.Tensor, teacher, alpha: float, temperature: float,
-                         kind: str, beta: float, topk_tail: str):
+def _chunk_loss_and_grad(logits: torch.Tensor, targets: torch.Tensor, teacher, spec: LossSpec):
     """(loss, ce, kd, d loss / d logits) of one chunk; ``logits`` ``[n, V]`` (no graph, may be overwritten)."""
-    forward_kl = kind == "forward_kl" or (kind == "jsd" and beta == 0.0)
-    if teacher is None or (forward_kl and not isinstance(teacher, TeacherTopK)):
-        return _ce_forward_kl_with_grad(logits, targets, teacher, alpha, temperature)
-    if forward_kl and bool((teacher.ids < logits.shape[-1]).all()):
-        return _topk_forward_kl_with_grad(logits, targets, teacher, alpha, temperature, topk_tail)
+    if teacher is None or (spec.is_forward_kl and not isinstance(teacher, TeacherTopK)):
+        return _ce_forward_kl_with_grad(logits, targets, teacher, spec)
+    if spec.is_forward_kl and bool((teacher.ids < logits.shape[-1]).all()):
+        return _topk_forward_kl_with_grad(logits, targets, teacher, spec)
     leaf = logits.detach().float().requires_grad_()
     with torch.enable_grad():
-        loss, ce, kd = token_loss(leaf, targets, teacher, alpha, temperature, kind, beta, topk_tail)
+        loss, ce, kd = token_loss(leaf, targets, teacher, spec)
         (grad,) = torch.autograd.grad(loss, leaf)
     return loss.detach(), ce.detach(), kd.detach(), grad
 
@@ -367,38 +428,29 @@ class _ChunkedHeadLoss(torch.autograd.Function):
 
 
 def chunked_distill_loss(student_hidden: torch.Tensor, targets: torch.Tensor, student_head: Callable,
-                         teacher_hidden: torch.Tensor | None = None, teacher_head: Callable | None = None,
-                         alpha: float = 0.5, temperature: float = 1.0, kind: str = "forward_kl",
-                         beta: float = 0.5, chunk_tokens: int = 512, teacher_topk: TeacherTopK | None = None,
-                         topk_tail: str = "tail") -> LossSums:
-    """NEO loss from hidden states of the selected positions, in token chunks.
+                         teacher: TeacherHead | TeacherTopK | None, spec: LossSpec) -> LossSums:
+    """NEO loss from hidden states of the selected positions, in chunks of ``spec.loss_chunk_tokens``.
 
     Args:
         student_hidden: ``[N, H]`` final hidden states at positions that predict a label.
         targets: ``[N]`` next-token ids.
         student_head: maps ``[n, H]`` → ``[n, V]`` logits (the LM head; trainable or not, any module).
-        teacher_hidden: ``[N, H']`` teacher hidden states at the same positions (no grad), or None.
-        teacher_head: the teacher's LM head (run per chunk under no_grad).
-        teacher_topk: offline targets for the same ``N`` positions instead of teacher_hidden/head.
-        chunk_tokens: tokens per chunk; peak fp32 logits memory is ``chunk_tokens × V × 4`` bytes
-            (× a few for softmax temporaries), independent of sequence length and batch size.
+        teacher: the teacher's targets for the same ``N`` positions, taken chunk by chunk
+            (``teacher.chunk(slice)``): :class:`TeacherHead` (online: hidden states + head, run under
+            no_grad per chunk), :class:`TeacherTopK` (offline) or None (CE only).
+        spec: the loss; peak fp32 logits memory is ``loss_chunk_tokens × V × 4`` bytes (× a few for
+            softmax temporaries), independent of sequence length and batch size.
     Returns:
         :class:`LossSums`; ``loss`` carries the gradient to ``student_hidden`` and the head.
     """
 
     def teacher_chunk(sl: slice):
-        if teacher_topk is not None:
-            return teacher_topk[sl]
-        if teacher_hidden is not None:
-            with torch.no_grad():
-                return teacher_head(teacher_hidden[sl])
-        return None
+        return None if teacher is None else teacher.chunk(sl)
 
     def chunk_loss_and_grad(sl: slice, logits: torch.Tensor):
-        return _chunk_loss_and_grad(logits, targets[sl], teacher_chunk(sl), alpha, temperature, kind, beta,
-                                    topk_tail)
+        return _chunk_loss_and_grad(logits, targets[sl], teacher_chunk(sl), spec)
 
-    n = student_hidden.shape[0]
+    n, chunk_tokens = student_hidden.shape[0], spec.loss_chunk_tokens
     params = [p for p in student_head.parameters() if p.requires_grad] if isinstance(student_head, nn.Module) else []
     if torch.is_grad_enabled() and (student_hidden.requires_grad or params):
         loss, ce, kd = _ChunkedHeadLoss.apply(student_hidden, student_head, chunk_loss_and_grad, chunk_tokens,
@@ -408,7 +460,6 @@ def chunked_distill_loss(student_hidden: torch.Tensor, targets: torch.Tensor, st
     ce_sum, kd_sum = loss.clone(), loss.clone()
     for start in range(0, n, chunk_tokens):
         sl = slice(start, min(n, start + chunk_tokens))
-        part, ce, kd = token_loss(student_head(student_hidden[sl]), targets[sl], teacher_chunk(sl), alpha,
-                                  temperature, kind, beta, topk_tail)
+        part, ce, kd = token_loss(student_head(student_hidden[sl]), targets[sl], teacher_chunk(sl), spec)
         loss, ce_sum, kd_sum = loss + part, ce_sum + ce, kd_sum + kd
     return LossSums(loss, ce_sum, kd_sum, n)

@@ -4,8 +4,6 @@ exactly these (one piece of code per step, local run = cluster run)."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -14,6 +12,7 @@ import yaml
 
 from llmneo.config import Config, dump_yaml
 from llmneo.errors import UserError
+from llmneo.launch import TrainerInputs, launch_env, run_forwarding_signals, torchrun_command, write_workdir
 from llmneo.models import read_card, write_card
 
 
@@ -33,60 +32,25 @@ def run_teacher(cfg: Config, dataset_dir: str | Path, teacher_out: str | Path, s
     return teacher(cfg, dataset_dir, teacher_out, student_out)
 
 
-def torchrun_command(cfg: Config, workdir: Path) -> list[str]:
-    d = cfg.distill
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nnodes={d.nnodes}",
-            f"--nproc-per-node={d.nproc_per_node}", "-m", "llmneo.trainer", "--workdir", str(workdir)]
-
-
-def _run_forwarding_signals(cmd: list[str], env: dict) -> int:
-    """Run ``cmd`` and wait for it. A SIGTERM received here (Kubernetes preempting the pod) is passed
-    on to it — torchrun passes it to the trainers, which checkpoint and stop — instead of killing us
-    and orphaning it. Ctrl-C already reaches the child through the terminal's process group, so
-    SIGINT is only kept from interrupting the wait."""
-    import signal
-    import threading
-
-    proc = subprocess.Popen(cmd, env=env)
-    if threading.current_thread() is not threading.main_thread():
-        return proc.wait()
-
-    def forward(signum, _frame):
-        if proc.poll() is None and signum == signal.SIGTERM:
-            proc.send_signal(signum)
-
-    previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        return proc.wait()
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-
-
 def run_distill(cfg: Config, dataset_dir: str | Path, teacher_dir: str | Path, student_dir: str | Path,
-                out_dir: str | Path) -> dict:
+                out_dir: str | Path, task_config: dict | None = None) -> dict:
     """Step 3: NEO distillation under torchrun (gloo on CPU, nccl on GPU).
 
     Re-running with the same ``out_dir`` (a KFP retry, a preempted pod) resumes from the checkpoint in
-    ``out_dir/checkpoint``; a run already complete for the same configuration returns at once."""
+    ``out_dir/checkpoint``; a run already complete for the same configuration returns at once.
+    ``task_config`` (the KFP task's resources, tolerations, ... as a dict) only matters on several
+    nodes, where it is forwarded to the TrainJob's nodes."""
     if cfg.distill.nnodes > 1:  # several nodes: a Kubeflow Trainer TrainJob runs the same entry point
         from llmneo.cluster import run_distill_multinode
 
-        return run_distill_multinode(cfg, dataset_dir, teacher_dir, student_dir, out_dir)
+        return run_distill_multinode(cfg, dataset_dir, teacher_dir, student_dir, out_dir, task_config)
     from llmneo.checkpointing import latest
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(dump_yaml(cfg))
-    (out / "inputs.json").write_text(json.dumps(
-        {"dataset": str(Path(dataset_dir).resolve()), "teacher": str(Path(teacher_dir).resolve()),
-         "student": str(Path(student_dir).resolve())}, indent=2))
+    out = write_workdir(out_dir, cfg, TrainerInputs.of(dataset_dir, teacher_dir, student_dir))
     cmd = torchrun_command(cfg, out)
-    env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // cfg.distill.nproc_per_node)))
     print("+ " + " ".join(cmd), file=sys.stderr, flush=True)
     t0 = time.time()
-    returncode = _run_forwarding_signals(cmd, env)
+    returncode = run_forwarding_signals(cmd, launch_env(cfg))
     if returncode != 0:
         checkpoint = latest(out / "checkpoint")
         hint = (f"; checkpoint {checkpoint} kept: re-running the step resumes from it" if checkpoint

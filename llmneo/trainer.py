@@ -6,7 +6,8 @@
     torchrun --standalone --nproc-per-node 2 -m llmneo.trainer --workdir runs/x/distill
 
 The workdir holds ``config.yaml`` and ``inputs.json`` (dataset/teacher/student folders), written by
-:func:`llmneo.steps.run_distill`; outputs go next to them: ``adapter/`` (lora, neo) or ``model/``
+:func:`llmneo.launch.write_workdir`; the entry point reads them with :meth:`DistillTrainer.from_workdir`
+(in process: ``DistillTrainer(cfg, inputs, workdir)``); outputs go next to them: ``adapter/`` (lora, neo) or ``model/``
 (sft, kd), ``train_log.jsonl``, ``tensorboard/``, ``loss_curve.png``, ``card.json`` (written last:
 the run is complete), and while training ``checkpoint/`` (see :mod:`llmneo.checkpointing`).
 
@@ -28,7 +29,6 @@ save a checkpoint and exit with 128+signal. Re-running the same command resumes 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import os
@@ -45,17 +45,17 @@ import torch.distributed as dist
 from torch import nn
 
 from llmneo import checkpointing
-from llmneo.config import Config, config_from_dict
+from llmneo.config import FINGERPRINT_SECTIONS, Config
 from llmneo.data import IGNORE_INDEX, collate, read_split
 from llmneo.errors import UserError
+from llmneo.launch import TrainerInputs, read_workdir
 from llmneo.lora import apply_lora, base_model, save_adapter
-from llmneo.losses import TeacherTopK, chunked_distill_loss, distill_loss, shift_mask
+from llmneo.losses import LossSpec, chunked_distill_loss, selected_loss, shift_mask
 from llmneo.models import load_causal_lm, read_card, torch_dtype, write_card
+from llmneo.signals import CachedTopK, OnlineTeacher, TeacherSignal
 
 LORA_METHODS = ("lora", "neo")
 KD_METHODS = ("kd", "neo")
-# distill keys that change how a run is executed, not what it computes: a checkpoint stays valid
-RUN_MECHANICS = ("save_every", "log_every", "keep_checkpoint", "resume", "nproc_per_node", "nnodes")
 
 
 class Preempted(Exception):
@@ -74,49 +74,44 @@ class Preempted(Exception):
 class DistillModule(nn.Module):
     """Student forward + NEO loss in one module, so DDP/FSDP wrap exactly what has gradients.
 
-    The teacher is held outside the module tree (frozen, never wrapped or sharded)."""
+    The loss is ``spec`` (:class:`llmneo.losses.LossSpec`); the teacher is a signal
+    (:mod:`llmneo.signals`) held outside the module tree (frozen, never wrapped or sharded). ``spec``
+    in effect (:attr:`spec`) has alpha = 0 while no signal is set."""
 
-    def __init__(self, student: nn.Module, distill_cfg):
+    def __init__(self, student: nn.Module, spec: LossSpec):
         super().__init__()
         self.student = student
-        self.cfg = distill_cfg
-        self._teacher: list[nn.Module | None] = [None]  # a list: not registered as a submodule
+        self.configured_spec = spec
+        self._signal: list[TeacherSignal | None] = [None]  # a list: not registered as a submodule
+        self.set_signal(None)
 
-    def set_teacher(self, teacher: nn.Module | None) -> None:
-        self._teacher[0] = teacher
+    @property
+    def signal(self) -> TeacherSignal | None:
+        return self._signal[0]
 
-    def forward(self, input_ids, labels, attention_mask=None, position_ids=None, topk_ids=None,
-                topk_logprobs=None):
+    def set_signal(self, signal: TeacherSignal | None) -> None:
+        self._signal[0] = signal
+        self.spec = self.configured_spec.with_teacher(signal is not None)
+
+    def forward(self, input_ids, labels, attention_mask=None, position_ids=None, **signal_rows):
         """Sums over the micro-batch's target tokens: (loss, ce, kd). Packed rows come with
-        ``position_ids`` and no ``attention_mask`` (:func:`llmneo.data.collate`)."""
-        d = self.cfg
-        teacher = self._teacher[0]
-        topk = TeacherTopK(topk_ids, topk_logprobs) if topk_ids is not None else None
-        kw = {"alpha": d.alpha if teacher is not None or topk is not None else 0.0,
-              "temperature": d.temperature, "kind": d.divergence, "beta": d.jsd_beta, "topk_tail": d.topk_tail}
+        ``position_ids`` and no ``attention_mask`` (:func:`llmneo.data.collate`); ``signal_rows``
+        are what the signal added to the batch (:meth:`TeacherSignal.batch_rows`)."""
+        spec, signal = self.spec, self._signal[0]
         inputs = {"input_ids": input_ids, "use_cache": False}
         if position_ids is not None:
             inputs["position_ids"] = position_ids
         else:
             inputs["attention_mask"] = attention_mask
-        if d.loss_impl == "naive":  # full [B, L, V] fp32 logits: the reference / benchmark baseline
-            teacher_logits = None
-            if teacher is not None:
-                with torch.no_grad():
-                    teacher_logits = teacher(**inputs).logits
-            sums = distill_loss(self.student(**inputs).logits, labels, teacher_logits, teacher_topk=topk, **kw)
-            return sums.loss, sums.ce, sums.kd
         mask, targets = shift_mask(labels)
-        teacher_hidden = teacher_head = None
-        if teacher is not None:
-            with torch.no_grad():
-                # hidden states only; the teacher head runs per loss chunk on the selected positions
-                teacher_hidden = teacher.get_decoder()(**inputs).last_hidden_state[:, :-1][mask]
-            teacher_head = teacher.get_output_embeddings()
+        chunked = spec.loss_impl == "chunked"
+        teacher = signal.targets(inputs, mask, signal_rows, chunked=chunked) if signal is not None else None
+        if not chunked:  # full [B, L, V] fp32 logits: the reference / benchmark baseline
+            sums = selected_loss(self.student(**inputs).logits[:, :-1][mask].float(), targets, teacher, spec)
+            return sums.loss, sums.ce, sums.kd
         base = base_model(self.student)
         hidden = base.get_decoder()(**inputs).last_hidden_state[:, :-1][mask]
-        sums = chunked_distill_loss(hidden, targets, base.get_output_embeddings(), teacher_hidden, teacher_head,
-                                    teacher_topk=topk, chunk_tokens=d.loss_chunk_tokens, **kw)
+        sums = chunked_distill_loss(hidden, targets, base.get_output_embeddings(), teacher, spec)
         return sums.loss, sums.ce, sums.kd
 
 
@@ -159,13 +154,9 @@ def peak_memory_mb(device: torch.device) -> float:
 
 
 def training_hash(cfg: Config, dataset_hash: str | None) -> str:
-    """What a checkpoint's numbers depend on: data/teacher/student/distill config (less run
-    mechanics) and the prepared dataset. Resuming under a different hash is refused."""
-    data = cfg.to_dict()
-    distill = {k: v for k, v in data["distill"].items() if k not in RUN_MECHANICS}
-    blob = json.dumps({"data": data["data"], "teacher": data["teacher"], "student": data["student"],
-                       "distill": distill, "dataset_hash": dataset_hash}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    """What a checkpoint's numbers depend on: :meth:`Config.fingerprint` of the data/teacher/student/
+    distill sections and the prepared dataset. Resuming under a different hash is refused."""
+    return cfg.fingerprint(FINGERPRINT_SECTIONS, extra={"dataset_hash": dataset_hash})
 
 
 # --------------------------------------------------------------------------------------------
@@ -179,16 +170,14 @@ class DistillTrainer:
     Subclasses may override :meth:`load_student`, :meth:`load_teacher` and :meth:`load_tokenizer`
     (the benchmark builds random-init models in memory that way)."""
 
-    def __init__(self, workdir: str | Path):
-        import yaml
-
+    def __init__(self, cfg: Config, inputs: TrainerInputs, workdir: str | Path):
         self.workdir = Path(workdir)
-        self.cfg: Config = config_from_dict(yaml.safe_load((self.workdir / "config.yaml").read_text()))
-        self.inputs = json.loads((self.workdir / "inputs.json").read_text())
+        self.cfg = cfg
+        self.inputs = inputs
         self.d = self.cfg.distill
         self.method = self.d.method
         self.checkpoint_root = self.workdir / "checkpoint"
-        self.dataset_card = read_card(self.inputs["dataset"])
+        self.dataset_card = read_card(self.inputs.dataset)
         self.config_hash = training_hash(self.cfg, self.dataset_card.get("dataset_hash"))
         self.rank, self.world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
         self.teacher: nn.Module | None = None
@@ -197,6 +186,12 @@ class DistillTrainer:
         self.history: list[dict] = []
         self.resumed_from: int | None = None
         self._stop_signal: int | None = None
+
+    @classmethod
+    def from_workdir(cls, workdir: str | Path) -> DistillTrainer:
+        """The trainer of a work folder written by :func:`llmneo.launch.write_workdir` (torchrun's entry)."""
+        cfg, inputs = read_workdir(workdir)
+        return cls(cfg, inputs, workdir)
 
     def already_complete(self) -> bool:
         """A previous attempt finished with the same configuration (e.g. a KFP retry after the step
@@ -238,9 +233,9 @@ class DistillTrainer:
         torch.manual_seed(d.seed)
 
     def _setup_data(self) -> None:
-        self.train_rows = read_split(self.inputs["dataset"], "train")
+        self.train_rows = read_split(self.inputs.dataset, "train")
         if not self.train_rows:
-            raise UserError(f"dataset {self.inputs['dataset']}: train split is empty")
+            raise UserError(f"dataset {self.inputs.dataset}: train split is empty")
         self.targets_per_row = [count_targets([r]) for r in self.train_rows]
         self.tokenizer = self.load_tokenizer()
         pad = self.tokenizer.pad_token_id
@@ -252,15 +247,15 @@ class DistillTrainer:
 
         from llmneo.models import model_location
 
-        return AutoTokenizer.from_pretrained(model_location(self.inputs["student"])[0])
+        return AutoTokenizer.from_pretrained(model_location(self.inputs.student)[0])
 
     def load_student(self) -> nn.Module:
         """The base student in fp32 (master weights; autocast computes in bf16 on GPU)."""
-        return load_causal_lm(self.inputs["student"], dtype=torch.float32)
+        return load_causal_lm(self.inputs.student, dtype=torch.float32)
 
     def load_teacher(self) -> nn.Module:
         """The teacher in ``teacher.dtype`` (auto: bf16 on GPU, fp32 on CPU)."""
-        return load_causal_lm(self.inputs["teacher"], dtype=torch_dtype(self.cfg.teacher.dtype, self.device.type))
+        return load_causal_lm(self.inputs.teacher, dtype=torch_dtype(self.cfg.teacher.dtype, self.device.type))
 
     def _setup_model(self) -> None:
         d = self.d
@@ -279,7 +274,7 @@ class DistillTrainer:
         student.to(self.device)
         student.train()
         self.student = student
-        self.distill_module = module = DistillModule(student, d)
+        self.distill_module = module = DistillModule(student, LossSpec.from_config(d))
         if self.world > 1 and d.strategy == "fsdp":
             from torch.distributed.fsdp import fully_shard
 
@@ -310,20 +305,21 @@ class DistillTrainer:
             return
         if self.cfg.teacher.mode == "offline":
             self.topk = self._open_topk_cache()
+            self.distill_module.set_signal(CachedTopK(self.topk, self.targets_per_row))
             return
         teacher = self.load_teacher().to(self.device)
         teacher.eval()
         teacher.requires_grad_(False)
         student_vocab = base_model(self.student).get_output_embeddings().out_features
         if teacher.get_output_embeddings().out_features < student_vocab:
-            raise UserError(f"teacher {self.inputs['teacher']}: vocabulary smaller than the student's ({student_vocab})")
+            raise UserError(f"teacher {self.inputs.teacher}: vocabulary smaller than the student's ({student_vocab})")
         self.teacher = teacher
-        self.distill_module.set_teacher(teacher)
+        self.distill_module.set_signal(OnlineTeacher(teacher))
 
     def _open_topk_cache(self):
         from llmneo.topk import META, TopKCache
 
-        path = Path(self.inputs["teacher"]) / "topk"
+        path = Path(self.inputs.teacher) / "topk"
         if not (path / META).is_file():
             raise UserError(f"teacher.mode=offline: no top-k cache in {path} (the teacher step writes it "
                             f"when teacher.mode=offline; re-run that step)")
@@ -377,16 +373,8 @@ class DistillTrainer:
 
     def micro_batch(self, indices: list[int]) -> dict[str, torch.Tensor]:
         batch = collate([self.train_rows[i] for i in indices], self.pad_id)
-        if self.topk is not None:
-            ids, logprobs = [], []
-            for i in indices:
-                row_ids, row_lps = self.topk[i]
-                if row_ids.shape[0] != self.targets_per_row[i]:
-                    raise UserError(f"top-k cache row {i} has {row_ids.shape[0]} positions, the dataset row "
-                                    f"has {self.targets_per_row[i]} labelled positions: re-run the teacher step")
-                ids.append(row_ids)
-                logprobs.append(row_lps)
-            batch["topk_ids"], batch["topk_logprobs"] = torch.cat(ids), torch.cat(logprobs)
+        if self.distill_module.signal is not None:
+            batch.update(self.distill_module.signal.batch_rows(indices))
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
 
     # ------------------------------------------------------------------ train
@@ -437,8 +425,7 @@ class DistillTrainer:
         grad_norm = float(grad_norm)  # also waits for the GPU: the timing below is real
         dt = time.perf_counter() - t0
         ce_mean, kd_mean = float(ce_sum) / max(1, n_tokens), float(kd_sum) / max(1, n_tokens)
-        alpha = d.alpha if self.method in KD_METHODS else 0.0
-        return {"step": step + 1, "loss": (1 - alpha) * ce_mean + alpha * d.temperature**2 * kd_mean,
+        return {"step": step + 1, "loss": self.distill_module.spec.combine(ce_mean, kd_mean),
                 "ce": ce_mean, "kd": kd_mean, "lr": lr, "grad_norm": grad_norm,
                 "tokens_per_s": seen_tokens / dt, "tokens": seen_tokens, "target_tokens": n_tokens,
                 "peak_mem_mb": peak_memory_mb(self.device), "seconds": dt}
@@ -573,7 +560,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     rank0 = int(os.environ.get("RANK", "0")) == 0
     try:
-        trainer = DistillTrainer(args.workdir)
+        trainer = DistillTrainer.from_workdir(args.workdir)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

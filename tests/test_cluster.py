@@ -105,9 +105,10 @@ def test_steps_dispatches_to_the_launcher_when_nnodes_gt_1(tmp_path, monkeypatch
     from llmneo.steps import run_distill
 
     seen = {}
-    monkeypatch.setattr(llmneo.cluster, "run_distill_multinode", lambda cfg, *dirs: seen.update(dirs=dirs) or {"ok": 1})
-    assert run_distill(load_config("tiny", ["distill.nnodes=3"]), "d", "t", "s", tmp_path) == {"ok": 1}
-    assert seen["dirs"] == ("d", "t", "s", tmp_path)
+    monkeypatch.setattr(llmneo.cluster, "run_distill_multinode", lambda cfg, *args: seen.update(args=args) or {"ok": 1})
+    task = {"node_selector": {"pool": "a100"}}
+    assert run_distill(load_config("tiny", ["distill.nnodes=3"]), "d", "t", "s", tmp_path, task) == {"ok": 1}
+    assert seen["args"] == ("d", "t", "s", tmp_path, task)  # the KFP task's settings, as an argument
 
 
 # --------------------------------------------------------------------------------------------

@@ -79,6 +79,18 @@ def test_run_hash_depends_on_what_the_run_depends_on():
     assert run_hash(cfg, trained=False) == run_hash(load_config("tiny", ["distill.lr=7e-4"]), trained=False)
 
 
+@pytest.mark.parametrize("override", ["distill.log_every=5", "distill.save_every=7", "distill.keep_checkpoint=true",
+                                      "distill.nproc_per_node=1", "data.buffer_mb=8"])
+def test_run_mechanics_keep_the_fingerprint_for_resume_and_reuse(override):
+    """One rule for what a result depends on: a changed run mechanic (how often to log, ...) is
+    resumed by the trainer and reused by compare alike; a changed alpha is neither."""
+    from llmneo.trainer import training_hash
+
+    cfg, mechanic, alpha = (load_config("tiny", o) for o in ([], [override], ["distill.alpha=0.9"]))
+    assert training_hash(mechanic, "ds") == training_hash(cfg, "ds") != training_hash(alpha, "ds")
+    assert run_hash(mechanic) == run_hash(cfg) != run_hash(alpha)
+
+
 @pytest.mark.parametrize("items, message", [
     (["distill.lr"], "expected KEY=V1,V2"),
     (["distill.lr="], "expected KEY=V1,V2"),

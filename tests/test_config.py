@@ -86,6 +86,19 @@ def test_round_trip_and_hash_stable():
     assert load_config("tiny", ["distill.alpha=0.6"]).hash() != cfg.hash()
 
 
+def test_fingerprint_leaves_out_the_fields_tagged_mechanics():
+    from llmneo.config import result_fields
+
+    cfg = load_config("tiny")
+    logged = load_config("tiny", ["distill.log_every=9"])
+    assert logged.hash() != cfg.hash()  # lineage: exactly what ran
+    assert logged.fingerprint() == cfg.fingerprint() != load_config("tiny", ["distill.alpha=0.6"]).fingerprint()
+    assert cfg.fingerprint(extra={"dataset_hash": "a"}) != cfg.fingerprint(extra={"dataset_hash": "b"})
+    assert cfg.fingerprint(("teacher",)) == load_config("tiny", ["distill.alpha=0.6"]).fingerprint(("teacher",))
+    assert "log_every" not in result_fields(cfg.distill) and "alpha" in result_fields(cfg.distill)
+    assert "tiny" in result_fields(cfg.teacher)  # nested sections are kept (filtered likewise)
+
+
 def test_apply_overrides_does_not_mutate():
     base = {"distill": {"alpha": 0.5}}
     apply_overrides(base, ["distill.alpha=0.1"])

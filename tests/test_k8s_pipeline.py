@@ -3,7 +3,6 @@ resources): GPUs, node selector and tolerations from pipeline parameters, /dev/s
 deadlines, the TaskConfig passthrough of the multi-node branch, and the distill component's
 GPU/node overrides."""
 
-import json
 
 import pytest
 import yaml
@@ -108,7 +107,7 @@ def test_new_parameters_have_one_line_descriptions(compiled):
 
 def test_distill_component_passes_gpu_and_node_counts(monkeypatch, tmp_path):
     """The pipeline's GPU/node counts become distill.nproc_per_node / distill.nnodes; the TaskConfig
-    is handed to the launcher in $LLMNEO_TASK_CONFIG."""
+    is handed to the launcher as an argument."""
     from kfp import dsl
 
     import llmneo.steps
@@ -116,17 +115,12 @@ def test_distill_component_passes_gpu_and_node_counts(monkeypatch, tmp_path):
 
     seen = {}
 
-    def fake_run_distill(cfg, *paths):
-        import os
-
-        seen.update(nproc=cfg.distill.nproc_per_node, nnodes=cfg.distill.nnodes,
-                    task=os.environ.get("LLMNEO_TASK_CONFIG"))
+    def fake_run_distill(cfg, dataset, teacher, student, out, task_config=None):
+        seen.update(nproc=cfg.distill.nproc_per_node, nnodes=cfg.distill.nnodes, task=task_config)
         return {"wall_seconds": 1.0, "final": {"loss": 1.0}, "tokens_per_s": 1.0, "trainable_parameters": 1,
                 "method": "neo", "steps": 1}
 
     monkeypatch.setattr(llmneo.steps, "run_distill", fake_run_distill)
-    monkeypatch.setenv("LLMNEO_TASK_CONFIG", "")  # so that monkeypatch removes what the component sets
-    monkeypatch.delenv("LLMNEO_TASK_CONFIG")
     art = {k: dsl.Model(uri=str(tmp_path / k)) for k in ("dataset", "teacher", "student", "adapter", "metrics")}
     for a in art.values():
         a.path = a.uri
@@ -138,7 +132,7 @@ def test_distill_component_passes_gpu_and_node_counts(monkeypatch, tmp_path):
                         dataset=art["dataset"], teacher=art["teacher"], student=art["student"], adapter=art["adapter"],
                         metrics=metrics, task_config=dsl.TaskConfig(node_selector={"pool": "a100"}))
     assert seen["nproc"] == 3 and seen["nnodes"] == 2  # gpus=0: the preset's process count
-    assert json.loads(seen["task"])["node_selector"] == {"pool": "a100"}
+    assert seen["task"]["node_selector"] == {"pool": "a100"}
     with pytest.raises(SystemExit) as exc:  # one error: line, no traceback
         distill.python_func(preset="tiny", overrides=[], config="", gpus="six", nodes=1, dataset=art["dataset"],
                             teacher=art["teacher"], student=art["student"], adapter=art["adapter"], metrics=metrics)

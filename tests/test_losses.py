@@ -8,6 +8,8 @@ import torch.nn.functional as F
 
 from llmneo.losses import (
     IGNORE_INDEX,
+    LossSpec,
+    TeacherHead,
     TeacherTopK,
     chunked_distill_loss,
     distill_loss,
@@ -49,14 +51,14 @@ def batch():
 def test_identical_logits_give_zero_kd(batch):
     student, _, labels = batch
     for kind in ("forward_kl", "reverse_kl", "jsd"):
-        sums = distill_loss(student, labels, student.clone(), alpha=1.0, kind=kind)
+        sums = distill_loss(student, labels, student.clone(), LossSpec(alpha=1.0, divergence=kind))
         assert abs(float(sums.kd)) < 1e-6
 
 
 @pytest.mark.parametrize("alpha, T", [(0.0, 1.0), (0.5, 1.0), (0.9, 2.0), (1.0, 1.0)])
 def test_matches_reference_formula(batch, alpha, T):
     student, teacher, labels = batch
-    sums = distill_loss(student, labels, teacher, alpha=alpha, temperature=T)
+    sums = distill_loss(student, labels, teacher, LossSpec(alpha=alpha, temperature=T))
     ref_loss, ref_ce, ref_kd = reference(student, teacher, labels, alpha, T)
     assert float(sums.loss) / sums.tokens == pytest.approx(ref_loss, rel=1e-5)
     assert float(sums.ce) / sums.tokens == pytest.approx(ref_ce, rel=1e-5)
@@ -73,26 +75,26 @@ def test_forward_kl_equals_torch_kl_div(batch):
 
 def test_masked_tokens_ignored(batch):
     student, teacher, labels = batch
-    base = distill_loss(student, labels, teacher, alpha=0.5)
+    base = distill_loss(student, labels, teacher, LossSpec(alpha=0.5))
     mask, _ = shift_mask(labels)
     garbage_s, garbage_t = student.clone(), teacher.clone()
     garbage_s[:, :-1][~mask] = 1e4 * torch.randn_like(garbage_s[:, :-1][~mask])
     garbage_t[:, :-1][~mask] = -1e4
-    again = distill_loss(garbage_s, labels, garbage_t, alpha=0.5)
+    again = distill_loss(garbage_s, labels, garbage_t, LossSpec(alpha=0.5))
     assert float(again.loss) == pytest.approx(float(base.loss), rel=1e-6)
     assert again.tokens == base.tokens == int((labels[:, 1:] != IGNORE_INDEX).sum())
 
 
 def test_all_masked_is_zero_not_nan():
     labels = torch.full((1, 4), IGNORE_INDEX)
-    sums = distill_loss(torch.randn(1, 4, 5), labels, torch.randn(1, 4, 5), alpha=0.5)
+    sums = distill_loss(torch.randn(1, 4, 5), labels, torch.randn(1, 4, 5), LossSpec(alpha=0.5))
     assert sums.tokens == 0 and float(sums.loss) == 0.0
 
 
 def test_shift_alignment_catches_off_by_one(batch):
     """KD must use the same (shifted) positions as CE; masking KD with unshifted labels differs."""
     student, teacher, labels = batch
-    sums = distill_loss(student, labels, teacher, alpha=1.0)
+    sums = distill_loss(student, labels, teacher, LossSpec(alpha=1.0))
     # the seed's mistake: KD over positions where the *unshifted* label is valid
     wrong_mask = labels != IGNORE_INDEX
     wrong = divergence(student[wrong_mask], teacher[wrong_mask]).sum()
@@ -112,11 +114,12 @@ def test_chunked_equals_unchunked_values_and_grads(kind, chunk):
     head, t_head = torch.nn.Linear(H, V, bias=False), torch.nn.Linear(H, Vt, bias=False)
     labels = torch.randint(0, V, (B, L), generator=g)
     labels[0, :2] = IGNORE_INDEX
-    full = distill_loss(head(hidden), labels, t_head(t_hidden), alpha=0.7, temperature=2.0, kind=kind, beta=0.3)
+    spec = LossSpec(alpha=0.7, temperature=2.0, divergence=kind, jsd_beta=0.3, loss_chunk_tokens=chunk)
+    full = distill_loss(head(hidden), labels, t_head(t_hidden), spec)
     (g_full,) = torch.autograd.grad(full.loss, hidden)
     mask, targets = shift_mask(labels)
-    chunked = chunked_distill_loss(hidden[:, :-1][mask], targets, head, t_hidden[:, :-1][mask], t_head,
-                                   alpha=0.7, temperature=2.0, kind=kind, beta=0.3, chunk_tokens=chunk)
+    chunked = chunked_distill_loss(hidden[:, :-1][mask], targets, head, TeacherHead(t_hidden[:, :-1][mask], t_head),
+                                   spec)
     (g_chunk,) = torch.autograd.grad(chunked.loss, hidden)
     assert float(chunked.loss.detach()) == pytest.approx(float(full.loss.detach()), rel=1e-5)
     assert float(chunked.kd) == pytest.approx(float(full.kd), rel=1e-5)
@@ -126,9 +129,11 @@ def test_chunked_equals_unchunked_values_and_grads(kind, chunk):
 def test_jsd_endpoints():
     g = torch.Generator().manual_seed(2)
     s, t = torch.randn(4, 9, generator=g), torch.randn(4, 9, generator=g)
-    assert torch.allclose(divergence(s, t, "jsd", beta=0.0), divergence(s, t, "forward_kl"))
-    assert torch.allclose(divergence(s, t, "jsd", beta=1.0), divergence(s, t, "reverse_kl"))
-    mid = divergence(s, t, "jsd", beta=0.5)
+    assert torch.allclose(divergence(s, t, LossSpec(divergence="jsd", jsd_beta=0.0)),
+                          divergence(s, t, LossSpec(divergence="forward_kl")))
+    assert torch.allclose(divergence(s, t, LossSpec(divergence="jsd", jsd_beta=1.0)),
+                          divergence(s, t, LossSpec(divergence="reverse_kl")))
+    mid = divergence(s, t, LossSpec(divergence="jsd", jsd_beta=0.5))
     assert (mid >= 0).all() and (mid <= math.log(2) + 1e-6).all()  # JSD is bounded by log 2
 
 
@@ -144,10 +149,10 @@ def test_chunked_trainable_head_gets_the_same_gradient():
     head = torch.nn.Linear(H, V, bias=True)
     t_head = torch.nn.Linear(H, V, bias=False)
     t_hidden = torch.randn(N, H, generator=g)
-    full = token_loss(head(hidden), targets, t_head(t_hidden), alpha=0.4, temperature=1.5)[0]
+    spec = LossSpec(alpha=0.4, temperature=1.5, loss_chunk_tokens=4)
+    full = token_loss(head(hidden), targets, t_head(t_hidden), spec)[0]
     ref = torch.autograd.grad(full, [hidden, head.weight, head.bias])
-    chunked = chunked_distill_loss(hidden, targets, head, t_hidden, t_head, alpha=0.4, temperature=1.5,
-                                   chunk_tokens=4)
+    chunked = chunked_distill_loss(hidden, targets, head, TeacherHead(t_hidden, t_head), spec)
     got = torch.autograd.grad(chunked.loss, [hidden, head.weight, head.bias])
     assert float(chunked.loss.detach()) == pytest.approx(float(full.detach()), rel=1e-5)
     for a, b in zip(got, ref, strict=True):
@@ -159,8 +164,8 @@ def test_chunked_without_grad_matches():
     hidden, head = torch.randn(7, 5, generator=g), torch.nn.Linear(5, 11, bias=False)
     targets = torch.randint(0, 11, (7,), generator=g)
     with torch.no_grad():
-        a = chunked_distill_loss(hidden, targets, head, alpha=0.0, chunk_tokens=2)
-        b = token_loss(head(hidden), targets, None, alpha=0.0)
+        a = chunked_distill_loss(hidden, targets, head, None, LossSpec(alpha=0.0, loss_chunk_tokens=2))
+        b = token_loss(head(hidden), targets, None, LossSpec(alpha=0.0))
     assert float(a.loss) == pytest.approx(float(b[0]), rel=1e-6) and float(a.kd) == 0.0
 
 
@@ -178,7 +183,7 @@ def test_topk_renormalize_matches_formula():
     s, t = torch.randn(6, 13, generator=g), torch.randn(6, 13, generator=g)
     top = _topk(t, 4)
     T = 1.7
-    got = topk_divergence(s, top, "forward_kl", temperature=T, tail="renormalize")
+    got = topk_divergence(s, top, LossSpec(divergence="forward_kl", temperature=T, topk_tail="renormalize"))
     pt = torch.softmax(t.gather(-1, top.ids).double() / T, -1)  # teacher restricted to its top-k
     ps = torch.softmax(s.gather(-1, top.ids).double() / T, -1)  # student restricted to the same ids
     want = (pt * (pt.log() - ps.log())).sum(-1)
@@ -189,7 +194,7 @@ def test_topk_tail_bucket_matches_formula_and_lower_bounds_full_kl():
     g = torch.Generator().manual_seed(6)
     s, t = torch.randn(6, 13, generator=g), 2 * torch.randn(6, 13, generator=g)
     top = _topk(t, 4)
-    got = topk_divergence(s, top, "forward_kl", tail="tail")
+    got = topk_divergence(s, top, LossSpec(divergence="forward_kl", topk_tail="tail"))
     pt_full, ps_full = torch.softmax(t.double(), -1), torch.softmax(s.double(), -1)
     pt = torch.cat([pt_full.gather(-1, top.ids), 1 - pt_full.gather(-1, top.ids).sum(-1, keepdim=True)], -1)
     ps = torch.cat([ps_full.gather(-1, top.ids), 1 - ps_full.gather(-1, top.ids).sum(-1, keepdim=True)], -1)
@@ -205,8 +210,9 @@ def test_topk_with_the_whole_vocabulary_equals_full_divergence(kind, tail):
     g = torch.Generator().manual_seed(7)
     s = torch.randn(5, 9, generator=g, requires_grad=True)
     t = torch.randn(5, 9, generator=g)
-    got = topk_divergence(s, _topk(t, 9), kind, temperature=1.3, beta=0.3, tail=tail)
-    want = divergence(s, t, kind, temperature=1.3, beta=0.3)
+    spec = LossSpec(divergence=kind, temperature=1.3, jsd_beta=0.3, topk_tail=tail)
+    got = topk_divergence(s, _topk(t, 9), spec)
+    want = divergence(s, t, spec)
     assert torch.allclose(got, want, atol=1e-6)
     (grad_got,) = torch.autograd.grad(got.sum(), s)
     (grad_want,) = torch.autograd.grad(want.sum(), s)
@@ -221,7 +227,8 @@ def test_topk_ids_beyond_student_vocab_are_dropped():
     padded = TeacherTopK(torch.cat([top.ids, torch.full((4, 1), 12)], -1),
                          torch.cat([top.logprobs, torch.full((4, 1), -30.0)], -1))
     for tail in ("tail", "renormalize"):
-        assert torch.allclose(topk_divergence(s, padded, tail=tail), topk_divergence(s, top, tail=tail), atol=1e-6)
+        spec = LossSpec(topk_tail=tail)
+        assert torch.allclose(topk_divergence(s, padded, spec), topk_divergence(s, top, spec), atol=1e-6)
 
 
 @pytest.mark.parametrize("tail", ["tail", "renormalize"])
@@ -241,10 +248,10 @@ def test_chunked_topk_equals_reference(tail, kind, T, k):
     if k == "padded":  # a padded teacher vocabulary ranked id 12 in its top-k
         top = TeacherTopK(torch.cat([top.ids, torch.full_like(top.ids[:, :1], 12)], -1),
                           torch.cat([top.logprobs, torch.full_like(top.logprobs[:, :1], -9.0)], -1))
-    kw = {"alpha": 0.6, "temperature": T, "kind": kind, "teacher_topk": top, "topk_tail": tail}
-    full = distill_loss(head(hidden), labels, None, **kw)
+    spec = LossSpec(alpha=0.6, temperature=T, divergence=kind, topk_tail=tail, loss_chunk_tokens=3)
+    full = distill_loss(head(hidden), labels, top, spec)
     ref = torch.autograd.grad(full.loss, [hidden, head.weight])
-    chunked = chunked_distill_loss(hidden[:, :-1][mask], targets, head, chunk_tokens=3, **kw)
+    chunked = chunked_distill_loss(hidden[:, :-1][mask], targets, head, top, spec)
     got = torch.autograd.grad(chunked.loss, [hidden, head.weight])
     assert float(chunked.loss.detach()) == pytest.approx(float(full.loss.detach()), rel=1e-5)
     assert float(chunked.kd) == pytest.approx(float(full.kd), rel=1e-5, abs=1e-6) and float(full.kd) >= 0
@@ -277,9 +284,9 @@ def test_cached_topk_with_k_equal_vocab_gives_the_online_kd(tiny_workspace, tmp_
     cache = TopKCache(tmp_path / "topk")
     ids, lps = zip(*(cache[i] for i in range(len(rows))), strict=True)
     cached = TeacherTopK(torch.cat(ids), torch.cat(lps))
-    online = distill_loss(s_logits, batch["labels"], t_logits, alpha=1.0)
+    online = distill_loss(s_logits, batch["labels"], t_logits, LossSpec(alpha=1.0))
     for tail in ("tail", "renormalize"):
-        offline = distill_loss(s_logits, batch["labels"], None, alpha=1.0, teacher_topk=cached, topk_tail=tail)
+        offline = distill_loss(s_logits, batch["labels"], cached, LossSpec(alpha=1.0, topk_tail=tail))
         assert offline.tokens == online.tokens
         assert float(offline.kd) == pytest.approx(float(online.kd), rel=2e-3)  # fp16 log-prob storage
 
@@ -292,10 +299,11 @@ def test_chunked_ce_only_equals_reference(alpha):
     head = torch.nn.Linear(4, 9, bias=False)
     labels = torch.randint(0, 9, (2, 5), generator=g)
     labels[0, 1] = IGNORE_INDEX
-    full = distill_loss(head(hidden), labels, None, alpha=alpha)
+    spec = LossSpec(alpha=alpha, loss_chunk_tokens=2)
+    full = distill_loss(head(hidden), labels, None, spec)
     ref = torch.autograd.grad(full.loss, [hidden, head.weight])
     mask, targets = shift_mask(labels)
-    chunked = chunked_distill_loss(hidden[:, :-1][mask], targets, head, alpha=alpha, chunk_tokens=2)
+    chunked = chunked_distill_loss(hidden[:, :-1][mask], targets, head, None, spec)
     got = torch.autograd.grad(chunked.loss, [hidden, head.weight])
     assert float(chunked.loss.detach()) == pytest.approx(float(full.loss.detach()), rel=1e-6)
     for a, b in zip(got, ref, strict=True):

@@ -10,7 +10,7 @@ import torch
 
 from llmneo.config import TinyModelConfig, load_config
 from llmneo.data import run_prep
-from llmneo.losses import distill_loss, shift_mask
+from llmneo.losses import LossSpec, distill_loss, shift_mask
 from llmneo.models import build_tiny_llama, build_tiny_tokenizer, load_causal_lm
 from llmneo.teacher import run_teacher
 from llmneo.topk import TopKCache
@@ -103,7 +103,7 @@ def test_kd_from_a_full_cache_equals_online_kd(full_cache):
     student_logits = torch.randn(len(rows), width, VOCAB, generator=torch.Generator().manual_seed(0)) * 2
     with torch.no_grad():
         teacher_logits = teacher(input_ids=ids, attention_mask=attn).logits
-    online = distill_loss(student_logits, labels, teacher_logits, alpha=0.5)
+    online = distill_loss(student_logits, labels, teacher_logits, LossSpec(alpha=0.5))
 
     mask, _ = shift_mask(labels)
     student_logp = torch.log_softmax(student_logits[:, :-1][mask].float(), -1)  # [N, V], row-major

@@ -12,8 +12,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from llmneo.config import dump_yaml, load_config
+from llmneo.config import load_config
 from llmneo.errors import UserError
+from llmneo.launch import TrainerInputs, write_workdir
 from llmneo.trainer import DistillTrainer, Preempted, lr_lambda, main
 
 
@@ -28,15 +29,11 @@ def one_thread():
 
 def make_workdir(path: Path, ws: Path, *overrides: str, teacher: Path | None = None) -> Path:
     cfg = load_config("tiny", ["distill.max_steps=2", "distill.save_every=0", *overrides])
-    path.mkdir(parents=True, exist_ok=True)
-    (path / "config.yaml").write_text(dump_yaml(cfg))
-    (path / "inputs.json").write_text(json.dumps({
-        "dataset": str(ws / "dataset"), "teacher": str(teacher or ws / "teacher"), "student": str(ws / "student")}))
-    return path
+    return write_workdir(path, cfg, TrainerInputs.of(ws / "dataset", teacher or ws / "teacher", ws / "student"))
 
 
 def run(workdir: Path) -> DistillTrainer:
-    trainer = DistillTrainer(workdir)
+    trainer = DistillTrainer.from_workdir(workdir)
     trainer.setup()
     trainer.save(trainer.train())
     trainer.cleanup()
@@ -142,7 +139,7 @@ def test_frozen_base_stays_fp32_when_asked_and_in_fp32_training(neo_run, tiny_wo
     assert all(p.dtype == torch.float32 for p in ref.student.parameters())
     workdir = make_workdir(tmp_path, tiny_workspace, "distill.precision=bf16", "distill.frozen_dtype=fp32",
                            "distill.max_steps=1")
-    trainer = DistillTrainer(workdir)
+    trainer = DistillTrainer.from_workdir(workdir)
     trainer.setup()
     assert all(p.dtype == torch.float32 for p in trainer.student.parameters())
     trainer.cleanup()
@@ -156,7 +153,9 @@ def test_packed_row_loss_equals_the_separate_examples(loss_impl, tiny_workspace)
     """A packed row (position_ids restarting per example, no attention mask) gives the same CE and KD
     sums as its examples one by one: no token attends across an example boundary."""
     from llmneo.data import collate, read_split
+    from llmneo.losses import LossSpec
     from llmneo.models import load_causal_lm
+    from llmneo.signals import OnlineTeacher
     from llmneo.trainer import DistillModule
 
     cfg = load_config("tiny", [f"distill.loss_impl={loss_impl}"])
@@ -164,8 +163,8 @@ def test_packed_row_loss_equals_the_separate_examples(loss_impl, tiny_workspace)
     packed = {"input_ids": sum((r["input_ids"] for r in examples), []),
               "labels": sum(([-100] + r["labels"][1:] for r in examples), []),  # as data prep packs them
               "position_ids": sum((list(range(len(r["input_ids"]))) for r in examples), [])}
-    module = DistillModule(load_causal_lm(tiny_workspace / "student").eval(), cfg.distill)
-    module.set_teacher(load_causal_lm(tiny_workspace / "teacher").eval())
+    module = DistillModule(load_causal_lm(tiny_workspace / "student").eval(), LossSpec.from_config(cfg.distill))
+    module.set_signal(OnlineTeacher(load_causal_lm(tiny_workspace / "teacher").eval()))
     with torch.no_grad():
         together = module(**collate([packed, {**packed, "input_ids": packed["input_ids"][:40],
                                               "labels": packed["labels"][:40],
@@ -207,7 +206,7 @@ def test_offline_topk_cache_with_k_equal_vocab_trains_like_the_online_teacher(ne
 def test_offline_without_a_cache_is_a_one_line_user_error(tiny_workspace, tmp_path):
     workdir = make_workdir(tmp_path, tiny_workspace, "teacher.mode=offline")
     with pytest.raises(UserError, match=r"teacher.mode=offline: no top-k cache in .*topk") as info:
-        DistillTrainer(workdir).setup()
+        DistillTrainer.from_workdir(workdir).setup()
     assert "\n" not in str(info.value)
 
 
@@ -233,7 +232,7 @@ def test_sigterm_checkpoints_and_resume_equals_uninterrupted(tiny_workspace, tmp
     run(ref_dir)
 
     workdir = make_workdir(tmp_path / "cut", tiny_workspace, *overrides)
-    trainer = DistillTrainer(workdir)
+    trainer = DistillTrainer.from_workdir(workdir)
     trainer.setup()
     sigterm_after(trainer, 2)
     with pytest.raises(Preempted) as info:
@@ -256,16 +255,16 @@ def test_sigterm_checkpoints_and_resume_equals_uninterrupted(tiny_workspace, tmp
 
 def test_resume_refuses_a_checkpoint_of_another_configuration(tiny_workspace, tmp_path):
     workdir = make_workdir(tmp_path, tiny_workspace, "distill.max_steps=3")
-    trainer = DistillTrainer(workdir)
+    trainer = DistillTrainer.from_workdir(workdir)
     trainer.setup()
     sigterm_after(trainer, 1)
     with pytest.raises(Preempted):
         trainer.train()
     make_workdir(tmp_path, tiny_workspace, "distill.max_steps=3", "distill.alpha=0.9")
     with pytest.raises(UserError, match="checkpoint of a different configuration"):
-        DistillTrainer(workdir).setup()
+        DistillTrainer.from_workdir(workdir).setup()
     make_workdir(tmp_path, tiny_workspace, "distill.max_steps=3", "distill.alpha=0.9", "distill.resume=false")
-    assert DistillTrainer(workdir).already_complete() is False
+    assert DistillTrainer.from_workdir(workdir).already_complete() is False
 
 
 def test_periodic_checkpoints_keep_only_the_newest(tiny_workspace, tmp_path):
@@ -286,7 +285,7 @@ def test_a_complete_run_is_not_redone(neo_run, capsys):
     assert main(["--workdir", str(workdir)]) == 0
     assert "already holds a complete run" in capsys.readouterr().err
     assert (workdir / "card.json").stat().st_mtime_ns == before
-    fresh = DistillTrainer(workdir)
+    fresh = DistillTrainer.from_workdir(workdir)
     assert fresh.already_complete()
     fresh.d.resume = False  # distill.resume=false: train again
     assert not fresh.already_complete()

@@ -1,0 +1,121 @@
+"""The trainer's launch contract, in one place: its work folder, its torchrun command, its environment
+and the wait for it.
+
+    write_workdir(out, cfg, TrainerInputs(dataset, teacher, student))   # config.yaml + inputs.json
+    cmd = torchrun_command(cfg, out)                                     # one node: --standalone
+    cmd = torchrun_command(cfg, out, Rendezvous(node_rank, addr, port))  # one of distill.nnodes nodes
+    returncode = run_forwarding_signals(cmd, launch_env(cfg))
+
+The work folder holds the resolved configuration (``config.yaml``) and the three input folders
+(``inputs.json``); :func:`write_workdir` is the only code that writes them and :func:`read_workdir`
+the only code that reads them (``DistillTrainer.from_workdir``, the torchrun entry point). The local
+distill step (:func:`llmneo.steps.run_distill`), each multi-node training node
+(:func:`llmneo.cluster.run_node`), the tests and the benchmark all go through here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import yaml
+
+from llmneo.config import Config, config_from_dict, dump_yaml
+from llmneo.errors import UserError
+
+CONFIG_FILE, INPUTS_FILE = "config.yaml", "inputs.json"
+TRAINER_MODULE = "llmneo.trainer"
+
+
+@dataclass(frozen=True)
+class TrainerInputs:
+    """The trainer's three input folders: the prepared dataset, the teacher step's teacher folder
+    (with ``topk/`` when ``teacher.mode=offline``) and the base student."""
+
+    dataset: str
+    teacher: str
+    student: str
+
+    @classmethod
+    def of(cls, dataset: str | Path, teacher: str | Path, student: str | Path) -> TrainerInputs:
+        """Absolute paths: torchrun's processes may start in another working directory."""
+        return cls(*(str(Path(p).resolve()) for p in (dataset, teacher, student)))
+
+
+@dataclass(frozen=True)
+class Rendezvous:
+    """Where a multi-node torchrun finds its peers (static rendezvous on node 0)."""
+
+    node_rank: int
+    master_addr: str
+    master_port: int
+
+
+def write_workdir(workdir: str | Path, cfg: Config, inputs: TrainerInputs) -> Path:
+    """Create ``workdir`` with the trainer's ``config.yaml`` and ``inputs.json``; returns it."""
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / CONFIG_FILE).write_text(dump_yaml(cfg))
+    (workdir / INPUTS_FILE).write_text(json.dumps(asdict(inputs), indent=2))
+    return workdir
+
+
+def read_workdir(workdir: str | Path) -> tuple[Config, TrainerInputs]:
+    """The configuration and inputs that :func:`write_workdir` wrote."""
+    workdir = Path(workdir)
+    try:
+        data = yaml.safe_load((workdir / CONFIG_FILE).read_text())
+        inputs = json.loads((workdir / INPUTS_FILE).read_text())
+    except FileNotFoundError as e:
+        raise UserError(f"{workdir}: no {Path(e.filename).name}; the trainer's work folder is written by "
+                        f"llmneo.launch.write_workdir (llmneo distill)") from None
+    return config_from_dict(data), TrainerInputs(**inputs)
+
+
+def torchrun_command(cfg: Config, workdir: str | Path, rendezvous: Rendezvous | None = None) -> list[str]:
+    """torchrun running the trainer on ``workdir``: ``distill.nproc_per_node`` processes on this node;
+    without ``rendezvous`` a standalone single-node run, with it one node of ``distill.nnodes``."""
+    d = cfg.distill
+    cmd = [sys.executable, "-m", "torch.distributed.run"]
+    if rendezvous is None:
+        cmd += ["--standalone", f"--nnodes={d.nnodes}", f"--nproc-per-node={d.nproc_per_node}"]
+    else:
+        cmd += [f"--nnodes={d.nnodes}", f"--nproc-per-node={d.nproc_per_node}",
+                f"--node-rank={rendezvous.node_rank}", f"--master-addr={rendezvous.master_addr}",
+                f"--master-port={rendezvous.master_port}"]
+    return cmd + ["-m", TRAINER_MODULE, "--workdir", str(workdir)]
+
+
+def launch_env(cfg: Config, base: dict | None = None) -> dict:
+    """The trainer's environment: ``base`` (default: this process's) plus an ``OMP_NUM_THREADS`` that
+    shares this machine's cores among the node's processes, unless one is set already."""
+    env = dict(os.environ if base is None else base)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // cfg.distill.nproc_per_node)))
+    return env
+
+
+def run_forwarding_signals(cmd: list[str], env: dict) -> int:
+    """Run ``cmd`` and wait for it. A SIGTERM received here (Kubernetes preempting the pod) is passed
+    on to it — torchrun passes it to the trainers, which checkpoint and stop — instead of killing us
+    and orphaning it. Ctrl-C already reaches the child through the terminal's process group, so
+    SIGINT is only kept from interrupting the wait."""
+    proc = subprocess.Popen(cmd, env=env)
+    if threading.current_thread() is not threading.main_thread():
+        return proc.wait()
+
+    def forward(signum, _frame):
+        if proc.poll() is None and signum == signal.SIGTERM:
+            proc.send_signal(signum)
+
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        return proc.wait()
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)

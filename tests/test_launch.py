@@ -1,0 +1,79 @@
+"""The trainer's launch contract (llmneo/launch.py): work folder round trip, the one torchrun builder
+(single node and one of several), the OMP_NUM_THREADS rule, SIGTERM forwarded to the child."""
+
+import os
+import signal
+import sys
+import threading
+import time
+
+import pytest
+
+from llmneo.config import load_config
+from llmneo.errors import UserError
+from llmneo.launch import (
+    Rendezvous,
+    TrainerInputs,
+    launch_env,
+    read_workdir,
+    run_forwarding_signals,
+    torchrun_command,
+    write_workdir,
+)
+
+
+def test_workdir_round_trip_with_absolute_inputs(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config("tiny", ["distill.alpha=0.3"])
+    out = write_workdir(tmp_path / "w", cfg, TrainerInputs.of("d", "t", "s"))
+    again, inputs = read_workdir(out)
+    assert again == cfg
+    assert inputs == TrainerInputs(str(tmp_path / "d"), str(tmp_path / "t"), str(tmp_path / "s"))
+
+
+def test_a_folder_without_the_contract_is_a_one_line_user_error(tmp_path):
+    with pytest.raises(UserError, match=r"no config.yaml") as info:
+        read_workdir(tmp_path)
+    assert "\n" not in str(info.value)
+
+
+def test_one_torchrun_builder_for_one_node_and_for_several(tmp_path):
+    one = torchrun_command(load_config("tiny", ["distill.nproc_per_node=3"]), tmp_path)
+    assert one == [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1",
+                   "--nproc-per-node=3", "-m", "llmneo.trainer", "--workdir", str(tmp_path)]
+    cfg = load_config("tiny", ["distill.nnodes=2", "distill.nproc_per_node=4"])
+    node = torchrun_command(cfg, tmp_path, Rendezvous(1, "10.0.0.7", 29500))
+    assert node == [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=4",
+                    "--node-rank=1", "--master-addr=10.0.0.7", "--master-port=29500", "-m", "llmneo.trainer",
+                    "--workdir", str(tmp_path)]
+
+
+def test_omp_threads_share_the_cores_unless_set(monkeypatch):
+    monkeypatch.setattr("os.cpu_count", lambda: 16)
+    cfg = load_config("tiny", ["distill.nproc_per_node=3"])
+    assert launch_env(cfg, {})["OMP_NUM_THREADS"] == "5"
+    assert launch_env(cfg, {"OMP_NUM_THREADS": "2", "X": "1"}) == {"OMP_NUM_THREADS": "2", "X": "1"}
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    assert launch_env(cfg, {})["OMP_NUM_THREADS"] == "1"
+
+
+def test_sigterm_is_forwarded_to_the_child(tmp_path):
+    """The child sees SIGTERM (and reports it), the parent survives and returns its exit code."""
+    marker = tmp_path / "ready"
+    child = ("import signal, sys, time, pathlib\n"
+             "signal.signal(signal.SIGTERM, lambda *a: sys.exit(143))\n"
+             f"pathlib.Path({str(marker)!r}).touch()\n"
+             "time.sleep(60)\n")
+    def kill_when_ready():
+        for _ in range(600):
+            if marker.exists():
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
+            time.sleep(0.05)
+
+    before = signal.getsignal(signal.SIGTERM)
+    threading.Thread(target=kill_when_ready, daemon=True).start()
+    t0 = time.time()
+    assert run_forwarding_signals([sys.executable, "-c", child], dict(os.environ)) == 143
+    assert time.time() - t0 < 30
+    assert signal.getsignal(signal.SIGTERM) is before  # the handler is restored
