@@ -59,7 +59,8 @@ class Card:
     """Base: (de)serialization, atomic write, one-line errors. Subclasses declare their fields."""
 
     WHAT: ClassVar[str] = "artifact"
-    PRODUCER: ClassVar[str] = "its step"
+    STEP: ClassVar[str] = "its"  # the step that writes the card, and its command
+    COMMAND: ClassVar[str] = "llmneo"
     KINDS: ClassVar[tuple[str, ...]] = ()
 
     kind: str = ""
@@ -97,19 +98,17 @@ class Card:
     def read(cls: type[C], folder: str | Path) -> C:
         """The card of a completed step's folder; a one-line UserError when it is missing or garbled."""
         path = Path(folder) / CARD
-        made_by = f"written last by {cls.PRODUCER}"
+        rerun = f"the {cls.STEP} step writes it last: run `{cls.COMMAND}` into this folder"
         if not path.is_file():
-            raise UserError(f"{folder}: no {CARD}, so not a completed {cls.WHAT} ({made_by}; "
-                            f"run or re-run that step into it)")
+            raise UserError(f"{folder}: no {CARD}, not a completed {cls.WHAT} ({rerun})")
         try:
             data = json.loads(path.read_text())
         except (OSError, UnicodeDecodeError, ValueError) as e:
-            raise UserError(f"{path}: unreadable {cls.WHAT} card ({str(e).splitlines()[0][:120]}; "
-                            f"{made_by}: re-run it)") from None
+            raise UserError(f"{path}: unreadable {cls.WHAT} card: {str(e).splitlines()[0][:120]} ({rerun})") from None
         if not isinstance(data, dict):
-            raise UserError(f"{path}: not a {cls.WHAT} card (not a JSON object; {made_by}: re-run it)")
+            raise UserError(f"{path}: not a {cls.WHAT} card: not a JSON object ({rerun})")
         if data.get("kind") not in cls.KINDS:
-            raise UserError(f"{path}: a {data.get('kind')!r} card, not a {cls.WHAT} card ({made_by})")
+            raise UserError(f"{path}: a {data.get('kind')!r} card, not a {cls.WHAT} card ({rerun})")
         card = cls.from_dict(data)
         card.validate(path)
         return card
@@ -133,7 +132,8 @@ class DatasetCard(Card):
     """The prepared dataset (``train.parquet``, ``val.parquet``, ``rejects.jsonl``)."""
 
     WHAT: ClassVar[str] = "dataset"
-    PRODUCER: ClassVar[str] = "the prep step (llmneo prep)"
+    STEP: ClassVar[str] = "prep"
+    COMMAND: ClassVar[str] = "llmneo prep"
     KINDS: ClassVar[tuple[str, ...]] = ("dataset",)
     TOKEN_METRICS: ClassVar[tuple[str, ...]] = ("total", "label_tokens", "mean_length", "p50_length",
                                                 "p99_length", "max_length", "truncated")
@@ -192,7 +192,8 @@ class ModelCard(Card):
     are (``hf:ID@COMMIT``, ``smollm2``, ``s3://…``, a local folder)."""
 
     WHAT: ClassVar[str] = "model"
-    PRODUCER: ClassVar[str] = "the teacher step (llmneo teacher)"
+    STEP: ClassVar[str] = "teacher"
+    COMMAND: ClassVar[str] = "llmneo teacher"
     KINDS: ClassVar[tuple[str, ...]] = ("model",)
 
     kind: str = "model"
@@ -269,7 +270,8 @@ class DistillCard(Card):
     kind ``model``), ``train_log.jsonl``, ``loss_curve.png``."""
 
     WHAT: ClassVar[str] = "distill output"
-    PRODUCER: ClassVar[str] = "the distill step (llmneo distill)"
+    STEP: ClassVar[str] = "distill"
+    COMMAND: ClassVar[str] = "llmneo distill"
     KINDS: ClassVar[tuple[str, ...]] = ("adapter", "model")
 
     kind: str = "adapter"
@@ -299,7 +301,7 @@ class DistillCard(Card):
 
     def validate(self, path: Path) -> None:
         if self.method is None:  # a sft/kd distill card and a model card share kind "model"
-            raise UserError(f"{path}: not a {self.WHAT} card (no method; written last by {self.PRODUCER})")
+            raise UserError(f"{path}: not a {self.WHAT} card: no method (the {self.STEP} step writes it)")
 
     def complete_for(self, config_hash: str) -> bool:
         return self.status == "complete" and self.config_hash == config_hash
@@ -333,7 +335,8 @@ class EvalCard(Card):
     Its on-disk kind is ``model`` (role ``distilled``): the folder is a loadable model artifact."""
 
     WHAT: ClassVar[str] = "merge-eval output"
-    PRODUCER: ClassVar[str] = "the merge-eval step (llmneo merge-eval)"
+    STEP: ClassVar[str] = "merge-eval"
+    COMMAND: ClassVar[str] = "llmneo merge-eval"
     KINDS: ClassVar[tuple[str, ...]] = ("model",)
 
     kind: str = "model"
@@ -351,7 +354,7 @@ class EvalCard(Card):
 
     def validate(self, path: Path) -> None:
         if self.role != "distilled" or not isinstance(self.gate, dict) or "passed" not in self.gate:
-            raise UserError(f"{path}: not a {self.WHAT} card (no gate result; written last by {self.PRODUCER})")
+            raise UserError(f"{path}: not a {self.WHAT} card: no gate result (the {self.STEP} step writes it)")
 
     @property
     def passed(self) -> bool:

@@ -232,8 +232,6 @@ def run_teacher(cfg: Config, dataset_dir: str | Path | None, teacher_out: str | 
     also written (last) into its folder."""
     t0 = time.time()
     teacher_out, student_out = Path(teacher_out), Path(student_out)
-    # first, so a missing or incomplete dataset fails before any model is loaded
-    data_card = DatasetCard.read(dataset_dir) if dataset_dir is not None else None
     for out in (teacher_out, student_out):
         out.mkdir(parents=True, exist_ok=True)
         cards.remove(out)  # first: a failed re-run must not leave the previous run's cards
@@ -270,6 +268,7 @@ def run_teacher(cfg: Config, dataset_dir: str | Path | None, teacher_out: str | 
     if diffs:
         raise UserError("teacher and student tokenizers differ: " + "; ".join(diffs))
     teacher_card.vocab_slice = check_vocabularies(teacher_card, student_card)
+    data_card = DatasetCard.read(dataset_dir) if dataset_dir is not None else None
     data_fp = data_card.tokenizer_fingerprint if data_card else None
     if data_fp and data_fp != student_card.tokenizer_fingerprint:
         raise UserError(f"dataset {dataset_dir} was tokenized with tokenizer {data_fp}, the student uses "

@@ -201,19 +201,14 @@ class DistillTrainer:
 
     def already_complete(self) -> bool:
         """A previous attempt finished with the same configuration (e.g. a KFP retry after the step
-        itself succeeded): nothing to do. Otherwise the folder's card (stale: another configuration,
-        or kept by an interrupted run) is removed before training, so the folder reads as
-        incomplete until this run writes its own card last."""
+        itself succeeded): nothing to do."""
         out = self.workdir / ("adapter" if self.method in LORA_METHODS else "model")
-        if self.d.resume and cards.exists(self.workdir) and out.is_dir():
-            try:
-                if DistillCard.read(self.workdir).complete_for(self.config_hash):
-                    return True
-            except UserError:
-                pass  # a garbled card is a stale one
-        if self.rank == 0:
-            cards.remove(self.workdir)
-        return False
+        if not self.d.resume or not cards.exists(self.workdir) or not out.is_dir():
+            return False
+        try:
+            return DistillCard.read(self.workdir).complete_for(self.config_hash)
+        except UserError:
+            return False  # a garbled card is a stale one
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
@@ -589,6 +584,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"distill: {args.workdir} already holds a complete run of this configuration; nothing to do",
                   file=sys.stderr)
         return 0
+    if rank0:  # a stale card (other configuration, earlier run) must not outlive a failed training
+        cards.remove(args.workdir)
     barrier = False
     try:
         trainer.setup()
