@@ -77,8 +77,8 @@ def build_model(shape: dict, role: str, device: str, dtype: torch.dtype):
 
 
 def write_dataset(root: Path, shape: dict) -> None:
+    from llmneo.cards import DatasetCard, ModelCard
     from llmneo.data_output import ParquetRows
-    from llmneo.models import write_card
 
     g = torch.Generator().manual_seed(0)
     rows = []
@@ -92,9 +92,9 @@ def write_dataset(root: Path, shape: dict) -> None:
         for row in part:
             out.add(row)
         out.commit()
-    write_card(root / "dataset", {"kind": "dataset", "dataset_hash": "bench"})
+    DatasetCard(dataset_hash="bench").write(root / "dataset")
     for role in ("teacher", "student"):
-        write_card(root / role, {"kind": "model", "role": role})
+        ModelCard(role=role).write(root / role)
 
 
 def write_topk_cache(root: Path, shape: dict, device: str) -> None:

@@ -84,8 +84,8 @@ def child(args) -> None:
         from llmneo.data import run_prep
     t0 = time.time()
     card = run_prep(cfg, tok, args.out)
-    print(json.dumps({"seconds": time.time() - t0, "kept": card["counts"]["kept"],
-                      "rejected": card["counts"]["rejected"], "tokens": card["tokens"]["total"]}))
+    print(json.dumps({"seconds": time.time() - t0, "kept": card.counts["kept"],
+                      "rejected": card.counts["rejected"], "tokens": card.tokens["total"]}))
 
 
 def measure(impl: str, source: Path | None, out: Path, args, buffer_mb: float = 32) -> dict:

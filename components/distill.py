@@ -39,12 +39,9 @@ def distill(preset: str, overrides: list, config: str, gpus: str, nodes: int, da
     cfg = load_run_config(preset, overrides, config, cluster)
     task = dataclasses.asdict(task_config) if task_config is not None else None
     card = guarded(run_distill, cfg, dataset.path, teacher.path, student.path, adapter.path, task)
-    metrics.log_metric("seconds", card["wall_seconds"])
-    for key, value in card["final"].items():
-        metrics.log_metric(f"final_{key}", value)
-    metrics.log_metric("tokens_per_s", card["tokens_per_s"])
-    metrics.log_metric("trainable_parameters", card["trainable_parameters"])
-    adapter.metadata.update({"method": card["method"], "steps": card["steps"]})
+    for name, value in card.step_metrics().items():
+        metrics.log_metric(name, value)
+    adapter.metadata.update(card.metadata())
 
 
 # The same function as a TrainJob launcher for distill_nodes > 1: the pod itself stays small (CPU);

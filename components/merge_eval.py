@@ -29,23 +29,19 @@ def merge_eval(preset: str, overrides: list, config: str, max_kl_to_teacher: flo
     Returns:
         "pass" or "fail": the registration gate (all configured thresholds hold).
     """
-    import re
     import shutil
 
+    from llmneo.cards import EvalCard
     from llmneo.cli import guarded
     from llmneo.steps import run_merge_eval
     from llmneo_components.params import load_run_config
 
     cfg = load_run_config(preset, overrides, config, [f"eval.max_kl_to_teacher={max_kl_to_teacher}"])
-    result = guarded(run_merge_eval, cfg, dataset.path, teacher.path, student.path, adapter.path, model.path)
-    passed = result["gate"]["passed"]
-    metrics.log_metric("seconds", result["seconds"])
-    metrics.log_metric("gate_passed", 1.0 if passed else 0.0)
-    for name, row in result["summary"].items():
-        for key, value in row.items():
-            metrics.log_metric(re.sub(r"[^A-Za-z0-9_.-]", "_", f"{name}_{key}"), float(value))
+    guarded(run_merge_eval, cfg, dataset.path, teacher.path, student.path, adapter.path, model.path)
+    card = guarded(EvalCard.read, model.path)
+    for name, value in card.step_metrics().items():
+        metrics.log_metric(name, value)
     shutil.copy(f"{model.path}/report.md", report.path)
     shutil.copy(f"{model.path}/report.html", report_html.path)
-    model.metadata.update({"gate": "pass" if passed else "fail",
-                           **{re.sub(r"[^A-Za-z0-9_.-]", "_", k): v for k, v in result["metrics"].items()}})
-    return "pass" if passed else "fail"
+    model.metadata.update(card.metadata())
+    return "pass" if card.passed else "fail"

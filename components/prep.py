@@ -23,15 +23,6 @@ def prep_data(preset: str, overrides: list, config: str, dataset: Output[Dataset
 
     cfg = load_run_config(preset, overrides, config)
     card = guarded(run_prep, cfg, dataset.path)
-    metrics.log_metric("seconds", card["seconds"])
-    metrics.log_metric("rows_per_second", card["rows_per_second"])
-    for key, value in card["counts"].items():
-        metrics.log_metric(f"rows_{key}", value)
-    for kind, value in card["rejected_by_kind"].items():
-        metrics.log_metric(f"rejected_{kind}", value)
-    tokens = card["tokens"]
-    for key in ("total", "label_tokens", "mean_length", "p50_length", "p99_length", "max_length", "truncated"):
-        metrics.log_metric(f"tokens_{key}", tokens[key])
-    dataset.metadata.update({"dataset_hash": card["dataset_hash"], "source": card["source"],
-                             "content_hash": card["content_hash"],
-                             "tokenizer_fingerprint": card["tokenizer_fingerprint"]})
+    for name, value in card.step_metrics().items():
+        metrics.log_metric(name, value)
+    dataset.metadata.update(card.metadata())

@@ -27,6 +27,7 @@ def register(preset: str, overrides: list, config: str, run_id: str, model: Inpu
     """
     import time
 
+    from llmneo.cards import register_metrics
     from llmneo.cli import guarded
     from llmneo.steps import run_register
     from llmneo_components.params import load_run_config
@@ -34,8 +35,6 @@ def register(preset: str, overrides: list, config: str, run_id: str, model: Inpu
     cfg = load_run_config(preset, overrides, config)
     t0 = time.time()
     manifest = guarded(run_register, cfg, model.path, run_id)
-    metrics.log_metric("seconds", round(time.time() - t0, 2))
-    metrics.log_metric("files", len(manifest["files"]))
-    metrics.log_metric("bytes", sum(f["size"] for f in manifest["files"]))
-    metrics.log_metric("reused_existing_version", 1.0 if manifest.get("reused") else 0.0)
+    for name, value in register_metrics(manifest, time.time() - t0).items():
+        metrics.log_metric(name, value)
     return f"{manifest['name']}:{manifest['version']}@{manifest['uri']}"

@@ -25,16 +25,8 @@ def load_teacher(preset: str, overrides: list, config: str, dataset: Input[Datas
     from llmneo_components.params import load_run_config
 
     cfg = load_run_config(preset, overrides, config)
-    card = guarded(run_teacher, cfg, dataset.path, teacher.path, student.path)
-    metrics.log_metric("seconds", card["seconds"])
-    for role in ("teacher", "student"):
-        metrics.log_metric(f"{role}_parameters", card[role]["parameters"])
-        metrics.log_metric(f"{role}_layers", card[role]["layers"])
-    topk = card["teacher"].get("topk")
-    if topk:
-        metrics.log_metric("topk_bytes", topk["bytes"])
-        metrics.log_metric("topk_positions", topk["tokens"])
-        metrics.log_metric("topk_positions_per_second", topk["positions_per_second"])
-    teacher.metadata.update({"source": card["teacher"]["source"], "dtype": card["teacher"]["dtype"],
-                             "tokenizer_fingerprint": card["teacher"]["tokenizer_fingerprint"]})
-    student.metadata.update({"source": card["student"]["source"], "dtype": card["student"]["dtype"]})
+    cards = guarded(run_teacher, cfg, dataset.path, teacher.path, student.path)
+    for name, value in cards.step_metrics().items():
+        metrics.log_metric(name, value)
+    teacher.metadata.update(cards.teacher.metadata())
+    student.metadata.update(cards.student.metadata())

@@ -39,8 +39,9 @@ def _config(args):
     return load_config(args.preset, args.overrides)
 
 
-def _print_card(card: dict) -> None:
-    print(json.dumps(card, indent=2, default=str))
+def _print_card(card) -> None:
+    """A step's card (or the teacher step's pair of cards) as JSON."""
+    print(json.dumps(card.to_dict(), indent=2, default=str))
 
 
 # --------------------------------------------------------------------------------------------
@@ -100,7 +101,7 @@ def cmd_merge_eval(args) -> int:
 def cmd_register(args) -> int:
     from llmneo.steps import run_register
 
-    manifest = run_register(_config(args), args.model, args.run_id)
+    manifest = run_register(_config(args), args.model, args.run_id, force=args.force)
     print(f"registered {manifest['name']}:{manifest['version']} at {manifest['uri']}")
     return 0
 
@@ -213,6 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("register", cmd_register, "step 5: register the merged model")
     p.add_argument("--model", required=True, type=Path)
     p.add_argument("--run-id", default=None)
+    p.add_argument("--force", default=None, metavar="REASON",
+                   help="register even though the gate failed; REASON is recorded in the lineage")
 
     p = add("compare", cmd_compare, "the seed's comparison: untouched student, SFT, LoRA, KD, NEO on the "
             "same data, steps and seeds; a table and a plot")

@@ -40,6 +40,8 @@ import time
 import uuid
 from pathlib import Path
 
+from llmneo import cards
+from llmneo.cards import DistillCard
 from llmneo.config import Config
 from llmneo.errors import UserError
 from llmneo.launch import (
@@ -383,6 +385,7 @@ def run_distill_multinode(cfg: Config, dataset_dir: str | Path, teacher_dir: str
     staging = f"{c.staging_uri.rstrip('/')}/{name}"
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    cards.remove(out)  # a failed job must not leave a previous run's card (= "complete") behind
 
     api = api or KubeApi()
     namespace = current_namespace(cfg)
@@ -428,12 +431,10 @@ def run_distill_multinode(cfg: Config, dataset_dir: str | Path, teacher_dir: str
             with contextlib.suppress(Exception):
                 delete_prefix(staging)
 
-    from llmneo.models import read_card, write_card
-
-    card = read_card(out)
-    card.update({"wall_seconds": round(time.time() - t0, 2), "engine": "kubeflow-trainer", "job": name,
-                 "nnodes": cfg.distill.nnodes})
-    return write_card(out, card)
+    card = DistillCard.read(out)
+    card.wall_seconds = round(time.time() - t0, 2)
+    card.extra.update({"engine": "kubeflow-trainer", "job": name, "nnodes": cfg.distill.nnodes})
+    return card.write(out)
 
 
 def _attach(api, namespace: str, name: str, owner: dict | None, log, gone_timeout: float = 300) -> bool:

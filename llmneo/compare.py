@@ -29,6 +29,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from llmneo import cards
+from llmneo.cards import DatasetCard, DistillCard
 from llmneo.config import FINGERPRINT_SECTIONS, Config, apply_overrides, config_from_dict
 from llmneo.errors import UserError
 
@@ -151,7 +153,7 @@ def prepare(cfg: Config, out: Path) -> tuple[Path, Path, Path]:
     dataset, teacher, student = out / "dataset", out / "teacher", out / "student"
     stamp = out / "inputs.json"
     key = _inputs_key(cfg)
-    done = all((p / "card.json").is_file() for p in (dataset, teacher, student))
+    done = all(cards.exists(p) for p in (dataset, teacher, student))
     if done and stamp.is_file() and json.loads(stamp.read_text()) == key:
         print(f"compare: reusing {dataset}, {teacher}, {student}", flush=True)
         return dataset, teacher, student
@@ -193,13 +195,12 @@ def run_one(cfg: Config, spec: RunSpec, dataset: Path, teacher: Path, student: P
     """Train (unless ``base``), merge in fp32, evaluate; ``<out>/runs/<folder>/eval.json``. Reused when
     it exists for the same run configuration and dataset."""
     from llmneo.evaluate import merge
-    from llmneo.models import read_card
     from llmneo.steps import run_distill
 
     rcfg = run_config(cfg, spec) if spec.method != "base" else cfg
     folder = out / "runs" / spec.folder
     record_path = folder / "eval.json"
-    dataset_hash = read_card(dataset).get("dataset_hash")
+    dataset_hash = DatasetCard.read(dataset).dataset_hash
     key = {"run_hash": run_hash(rcfg, trained=spec.method != "base"), "dataset_hash": dataset_hash}
     if record_path.is_file():
         record = json.loads(record_path.read_text())
@@ -220,14 +221,14 @@ def run_one(cfg: Config, spec: RunSpec, dataset: Path, teacher: Path, student: P
             shutil.rmtree(distill_dir, ignore_errors=True)
             record_path.unlink(missing_ok=True)
         stamp.write_text(key["run_hash"] + "\n")
-        before = read_card(distill_dir) if (distill_dir / "card.json").is_file() else {}
+        before = DistillCard.read(distill_dir) if cards.exists(distill_dir) else None
         card = run_distill(rcfg, dataset, teacher, student, distill_dir)
-        wall = card.get("wall_seconds")
-        if before.get("status") == "complete" and before.get("config_hash") == card.get("config_hash"):
-            wall = before.get("wall_seconds", wall)  # not trained again: keep the training's wall time
-        train = {"train_wall_seconds": wall, "train_step_seconds": card.get("seconds"),
-                 "trainable_parameters": card.get("trainable_parameters"), "final": card.get("final"),
-                 "tokens_per_s": card.get("tokens_per_s")}
+        wall = card.wall_seconds
+        if before is not None and before.complete_for(card.config_hash) and before.wall_seconds is not None:
+            wall = before.wall_seconds  # not trained again: keep the training's wall time
+        train = {"train_wall_seconds": wall, "train_step_seconds": card.seconds,
+                 "trainable_parameters": card.trainable_parameters, "final": card.final,
+                 "tokens_per_s": card.tokens_per_s}
         merged_dir = folder / "merged"
         # fp32: the weights as trained (a bf16 save would round away part of a 2e-5 full-parameter update)
         model_spec = merge(student, distill_dir, merged_dir, dtype="float32")
@@ -241,10 +242,8 @@ def run_one(cfg: Config, spec: RunSpec, dataset: Path, teacher: Path, student: P
 
 def evaluate_teacher(cfg: Config, dataset: Path, teacher: Path, out: Path) -> dict:
     """The teacher's own perplexity and lm-eval scores (once: they do not depend on any run)."""
-    from llmneo.models import read_card
-
     path = out / "runs" / "teacher" / "eval.json"
-    key = {"dataset_hash": read_card(dataset).get("dataset_hash"), "tasks": cfg.compare.lm_eval_tasks,
+    key = {"dataset_hash": DatasetCard.read(dataset).dataset_hash, "tasks": cfg.compare.lm_eval_tasks,
            "teacher": cfg.fingerprint(("teacher",))}
     if path.is_file() and {k: json.loads(path.read_text()).get(k) for k in key} == key:
         return json.loads(path.read_text())

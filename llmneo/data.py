@@ -38,12 +38,14 @@ from pathlib import Path
 
 import numpy as np
 
+from llmneo import cards
+from llmneo.cards import DatasetCard
 from llmneo.config import Config, DataConfig, result_fields
 from llmneo.data_output import HISTOGRAM, IGNORE_INDEX, Packer, ParquetRows, RejectLog, TokenStats
 from llmneo.data_shuffle import ExternalShuffle
 from llmneo.data_sources import RecordError, open_source
 from llmneo.errors import UserError
-from llmneo.models import CHATML_TEMPLATE, tokenizer_fingerprint, write_card
+from llmneo.models import CHATML_TEMPLATE, tokenizer_fingerprint
 
 ROLE_ALIASES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                 "system": "system", "bot": "assistant", "model": "assistant"}
@@ -340,14 +342,15 @@ def _is_val(position: int, fraction: Fraction) -> bool:
     return math.ceil((position + 1) * fraction) > math.ceil(position * fraction)
 
 
-def run_prep(cfg: Config, tokenizer, out_dir: str | Path) -> dict:
-    """Prepare ``cfg.data`` into ``out_dir``; returns the card (also written as card.json)."""
+def run_prep(cfg: Config, tokenizer, out_dir: str | Path) -> DatasetCard:
+    """Prepare ``cfg.data`` into ``out_dir``; returns the card (also written, last, as card.json)."""
     from tqdm import tqdm
 
     t0 = time.time()
     dcfg = cfg.data
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    cards.remove(out)  # first: a failed re-run must not leave the previous run's card (= "complete")
     for stale in ("train.parquet", "val.parquet", HISTOGRAM):
         (out / stale).unlink(missing_ok=True)
     template = resolve_chat_template(tokenizer, dcfg)
@@ -445,32 +448,31 @@ def run_prep(cfg: Config, tokenizer, out_dir: str | Path) -> dict:
     seconds = time.time() - t0
     tokens = stats.summary()
     stats.plot(out / HISTOGRAM, f"{dcfg.source}: {kept} examples, mean {tokens['mean_length']} tokens", dcfg.max_length)
-    card = {
-        "kind": "dataset",
-        "source": dcfg.source,
-        "source_info": source_info,
-        "content_hash": content_hash,
-        "formats": formats,
+    card = DatasetCard(
+        source=dcfg.source,
+        source_info=source_info,
+        content_hash=content_hash,
+        formats=formats,
         # rows the limit left unread are neither kept nor rejected
-        "counts": {"read": n_read, "rejected": rejects.count, "kept": kept, "train": train_w.rows,
-                   "val": val_w.rows, "beyond_limit": shuffle.count - seen - rejects.by_kind.get("duplicate", 0)},
-        "rejected_by_kind": dict(sorted(rejects.by_kind.items())),
-        "tokens": tokens,
-        "packing": ({"train_examples": packer.examples, "train_rows": train_w.rows,
-                     "fill": round(packer.tokens / max(1, train_w.rows * dcfg.max_length), 4)}
-                    if packer else None),
-        "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
-        "chat_template_hash": hashlib.sha256((template or "").encode()).hexdigest()[:16],
-        "max_length": dcfg.max_length,
-        "seed": dcfg.seed,
-        "histogram": HISTOGRAM,
-        "seconds": round(seconds, 2),
-        "rows_per_second": round(n_read / max(seconds, 1e-9), 1),
-    }
+        counts={"read": n_read, "rejected": rejects.count, "kept": kept, "train": train_w.rows,
+                "val": val_w.rows, "beyond_limit": shuffle.count - seen - rejects.by_kind.get("duplicate", 0)},
+        rejected_by_kind=dict(sorted(rejects.by_kind.items())),
+        tokens=tokens,
+        packing=({"train_examples": packer.examples, "train_rows": train_w.rows,
+                  "fill": round(packer.tokens / max(1, train_w.rows * dcfg.max_length), 4)}
+                 if packer else None),
+        tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
+        chat_template_hash=hashlib.sha256((template or "").encode()).hexdigest()[:16],
+        max_length=dcfg.max_length,
+        seed=dcfg.seed,
+        histogram=HISTOGRAM,
+        seconds=round(seconds, 2),
+        rows_per_second=round(n_read / max(seconds, 1e-9), 1),
+    )
     # the dataset hash identifies the prepared data (lineage): source bytes + what was done to them
     # not the location (same bytes elsewhere = same data) nor buffer_mb (same output whatever its value)
     recipe = {k: v for k, v in result_fields(dcfg).items() if k != "source"}
-    card["dataset_hash"] = hashlib.sha256(
-        json.dumps([content_hash, recipe, card["tokenizer_fingerprint"], card["chat_template_hash"]],
+    card.dataset_hash = hashlib.sha256(
+        json.dumps([content_hash, recipe, card.tokenizer_fingerprint, card.chat_template_hash],
                    sort_keys=True).encode()).hexdigest()[:16]
-    return write_card(out, card)
+    return card.write(out)

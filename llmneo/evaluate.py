@@ -32,11 +32,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from llmneo import cards
+from llmneo.cards import DatasetCard, DistillCard, EvalCard, ModelCard
 from llmneo.config import Config
 from llmneo.data import collate, read_split
 from llmneo.errors import UserError
 from llmneo.losses import divergence, shift_mask
-from llmneo.models import load_causal_lm, load_tokenizer, model_location, read_card, write_card
+from llmneo.models import load_causal_lm, load_tokenizer, model_location
 
 TASK_DIR = Path(__file__).resolve().parent / "tasks"
 FIDELITY_KEYS = ("kl_to_teacher", "top1_agreement", "perplexity")
@@ -406,12 +408,19 @@ def gate(cfg: Config, metrics: dict[str, float]) -> tuple[bool, list[str]]:
 def run_merge_eval(cfg: Config, dataset_dir: str | Path, teacher_artifact: str | Path,
                    student_artifact: str | Path, distill_dir: str | Path, model_out: str | Path) -> dict:
     """Merge, evaluate base student / distilled / teacher, gate; write eval.json, reports and the
-    model card into ``model_out`` (the merged model folder). Returns the eval dict."""
+    model card into ``model_out`` (the merged model folder), then, last, its :class:`EvalCard`.
+    Returns the eval dict (the content of eval.json)."""
     from llmneo.registry import git_commit
     from llmneo.report import write_model_card, write_report
 
     t0 = time.time()
     model_out, distill_dir = Path(model_out), Path(distill_dir)
+    # the inputs' cards first: an incomplete upstream step fails before the merge
+    distill_card, dataset_card = DistillCard.read(distill_dir), DatasetCard.read(dataset_dir)
+    teacher_card, student_card = ModelCard.read(teacher_artifact), ModelCard.read(student_artifact)
+    model_out.mkdir(parents=True, exist_ok=True)
+    cards.remove(model_out)  # a failed re-run must not leave the previous card (= "complete") behind
+    (model_out / "eval.json").unlink(missing_ok=True)
     merged, tokenizer = merge(student_artifact, distill_dir, model_out, cfg.eval.max_shard_size,
                               cfg.eval.merged_dtype)
     device = eval_device()
@@ -421,8 +430,6 @@ def run_merge_eval(cfg: Config, dataset_dir: str | Path, teacher_artifact: str |
                                  teacher_artifact, dataset_dir, cfg, lm_eval_on=lm_eval_on)
     metrics = evaluation["summary"]["distilled"]
     passed, reasons = gate(cfg, metrics)
-    distill_card = read_card(distill_dir)
-    dataset_card = read_card(dataset_dir)
     result = {
         "kind": "eval",
         "fidelity": evaluation["fidelity"],
@@ -431,11 +438,11 @@ def run_merge_eval(cfg: Config, dataset_dir: str | Path, teacher_artifact: str |
         "metrics": metrics,
         "gate": {"passed": passed, "reasons": reasons,
                  "thresholds": [f"{m}{op}{v:g}" for m, op, v, _ in thresholds(cfg)]},
-        "method": distill_card.get("method"),
-        "teacher": read_card(teacher_artifact).get("source"),
-        "student": read_card(student_artifact).get("source"),
-        "dataset": {"source": dataset_card.get("source"), "counts": dataset_card.get("counts")},
-        "dataset_hash": dataset_card.get("dataset_hash"),
+        "method": distill_card.method,
+        "teacher": teacher_card.source,
+        "student": student_card.source,
+        "dataset": {"source": dataset_card.source, "counts": dataset_card.counts},
+        "dataset_hash": dataset_card.dataset_hash,
         "config_hash": cfg.hash(),
         "git_commit": git_commit(),
         "seconds": round(time.time() - t0, 2),
@@ -446,7 +453,7 @@ def run_merge_eval(cfg: Config, dataset_dir: str | Path, teacher_artifact: str |
         shutil.copy(log, model_out / "train_log.jsonl")
     write_report(model_out, result, log if log.is_file() else None, cfg)
     write_model_card(model_out, result, cfg)
-    write_card(model_out, {"kind": "model", "role": "distilled", **{k: result[k] for k in (
-        "method", "teacher", "student", "dataset_hash", "config_hash")}, "metrics": metrics,
-        "gate": result["gate"], "seconds": result["seconds"]})
+    EvalCard(method=result["method"], teacher=result["teacher"], student=result["student"],
+             dataset_hash=result["dataset_hash"], config_hash=result["config_hash"], metrics=metrics,
+             gate=result["gate"], summary=result["summary"], seconds=result["seconds"]).write(model_out)
     return result

@@ -16,10 +16,10 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from llmneo.cards import CARD, ModelCard
 from llmneo.errors import UserError
 from llmneo.storage import download_prefix, open_store
 
-CARD = "card.json"
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
     "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
@@ -165,19 +165,6 @@ def load_causal_lm(artifact: str | Path, dtype=None):
         return AutoModelForCausalLM.from_pretrained(location, revision=revision, dtype=dtype)
     except OSError as e:
         raise UserError(f"model {location}: cannot load ({str(e).splitlines()[0]})") from None
-
-
-def write_card(directory: str | Path, card: dict) -> dict:
-    Path(directory).mkdir(parents=True, exist_ok=True)
-    (Path(directory) / CARD).write_text(json.dumps(card, indent=2, sort_keys=True) + "\n")
-    return card
-
-
-def read_card(directory: str | Path) -> dict:
-    path = Path(directory) / CARD
-    if not path.is_file():
-        raise UserError(f"{directory}: no {CARD}; is this an llmneo artifact folder?")
-    return json.loads(path.read_text())
 
 
 def resolve_source(source: str, field: str = "teacher.source") -> tuple[str, str | None]:
@@ -326,9 +313,8 @@ def meta_param_count(config) -> tuple[int, int]:
 
 def model_location(artifact: str | Path) -> tuple[str, str | None]:
     """Where to load a model artifact's weights from: the folder itself, or its card's ``ref``."""
-    card_path = Path(artifact) / CARD
-    if card_path.is_file() and not (Path(artifact) / "config.json").is_file():
-        ref = json.loads(card_path.read_text()).get("ref")
+    if (Path(artifact) / CARD).is_file() and not (Path(artifact) / "config.json").is_file():
+        ref = ModelCard.read(artifact).ref
         if ref:
             return resolve_source(ref)
     return str(artifact), None

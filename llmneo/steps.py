@@ -3,20 +3,19 @@ exactly these (one piece of code per step, local run = cluster run)."""
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from pathlib import Path
 
 import yaml
 
+from llmneo.cards import DatasetCard, DistillCard, EvalCard, ModelCards
 from llmneo.config import Config, dump_yaml
 from llmneo.errors import UserError
 from llmneo.launch import TrainerInputs, launch_env, run_forwarding_signals, torchrun_command, write_workdir
-from llmneo.models import read_card, write_card
 
 
-def run_prep(cfg: Config, dataset_out: str | Path) -> dict:
+def run_prep(cfg: Config, dataset_out: str | Path) -> DatasetCard:
     """Step 1: data prep (tokenized with the student's tokenizer)."""
     from llmneo.data import run_prep as prep
     from llmneo.teacher import student_tokenizer
@@ -24,7 +23,8 @@ def run_prep(cfg: Config, dataset_out: str | Path) -> dict:
     return prep(cfg, student_tokenizer(cfg), dataset_out)
 
 
-def run_teacher(cfg: Config, dataset_dir: str | Path, teacher_out: str | Path, student_out: str | Path) -> dict:
+def run_teacher(cfg: Config, dataset_dir: str | Path, teacher_out: str | Path,
+                student_out: str | Path) -> ModelCards:
     """Step 2: load and verify the teacher; materialize the base student; check tokenizers vs data;
     with ``teacher.mode=offline``, cache the teacher's top-k log-probabilities (``teacher_out/topk``)."""
     from llmneo.teacher import run_teacher as teacher
@@ -33,7 +33,7 @@ def run_teacher(cfg: Config, dataset_dir: str | Path, teacher_out: str | Path, s
 
 
 def run_distill(cfg: Config, dataset_dir: str | Path, teacher_dir: str | Path, student_dir: str | Path,
-                out_dir: str | Path, task_config: dict | None = None) -> dict:
+                out_dir: str | Path, task_config: dict | None = None) -> DistillCard:
     """Step 3: NEO distillation under torchrun (gloo on CPU, nccl on GPU).
 
     Re-running with the same ``out_dir`` (a KFP retry, a preempted pod) resumes from the checkpoint in
@@ -56,9 +56,9 @@ def run_distill(cfg: Config, dataset_dir: str | Path, teacher_dir: str | Path, s
         hint = (f"; checkpoint {checkpoint} kept: re-running the step resumes from it" if checkpoint
                 else " (see the log above)")
         raise UserError(f"distill: torchrun exited with code {returncode}{hint}")
-    card = read_card(out)
-    card["wall_seconds"] = round(time.time() - t0, 2)
-    return write_card(out, card)
+    card = DistillCard.read(out)
+    card.wall_seconds = round(time.time() - t0, 2)
+    return card.write(out)
 
 
 def run_merge_eval(cfg: Config, dataset_dir, teacher_dir, student_dir, distill_dir, model_out) -> dict:
@@ -68,23 +68,32 @@ def run_merge_eval(cfg: Config, dataset_dir, teacher_dir, student_dir, distill_d
     return merge_eval(cfg, dataset_dir, teacher_dir, student_dir, distill_dir, model_out)
 
 
-def run_register(cfg: Config, model_dir: str | Path, run_id: str | None = None) -> dict:
+def run_register(cfg: Config, model_dir: str | Path, run_id: str | None = None, force: str | None = None) -> dict:
     """Step 5: upload the merged model into the registry (manifest with sha256/size of every file and
     the lineage, written last), point ``registry.aliases`` at it, mirror it into a Kubeflow Model
-    Registry when ``registry.kubeflow_url`` is set. Returns the manifest."""
+    Registry when ``registry.kubeflow_url`` is set. Returns the manifest.
+
+    Only a completed merge-eval (its :class:`EvalCard`) whose gate passed is registered; ``force``
+    (a reason, recorded in the lineage as ``forced``) registers a failed-gate model."""
     from llmneo.registry import git_commit, open_registry
     from llmneo.registry.kubeflow import mirror
 
     model_dir = Path(model_dir)
-    if not (model_dir / "eval.json").is_file():
-        raise UserError(f"{model_dir}: no eval.json; register takes the output folder of merge-eval")
-    result = json.loads((model_dir / "eval.json").read_text())
+    card = EvalCard.read(model_dir)
+    if force is not None and not force.strip():
+        raise UserError("register --force: give the reason (it is recorded in the lineage)")
+    if not card.passed and force is None:
+        reasons = "; ".join(card.gate.get("reasons", [])) or "no reason recorded"
+        raise UserError(f"{model_dir}: the gate failed ({reasons}); not registered "
+                        f"(--force REASON registers it anyway, with the reason in the lineage)")
     lineage = {"pipeline_run_id": run_id, "git_commit": git_commit(), "config_hash": cfg.hash(),
-               "dataset_hash": result.get("dataset_hash"), "teacher": result.get("teacher"),
-               "student": result.get("student"), "method": result.get("method"), "preset": cfg.name,
-               "eval_config_hash": result.get("config_hash"), "gate": result.get("gate"),
+               "dataset_hash": card.dataset_hash, "teacher": card.teacher,
+               "student": card.student, "method": card.method, "preset": cfg.name,
+               "eval_config_hash": card.config_hash, "gate": card.gate,
                "config": yaml.safe_load(dump_yaml(cfg))}
+    if force is not None:
+        lineage["forced"] = force.strip()
     registry = open_registry(cfg.registry)
-    manifest = registry.register(cfg.registry.name, model_dir, lineage, result["metrics"], cfg.registry.aliases)
+    manifest = registry.register(cfg.registry.name, model_dir, lineage, card.metrics, cfg.registry.aliases)
     kubeflow = mirror(cfg.registry, manifest)
     return {**manifest, **({"kubeflow_model_registry": kubeflow} if kubeflow else {})}

@@ -25,6 +25,8 @@ import sys
 import time
 from pathlib import Path
 
+from llmneo import cards
+from llmneo.cards import DatasetCard, ModelCard, ModelCards
 from llmneo.config import Config
 from llmneo.errors import UserError
 from llmneo.models import (
@@ -34,11 +36,9 @@ from llmneo.models import (
     load_causal_lm,
     meta_param_count,
     param_count,
-    read_card,
     resolve_source,
     safetensors_summary,
     tokenizer_fingerprint,
-    write_card,
 )
 
 SAFETENSORS_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float64",
@@ -167,7 +167,7 @@ def _ref(source: str, location: str, revision: str | None) -> str:
     return location
 
 
-def describe_reference(source: str, field: str, role: str) -> tuple[dict, object]:
+def describe_reference(source: str, field: str, role: str) -> tuple[ModelCard, object]:
     """Verify a model given by reference without loading its weights; returns (card, tokenizer)."""
     location, revision = resolve_source(source, field)
     config = _load_config(location, field)
@@ -180,32 +180,29 @@ def describe_reference(source: str, field: str, role: str) -> tuple[dict, object
         raise UserError(f"{field}: {source}: the safetensors files hold {weights['numel']:,} weights but the config "
                         f"describes {parameters:,} parameters (incomplete download or a mismatched config.json?)")
     dtype = "+".join(SAFETENSORS_DTYPES.get(d, d) for d in weights["dtypes"])
-    card = {"kind": "model", "role": role, "source": source, "ref": _ref(source, location, revision)}
-    if revision:
-        card["revision"] = revision
-    else:
-        card["content_hash"] = folder_content_hash(location)
-    card.update(_describe(config, tokenizer, parameters, dtype))
+    card = ModelCard(role=role, source=source, ref=_ref(source, location, revision),
+                     revision=revision or None,
+                     content_hash=None if revision else folder_content_hash(location),
+                     **_describe(config, tokenizer, parameters, dtype))
     return card, tokenizer
 
 
-def save_model(model, tokenizer, out: Path, role: str, source: str, **extra) -> dict:
+def save_model(model, tokenizer, out: Path, role: str, source: str, **extra) -> ModelCard:
     """Save weights + tokenizer into the artifact folder; returns its card (not yet written)."""
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
-    card = {"kind": "model", "role": role, "source": source, **extra, "content_hash": folder_content_hash(out)}
-    card.update(_describe(model.config, tokenizer, param_count(model), dtype))
-    return card
+    return ModelCard(role=role, source=source, **extra, content_hash=folder_content_hash(out),
+                     **_describe(model.config, tokenizer, param_count(model), dtype))
 
 
-def check_vocabularies(teacher_card: dict, student_card: dict) -> dict | None:
+def check_vocabularies(teacher_card: ModelCard, student_card: ModelCard) -> dict | None:
     """KD compares distributions over the student's vocabulary: the teacher must cover it."""
-    t, s = teacher_card["vocab_size"], student_card["vocab_size"]
-    n_tok = student_card["tokenizer_size"]
+    t, s = teacher_card.vocab_size, student_card.vocab_size
+    n_tok = student_card.tokenizer_size
     for role, card in (("teacher", teacher_card), ("student", student_card)):
-        if card["vocab_size"] < n_tok:
-            raise UserError(f"{role}.source: vocab_size {card['vocab_size']} is smaller than the tokenizer "
+        if card.vocab_size < n_tok:
+            raise UserError(f"{role}.source: vocab_size {card.vocab_size} is smaller than the tokenizer "
                             f"({n_tok} tokens): token ids would fall outside the embedding")
     if t < s:
         raise UserError(f"teacher vocabulary ({t}) is smaller than the student's ({s}): KD needs a teacher "
@@ -216,11 +213,11 @@ def check_vocabularies(teacher_card: dict, student_card: dict) -> dict | None:
     return None
 
 
-def summary_table(cards: dict[str, dict]) -> str:
+def summary_table(models: dict[str, ModelCard]) -> str:
     from llmneo.report import table
 
-    rows = [[role, c["source"], c["layers"], f"{c['parameters'] / 1e6:.2f}M", c["dtype"], c["vocab_size"],
-             c["tokenizer_fingerprint"]] for role, c in cards.items()]
+    rows = [[role, c.source, c.layers, f"{c.parameters / 1e6:.2f}M", c.dtype, c.vocab_size,
+             c.tokenizer_fingerprint] for role, c in models.items()]
     return table(["model", "source", "layers", "params", "dtype", "vocab", "tokenizer"], rows, align_right=False)
 
 
@@ -230,12 +227,14 @@ def summary_table(cards: dict[str, dict]) -> str:
 
 
 def run_teacher(cfg: Config, dataset_dir: str | Path | None, teacher_out: str | Path,
-                student_out: str | Path) -> dict:
-    """Materialize/verify teacher and base student (and the top-k cache); returns both cards."""
+                student_out: str | Path) -> ModelCards:
+    """Materialize/verify teacher and base student (and the top-k cache); returns both cards, each
+    also written (last) into its folder."""
     t0 = time.time()
     teacher_out, student_out = Path(teacher_out), Path(student_out)
-    teacher_out.mkdir(parents=True, exist_ok=True)
-    student_out.mkdir(parents=True, exist_ok=True)
+    for out in (teacher_out, student_out):
+        out.mkdir(parents=True, exist_ok=True)
+        cards.remove(out)  # first: a failed re-run must not leave the previous run's cards
     # ---- teacher
     teacher_model = None
     if cfg.teacher.source == "tiny":
@@ -244,7 +243,10 @@ def run_teacher(cfg: Config, dataset_dir: str | Path | None, teacher_out: str | 
         teacher_card = save_model(teacher_model, tokenizer, teacher_out, "teacher", "tiny")
     else:
         teacher_card, tokenizer = describe_reference(cfg.teacher.source, "teacher.source", "teacher")
-    write_card(teacher_out, teacher_card)  # the student may be pruned from it (load_causal_lm reads the card)
+
+    def teacher_folder() -> Path:
+        """Where the teacher's weights are (its card is written only at the end of the step)."""
+        return teacher_out if teacher_model is not None else Path(resolve_source(teacher_card.ref)[0])
 
     # ---- student
     if cfg.student.source == "tiny":
@@ -252,11 +254,11 @@ def run_teacher(cfg: Config, dataset_dir: str | Path | None, teacher_out: str | 
         student_tok = tokenizer
         student_card = save_model(student, tokenizer, student_out, "student", "tiny")
     elif cfg.student.source == "prune":
-        keep = pruned_layer_indices(cfg, teacher_card["layers"])
-        student = prune_layers(load_causal_lm(teacher_out, dtype="auto"), keep)
+        keep = pruned_layer_indices(cfg, teacher_card.layers)
+        student = prune_layers(load_causal_lm(teacher_folder(), dtype="auto"), keep)
         student_tok = tokenizer
         student_card = save_model(student, tokenizer, student_out, "student", "prune",
-                                  pruned_from=teacher_card.get("ref", cfg.teacher.source), kept_layers=keep)
+                                  pruned_from=teacher_card.ref or cfg.teacher.source, kept_layers=keep)
         del student
     else:
         student_card, student_tok = describe_reference(cfg.student.source, "student.source", "student")
@@ -265,30 +267,27 @@ def run_teacher(cfg: Config, dataset_dir: str | Path | None, teacher_out: str | 
     diffs = tokenizer_diff(tokenizer, student_tok)
     if diffs:
         raise UserError("teacher and student tokenizers differ: " + "; ".join(diffs))
-    vocab_slice = check_vocabularies(teacher_card, student_card)
-    if vocab_slice:
-        teacher_card["vocab_slice"] = vocab_slice
-    data_card = read_card(dataset_dir) if dataset_dir is not None else {}
-    data_fp = data_card.get("tokenizer_fingerprint")
-    if data_fp and data_fp != student_card["tokenizer_fingerprint"]:
+    teacher_card.vocab_slice = check_vocabularies(teacher_card, student_card)
+    data_card = DatasetCard.read(dataset_dir) if dataset_dir is not None else None
+    data_fp = data_card.tokenizer_fingerprint if data_card else None
+    if data_fp and data_fp != student_card.tokenizer_fingerprint:
         raise UserError(f"dataset {dataset_dir} was tokenized with tokenizer {data_fp}, the student uses "
-                        f"{student_card['tokenizer_fingerprint']}: re-run prep with this configuration")
+                        f"{student_card.tokenizer_fingerprint}: re-run prep with this configuration")
 
     # ---- offline teacher: top-k log-probabilities over the train split, aligned to its rows
     if cfg.teacher.mode == "offline":
-        if dataset_dir is None:
+        if data_card is None:
             raise UserError("teacher.mode=offline needs the prepared dataset")
         from llmneo.topk import build_topk_cache
 
-        teacher_card["topk"] = build_topk_cache(
-            cfg, teacher_model if teacher_model is not None else teacher_out, dataset_dir,
-            teacher_out / "topk", vocab_size=student_card["vocab_size"],
-            extra={"dataset_hash": data_card.get("dataset_hash"), "teacher": teacher_card.get("ref", "tiny"),
-                   "tokenizer_fingerprint": teacher_card["tokenizer_fingerprint"]})
+        teacher_card.topk = build_topk_cache(
+            cfg, teacher_model if teacher_model is not None else teacher_folder(), dataset_dir,
+            teacher_out / "topk", vocab_size=student_card.vocab_size,
+            extra={"dataset_hash": data_card.dataset_hash, "teacher": teacher_card.ref or "tiny",
+                   "tokenizer_fingerprint": teacher_card.tokenizer_fingerprint})
 
-    seconds = round(time.time() - t0, 2)
-    teacher_card["seconds"] = student_card["seconds"] = seconds
-    write_card(teacher_out, teacher_card)
-    write_card(student_out, student_card)
+    teacher_card.seconds = student_card.seconds = round(time.time() - t0, 2)
+    teacher_card.write(teacher_out)
+    student_card.write(student_out)
     print(summary_table({"teacher": teacher_card, "student": student_card}), file=sys.stderr, flush=True)
-    return {"teacher": teacher_card, "student": student_card, "seconds": seconds}
+    return ModelCards(teacher_card, student_card)

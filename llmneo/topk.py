@@ -34,6 +34,7 @@ from pathlib import Path
 
 import torch
 
+from llmneo.cards import DatasetCard
 from llmneo.errors import UserError
 
 META = "meta.json"
@@ -201,7 +202,7 @@ def build_topk_cache(cfg, teacher, dataset_dir: str | Path, out_dir: str | Path,
     from tqdm import tqdm
 
     from llmneo.data import collate, iter_split, split_path
-    from llmneo.models import load_causal_lm, read_card, torch_dtype
+    from llmneo.models import load_causal_lm, torch_dtype
 
     tcfg = cfg.teacher
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -211,7 +212,7 @@ def build_topk_cache(cfg, teacher, dataset_dir: str | Path, out_dir: str | Path,
     teacher = teacher.to(device=device, dtype=dtype).eval()
     k = min(tcfg.topk, vocab_size)
     n_rows = pq.ParquetFile(split_path(dataset_dir, "train")).metadata.num_rows
-    positions = read_card(dataset_dir).get("tokens", {}).get("loss_positions", {}).get("train")
+    positions = DatasetCard.read(dataset_dir).loss_positions("train")
     out_dir = Path(out_dir)
     if out_dir.exists():
         shutil.rmtree(out_dir)  # a stale or partial cache must not be mixed with this one

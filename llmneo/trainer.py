@@ -44,14 +44,15 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from llmneo import checkpointing
+from llmneo import cards, checkpointing
+from llmneo.cards import DatasetCard, DistillCard
 from llmneo.config import FINGERPRINT_SECTIONS, Config
 from llmneo.data import IGNORE_INDEX, collate, read_split
 from llmneo.errors import UserError
 from llmneo.launch import TrainerInputs, read_workdir
 from llmneo.lora import apply_lora, base_model, save_adapter
 from llmneo.losses import LossSpec, chunked_distill_loss, selected_loss, shift_mask
-from llmneo.models import load_causal_lm, read_card, torch_dtype, write_card
+from llmneo.models import load_causal_lm, torch_dtype
 from llmneo.signals import CachedTopK, OnlineTeacher, TeacherSignal
 
 LORA_METHODS = ("lora", "neo")
@@ -177,8 +178,8 @@ class DistillTrainer:
         self.d = self.cfg.distill
         self.method = self.d.method
         self.checkpoint_root = self.workdir / "checkpoint"
-        self.dataset_card = read_card(self.inputs.dataset)
-        self.config_hash = training_hash(self.cfg, self.dataset_card.get("dataset_hash"))
+        self.dataset_card = DatasetCard.read(self.inputs.dataset)
+        self.config_hash = training_hash(self.cfg, self.dataset_card.dataset_hash)
         self.rank, self.world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
         self.teacher: nn.Module | None = None
         self.topk = None
@@ -196,12 +197,13 @@ class DistillTrainer:
     def already_complete(self) -> bool:
         """A previous attempt finished with the same configuration (e.g. a KFP retry after the step
         itself succeeded): nothing to do."""
-        path = self.workdir / "card.json"
-        if not self.d.resume or not path.is_file():
-            return False
-        card = json.loads(path.read_text())
         out = self.workdir / ("adapter" if self.method in LORA_METHODS else "model")
-        return card.get("status") == "complete" and card.get("config_hash") == self.config_hash and out.is_dir()
+        if not self.d.resume or not cards.exists(self.workdir) or not out.is_dir():
+            return False
+        try:
+            return DistillCard.read(self.workdir).complete_for(self.config_hash)
+        except UserError:
+            return False  # a garbled card is a stale one
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
@@ -327,7 +329,7 @@ class DistillTrainer:
         if cache.meta.get("split", "train") != "train" or len(cache) != len(self.train_rows):
             raise UserError(f"{path}: top-k cache holds {len(cache)} rows of split {cache.meta.get('split')!r}, "
                             f"the dataset's train split has {len(self.train_rows)}: re-run the teacher step")
-        cached_hash, ours = cache.meta.get("dataset_hash"), self.dataset_card.get("dataset_hash")
+        cached_hash, ours = cache.meta.get("dataset_hash"), self.dataset_card.dataset_hash
         if cached_hash and ours and cached_hash != ours:
             raise UserError(f"{path}: top-k cache was computed for dataset {cached_hash}, this dataset is "
                             f"{ours}: re-run the teacher step")
@@ -496,7 +498,7 @@ class DistillTrainer:
         return checkpointing.save(self.checkpoint_root, step, self.module, self.optimizer, state, self.rank,
                                   self.device)
 
-    def save(self, history: list[dict]) -> dict | None:
+    def save(self, history: list[dict]) -> DistillCard | None:
         """Final weights (adapter/ or model/), loss curve, card.json (last). Collective."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
@@ -521,31 +523,31 @@ class DistillTrainer:
             shutil.rmtree(self.checkpoint_root, ignore_errors=True)
         return card
 
-    def _write_card(self, history: list[dict]) -> dict:
+    def _write_card(self, history: list[dict]) -> DistillCard:
         from llmneo.report import plot_loss
 
         d = self.d
         png = plot_loss(history, self.workdir / "loss_curve.png")
         last = history[-1]
         seconds = sum(h["seconds"] for h in history)
-        card = {
-            "kind": "adapter" if self.method in LORA_METHODS else "model",
-            "status": "complete", "method": self.method, "steps": len(history), "world_size": self.world,
-            "strategy": d.strategy if self.world > 1 else "single", "global_batch_size": d.global_batch_size,
-            "alpha": d.alpha, "temperature": d.temperature, "divergence": d.divergence,
-            "teacher_mode": self.cfg.teacher.mode if self.method in KD_METHODS else None,
-            "topk_tail": d.topk_tail if self.topk is not None else None,
-            "lora_variant": d.lora_variant if self.method in LORA_METHODS else None,
-            "lora_rank": d.lora_rank if self.method in LORA_METHODS else None,
-            "trainable_parameters": self.trainable_count,
-            "final": {k: last[k] for k in ("loss", "ce", "kd")},
-            "tokens_per_s": sum(h["tokens"] for h in history) / max(seconds, 1e-9),
-            "peak_mem_mb": max(h["peak_mem_mb"] for h in history),
-            "seconds": round(seconds, 2), "resumed_from_step": self.resumed_from,
-            "loss_curve": png.name if png else None,
-            "dataset_hash": self.dataset_card.get("dataset_hash"), "config_hash": self.config_hash,
-        }
-        return write_card(self.workdir, card)
+        card = DistillCard(
+            kind="adapter" if self.method in LORA_METHODS else "model",
+            status="complete", method=self.method, steps=len(history), world_size=self.world,
+            strategy=d.strategy if self.world > 1 else "single", global_batch_size=d.global_batch_size,
+            alpha=d.alpha, temperature=d.temperature, divergence=d.divergence,
+            teacher_mode=self.cfg.teacher.mode if self.method in KD_METHODS else None,
+            topk_tail=d.topk_tail if self.topk is not None else None,
+            lora_variant=d.lora_variant if self.method in LORA_METHODS else None,
+            lora_rank=d.lora_rank if self.method in LORA_METHODS else None,
+            trainable_parameters=self.trainable_count,
+            final={k: last[k] for k in ("loss", "ce", "kd")},
+            tokens_per_s=sum(h["tokens"] for h in history) / max(seconds, 1e-9),
+            peak_mem_mb=max(h["peak_mem_mb"] for h in history),
+            seconds=round(seconds, 2), resumed_from_step=self.resumed_from,
+            loss_curve=png.name if png else None,
+            dataset_hash=self.dataset_card.dataset_hash, config_hash=self.config_hash,
+        )
+        return card.write(self.workdir)
 
     def cleanup(self, barrier: bool = True) -> None:
         if dist.is_initialized():
@@ -569,6 +571,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"distill: {args.workdir} already holds a complete run of this configuration; nothing to do",
                   file=sys.stderr)
         return 0
+    if rank0:  # a stale card (other configuration, earlier run) must not outlive a failed training
+        cards.remove(args.workdir)
     barrier = False
     try:
         trainer.setup()

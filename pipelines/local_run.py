@@ -13,7 +13,9 @@ import sys
 import time
 from pathlib import Path
 
+from llmneo.cards import DatasetCard, DistillCard, EvalCard, ModelCard, ModelCards
 from llmneo.config import load_config
+from llmneo.errors import UserError
 from llmneo.report import table
 
 STEPS = [("prep-data", "data prep"), ("load-teacher", "teacher loading"), ("distill", "NEO distill"),
@@ -31,33 +33,40 @@ def executor_outputs(run_dir: Path, task: str) -> tuple[dict, dict]:
     return out.get("parameterValues", {}), artifacts
 
 
+def _card(artifact: tuple[str, dict] | None, read):
+    """The card in a task's output folder, or None when the step did not complete."""
+    if not artifact:
+        return None
+    try:
+        return read(artifact[0])
+    except UserError:
+        return None
+
+
 def summarize(run_dir: Path, wall: float) -> tuple[str, dict]:
-    """The end-of-run summary table (and the facts it shows) from the executor outputs of one run."""
+    """The end-of-run summary table (and the facts it shows) from the outputs of one run: each step's
+    line comes from its card (:mod:`llmneo.cards`, the same metrics its component logged)."""
     outs = {task: executor_outputs(run_dir, task) for task, _ in STEPS}
 
-    def metric(task: str, key: str, default=float("nan")):
-        return outs[task][1].get("metrics", ("", {}))[1].get(key, default)
+    def artifact(task: str, name: str):
+        return outs[task][1].get(name)
 
-    registered = outs["register"][0].get("Output")
-    model_uri = outs["merge-eval"][1].get("model", (None, {}))[0]
-    evaluation = {}
-    if model_uri and (Path(model_uri) / "eval.json").is_file():
-        evaluation = json.loads((Path(model_uri) / "eval.json").read_text())
-    fid, gate = evaluation.get("fidelity", {}), evaluation.get("gate", {})
-    results = {
-        "prep-data": f"{metric('prep-data', 'rows_train', '?'):.0f} train / {metric('prep-data', 'rows_val'):.0f} "
-                     f"val rows, {metric('prep-data', 'rows_rejected'):.0f} rejected",
-        "load-teacher": f"teacher {metric('load-teacher', 'teacher_parameters') / 1e6:.2f}M params, "
-                        f"student {metric('load-teacher', 'student_parameters') / 1e6:.2f}M",
-        "distill": f"final loss {metric('distill', 'final_loss'):.4f} (ce {metric('distill', 'final_ce'):.4f}, "
-                   f"kd {metric('distill', 'final_kd'):.4f}), {metric('distill', 'tokens_per_s'):.0f} tok/s",
-        "merge-eval": (f"KL to teacher {fid.get('base_student', {}).get('kl_to_teacher', float('nan')):.4f} "
-                       f"(base) → {fid.get('distilled', {}).get('kl_to_teacher', float('nan')):.4f}; gate "
-                       + ("pass" if gate.get("passed") else "FAIL: " + "; ".join(gate.get("reasons", []))))
-        if evaluation else "did not run",
-        "register": registered or "skipped (gate failed)",
+    teacher, student = (_card(artifact("load-teacher", role), ModelCard.read) for role in ("teacher", "student"))
+    done = {
+        "prep-data": _card(artifact("prep-data", "dataset"), DatasetCard.read),
+        "load-teacher": ModelCards(teacher, student) if teacher and student else None,
+        "distill": _card(artifact("distill", "adapter"), DistillCard.read),
+        "merge-eval": _card(artifact("merge-eval", "model"), EvalCard.read),
     }
-    rows = [[label, metric(task, "seconds", "-"), results[task]] for task, label in STEPS]
+    registered = outs["register"][0].get("Output")
+    model_uri = (artifact("merge-eval", "model") or (None, {}))[0]
+    evaluation = {}
+    if done["merge-eval"] and (Path(model_uri) / "eval.json").is_file():
+        evaluation = json.loads((Path(model_uri) / "eval.json").read_text())
+    register_seconds = outs["register"][1].get("metrics", ("", {}))[1].get("seconds", "-")
+    rows = [[label, card.step_metrics()["seconds"], card.summary_line()] if card else
+            [label, "-", "did not run"] for (task, label), card in zip(STEPS[:4], done.values(), strict=True)]
+    rows.append([STEPS[4][1], register_seconds if registered else "-", registered or "skipped (gate failed)"])
     text = table(["step", "seconds", "result"], rows, align_right=False)
     text += f"\n\ntotal wall time {wall:.1f} s"
     if model_uri:

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from k8s_schemas import TRAINJOB_CRD, crd_validator, errors
 
+from llmneo.cards import DistillCard
 from llmneo.cluster import (
     DONE_MARKER,
     build_trainjob,
@@ -184,7 +185,7 @@ def test_launcher_call_sequence_download_and_cleanup(s3_bucket, tiny_workspace, 
         out = tmp_path / "node0"
         (out / "adapter").mkdir(parents=True)
         (out / "adapter" / "adapter_model.safetensors").write_bytes(b"\x00" * 1000)
-        (out / "card.json").write_text(json.dumps({"kind": "adapter", "method": "neo", "steps": 4}))
+        DistillCard(method="neo", steps=4).write(out)
         upload_dir(out, f"{staging}/adapter")
         put_json(f"{staging}/{DONE_MARKER}", {"files": 2})
 
@@ -200,7 +201,7 @@ def test_launcher_call_sequence_download_and_cleanup(s3_bucket, tiny_workspace, 
     assert all(c[1] == "team-a" and "llmneo-t1" in c[2] for c in fake.calls)
     assert "step 2 loss 3.1" in lines and any("Complete" in line for line in lines)
     assert (tmp_path / "out" / "adapter" / "adapter_model.safetensors").read_bytes() == b"\x00" * 1000
-    assert card["engine"] == "kubeflow-trainer" and card["job"] == "llmneo-t1" and card["steps"] == 4
+    assert card.extra["engine"] == "kubeflow-trainer" and card.extra["job"] == "llmneo-t1" and card.steps == 4
     assert staged_objects(s3_bucket, "stage/") == []  # staging cleaned up
 
 

@@ -12,6 +12,7 @@ import sys
 import pytest
 
 from llmneo import checkpointing
+from llmneo.cards import DistillCard
 from llmneo.compare import (
     grid_columns,
     markdown,
@@ -182,8 +183,8 @@ def test_every_method_trains_on_the_same_batches_at_its_own_rate(tiny_compare):
     logs = {}
     for method in ("sft", "lora", "kd", "neo"):
         folder = out / "runs" / f"{method}_seed-0" / "distill"
-        card = json.loads((folder / "card.json").read_text())
-        assert card["method"] == method and card["steps"] == 2
+        card = DistillCard.read(folder)
+        assert card.method == method and card.steps == 2
         logs[method] = [json.loads(line) for line in (folder / "train_log.jsonl").read_text().splitlines()]
         assert runs[method]["lr"] == {"sft": 2e-5, "lora": 2e-4, "kd": 2e-5, "neo": cfg.distill.lr}[method]
         assert logs[method][0]["lr"] == pytest.approx(runs[method]["lr"])  # warmup: 0 of 2 steps, so the peak at once

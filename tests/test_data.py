@@ -7,6 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from llmneo.cards import DatasetCard
 from llmneo.config import load_config
 from llmneo.data import IGNORE_INDEX, ChatRenderer, encode_batch, resolve_chat_template, run_prep, to_messages
 from llmneo.data_sources import RecordError
@@ -69,9 +70,9 @@ def test_auto_detection_counts_formats_and_override_rejects_other_formats(tmp_pa
             {"text": "plain text row"},
             {"conversations": [{"from": "human", "value": "g?"}, {"from": "gpt", "value": "h"}]}]
     card, _ = prep(tmp_path, tok, rows, name="auto")
-    assert card["formats"] == {"alpaca": 1, "messages": 1, "sharegpt": 2, "text": 1}
+    assert card.formats == {"alpaca": 1, "messages": 1, "sharegpt": 2, "text": 1}
     card, out = prep(tmp_path, tok, rows, "data.format=sharegpt", name="forced")
-    assert card["formats"] == {"sharegpt": 2} and card["counts"]["kept"] == 2
+    assert card.formats == {"sharegpt": 2} and card.counts["kept"] == 2
     assert {r["row"]: r["reason"] for r in rejects(out)} == {
         1: "missing field 'conversations'", 2: "missing field 'conversations'", 4: "missing field 'conversations'"}
 
@@ -118,9 +119,9 @@ def test_all_token_labels_when_configured(tmp_path, tok):
 
 def test_builtin_prep_labels_only_on_response(tmp_path, tok):
     card = run_prep(load_config("tiny"), tok, tmp_path)
-    assert card["counts"]["rejected"] == 0 and card["counts"]["kept"] == card["counts"]["read"]
+    assert card.counts["rejected"] == 0 and card.counts["kept"] == card.counts["read"]
     rows = parquet_rows(tmp_path / "train.parquet")
-    assert len(rows) == card["counts"]["train"]
+    assert len(rows) == card.counts["train"]
     im_start = tok.convert_tokens_to_ids("<|im_start|>")
     for r in rows:
         labelled = [i for i, t in enumerate(r["labels"]) if t != IGNORE_INDEX]
@@ -184,8 +185,8 @@ def test_each_kind_of_bad_record_goes_to_rejects_with_row_and_reason(tmp_path, t
     assert by_row[14][0] == "too_long" and "data.max_length=64" in by_row[14][1]
     assert by_row[15] == ("empty", "empty field 'text'")
     assert 13 not in by_row and 1 not in by_row
-    assert card["counts"] == {"read": 17, "rejected": 13, "kept": 4, "train": 3, "val": 1, "beyond_limit": 0}
-    assert sum(card["rejected_by_kind"].values()) == 13 and card["rejected_by_kind"]["wrong_type"] == 2
+    assert card.counts == {"read": 17, "rejected": 13, "kept": 4, "train": 3, "val": 1, "beyond_limit": 0}
+    assert sum(card.rejected_by_kind.values()) == 13 and card.rejected_by_kind["wrong_type"] == 2
     kept_rows = {r["row"] for r in parquet_rows(out / "train.parquet") + parquet_rows(out / "val.parquet")}
     assert kept_rows == {1, 16, 17, 18}
 
@@ -195,7 +196,7 @@ def test_truncate_policy_keeps_the_head_and_counts_it(tmp_path, tok):
     card, out = prep(tmp_path, tok, [long, qa(1), qa(2), qa(3)], "data.max_length=64")
     rows = {r["row"]: r for r in parquet_rows(out / "train.parquet") + parquet_rows(out / "val.parquet")}
     full, full_labels = reference_encode(tok, to_messages(long, "alpaca"))
-    assert len(full) > 64 and card["tokens"]["truncated"] == 1 and card["counts"]["kept"] == 4
+    assert len(full) > 64 and card.tokens["truncated"] == 1 and card.counts["kept"] == 4
     assert rows[1]["input_ids"] == full[:64] and rows[1]["labels"] == full_labels[:64]
 
 
@@ -248,8 +249,8 @@ def test_outputs_are_deterministic_and_independent_of_the_memory_buffer(tmp_path
     for split in ("train.parquet", "val.parquet", "rejects.jsonl"):
         assert (a / split).read_bytes() == (b / split).read_bytes() == (c / split).read_bytes(), split
     assert not (c / ".prep-runs").exists()
-    card_a, card_c = (json.loads((d / "card.json").read_text()) for d in (a, c))
-    assert card_a["dataset_hash"] == card_c["dataset_hash"]
+    card_a, card_c = (DatasetCard.read(d) for d in (a, c))
+    assert card_a.dataset_hash == card_c.dataset_hash
     _, d = prep(tmp_path, tok, rows, "data.seed=5", name="d")
     order = lambda out: [r["row"] for r in parquet_rows(out / "train.parquet")]  # noqa: E731
     assert order(a) != order(d) and sorted(order(a) + [r["row"] for r in parquet_rows(a / "val.parquet")]) == \
@@ -271,8 +272,8 @@ def test_shuffle_is_a_real_permutation_not_the_source_order(tmp_path, tok):
 def test_val_split_size_is_ceil_n_times_fraction(tmp_path, tok):
     for n, fraction in ((7, 0.1), (50, 0.1), (37, 0.25)):
         card, out = prep(tmp_path, tok, [qa(i) for i in range(n)], f"data.val_fraction={fraction}", name=f"n{n}")
-        assert card["counts"]["val"] == math.ceil(n * fraction)
-        assert card["counts"]["train"] == n - math.ceil(n * fraction)
+        assert card.counts["val"] == math.ceil(n * fraction)
+        assert card.counts["train"] == n - math.ceil(n * fraction)
         train = {r["row"] for r in parquet_rows(out / "train.parquet")}
         val = {r["row"] for r in parquet_rows(out / "val.parquet")}
         assert not train & val and len(train | val) == n
@@ -283,7 +284,7 @@ def test_limit_takes_nested_uniform_subsets(tmp_path, tok):
     kept = {}
     for limit in (10, 40):
         card, out = prep(tmp_path, tok, rows, f"data.limit={limit}", name=f"l{limit}")
-        assert card["counts"]["kept"] == limit and card["counts"]["beyond_limit"] == 120 - limit
+        assert card.counts["kept"] == limit and card.counts["beyond_limit"] == 120 - limit
         kept[limit] = {r["row"] for split in ("train", "val") for r in parquet_rows(out / f"{split}.parquet")}
     assert kept[10] < kept[40]
     assert max(kept[10]) > 40  # not the head of the file
@@ -292,7 +293,7 @@ def test_limit_takes_nested_uniform_subsets(tmp_path, tok):
 def test_limit_counts_rows_kept_after_rejects(tmp_path, tok):
     rows = [qa(i) for i in range(30)] + [qa(0)] * 30  # 30 duplicates of row 1
     card, out = prep(tmp_path, tok, rows, "data.limit=25")
-    assert card["counts"]["kept"] == 25
+    assert card.counts["kept"] == 25
 
 
 # ---------------------------------------------------------------------------- card
@@ -304,7 +305,7 @@ def test_card_statistics_match_the_parquet_files(tmp_path, tok):
     out = tmp_path / "out"
     rows = parquet_rows(out / "train.parquet") + parquet_rows(out / "val.parquet")
     lengths = sorted(len(r["input_ids"]) for r in rows)
-    t = card["tokens"]
+    t = card.tokens
     assert t["total"] == sum(lengths) and t["min_length"] == lengths[0] and t["max_length"] == lengths[-1]
     assert t["p50_length"] == lengths[math.ceil(0.5 * len(lengths)) - 1]
     assert t["label_tokens"] == sum(sum(1 for x in r["labels"] if x != IGNORE_INDEX) for r in rows)
@@ -312,10 +313,10 @@ def test_card_statistics_match_the_parquet_files(tmp_path, tok):
     assert t["loss_positions"]["train"] == sum(sum(1 for x in r["labels"][1:] if x != IGNORE_INDEX) for r in train)
     import hashlib
 
-    assert card["content_hash"] == hashlib.sha256(src.read_bytes()).hexdigest()
-    assert card["source"] == str(src) and len(card["dataset_hash"]) == 16
+    assert card.content_hash == hashlib.sha256(src.read_bytes()).hexdigest()
+    assert card.source == str(src) and len(card.dataset_hash) == 16
     assert (out / "length_histogram.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert card["tokenizer_fingerprint"] and card["rows_per_second"] > 0
+    assert card.tokenizer_fingerprint and card.rows_per_second > 0
 
 
 # ---------------------------------------------------------------------------- packing
@@ -328,8 +329,8 @@ def test_packing_keeps_every_example_with_boundaries(tmp_path, tok):
     assert (plain / "val.parquet").read_bytes() == (packed / "val.parquet").read_bytes()  # val never packed
     examples = parquet_rows(plain / "train.parquet")
     packs = parquet_rows(packed / "train.parquet")
-    assert len(packs) < len(examples) and card_p["packing"]["train_examples"] == len(examples)
-    assert card_p["counts"]["train"] == len(packs)
+    assert len(packs) < len(examples) and card_p.packing["train_examples"] == len(examples)
+    assert card_p.counts["train"] == len(packs)
     unpacked = []
     for p in packs:
         assert len(p["input_ids"]) <= 96 and p["row"] == p["rows"][0]

@@ -4,6 +4,8 @@ import json
 
 import pytest
 
+from llmneo.cards import DatasetCard
+
 
 class FakeArtifact:
     """The attributes a component body uses of kfp's Dataset/Model/Metrics artifacts."""
@@ -27,12 +29,12 @@ def test_prep_and_teacher_components_log_counts_rejects_and_topk(tmp_path):
     overrides = [f"data.source={src}", "teacher.mode=offline", "teacher.topk=4"]
     dataset, metrics = FakeArtifact(tmp_path / "dataset"), FakeArtifact(tmp_path / "m1")
     prep_data.python_func(preset="tiny", overrides=overrides, dataset=dataset, metrics=metrics)
-    card = json.loads((tmp_path / "dataset" / "card.json").read_text())
+    card = DatasetCard.read(tmp_path / "dataset")
     m = metrics.metrics
     assert (m["rows_read"], m["rows_kept"], m["rows_rejected"]) == (12, 10, 2)
     assert m["rejected_invalid_json"] == 1 and m["rejected_duplicate"] == 1
-    assert m["rows_train"] + m["rows_val"] == 10 and m["tokens_total"] == card["tokens"]["total"]
-    assert dataset.metadata["dataset_hash"] == card["dataset_hash"]
+    assert m["rows_train"] + m["rows_val"] == 10 and m["tokens_total"] == card.tokens["total"]
+    assert dataset.metadata["dataset_hash"] == card.dataset_hash
 
     teacher, student, metrics2 = (FakeArtifact(tmp_path / n) for n in ("teacher", "student", "m2"))
     load_teacher.python_func(preset="tiny", overrides=overrides, dataset=dataset, teacher=teacher,
@@ -40,7 +42,7 @@ def test_prep_and_teacher_components_log_counts_rejects_and_topk(tmp_path):
     m = metrics2.metrics
     assert m["teacher_layers"] == 4 and m["student_layers"] == 2 and m["teacher_parameters"] > m["student_parameters"]
     meta = json.loads((tmp_path / "teacher" / "topk" / "meta.json").read_text())
-    assert m["topk_positions"] == meta["tokens"] == card["tokens"]["loss_positions"]["train"]
+    assert m["topk_positions"] == meta["tokens"] == card.tokens["loss_positions"]["train"]
     assert m["topk_bytes"] == meta["bytes"] > 0 and m["topk_positions_per_second"] > 0
 
 

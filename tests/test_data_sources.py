@@ -53,7 +53,7 @@ def test_json_array_file(tmp_path, tok, reference, monkeypatch):
     path.write_text(json.dumps(RECORDS, indent=1))
     card = prep(tok, path, tmp_path / "out")
     assert splits(tmp_path / "out") == reference[1]
-    assert card["content_hash"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert card.content_hash == hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def test_json_array_with_a_non_object_element_rejects_that_row(tmp_path, tok):
@@ -62,7 +62,7 @@ def test_json_array_with_a_non_object_element_rejects_that_row(tmp_path, tok):
     card = prep(tok, path, tmp_path / "out")
     assert rejects(tmp_path / "out") == [
         {"row": 4, "reason": "record is a JSON str, expected an object", "kind": "not_object"}]
-    assert card["counts"]["kept"] == 6
+    assert card.counts["kept"] == 6
 
 
 def test_broken_json_array_fails_with_position(tmp_path, tok):
@@ -81,7 +81,7 @@ def test_parquet_file_with_nulls_and_wrong_types(tmp_path, tok, reference):
     pq.write_table(pa.Table.from_pylist(RECORDS), tmp_path / "data.parquet", row_group_size=5)
     card = prep(tok, tmp_path / "data.parquet", tmp_path / "out")
     assert splits(tmp_path / "out") == reference[1]
-    assert card["content_hash"] == hashlib.sha256((tmp_path / "data.parquet").read_bytes()).hexdigest()
+    assert card.content_hash == hashlib.sha256((tmp_path / "data.parquet").read_bytes()).hexdigest()
     bad = RECORDS[:4] + [{"instruction": "q", "input": "", "output": None}]
     pq.write_table(pa.Table.from_pylist(bad), tmp_path / "bad.parquet")
     prep(tok, tmp_path / "bad.parquet", tmp_path / "out2")
@@ -106,7 +106,7 @@ def test_folder_of_mixed_files_numbers_rows_across_files(tmp_path, tok, referenc
     assert splits(tmp_path / "out") == reference[1]  # same rows, same numbering → same bytes
     manifest = "".join(f"{hashlib.sha256(p.read_bytes()).hexdigest()}  {p.relative_to(folder).as_posix()}\n"
                        for p in (folder / "a.jsonl", folder / "b.json", folder / "sub" / "c.parquet"))
-    assert card["content_hash"] == hashlib.sha256(manifest.encode()).hexdigest()
+    assert card.content_hash == hashlib.sha256(manifest.encode()).hexdigest()
     # a bad record names its file and its row in that file
     (folder / "b.json").write_text(json.dumps(RECORDS[4:6] + [{"instruction": "x"}] + RECORDS[6:8]))
     prep(tok, folder, tmp_path / "out2")
@@ -131,10 +131,10 @@ def test_dataset_saved_to_disk(tmp_path, tok, reference):
     datasets.Dataset.from_list(RECORDS).save_to_disk(str(tmp_path / "saved"))
     card = prep(tok, tmp_path / "saved", tmp_path / "out")
     assert splits(tmp_path / "out") == reference[1]
-    assert card["source_info"]["fingerprint"]
+    assert card.source_info["fingerprint"]
     canonical = b"".join(json.dumps(r, sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode() + b"\n"
                          for r in RECORDS)
-    assert card["content_hash"] == hashlib.sha256(canonical).hexdigest()
+    assert card.content_hash == hashlib.sha256(canonical).hexdigest()
 
 
 def test_dataset_dict_saved_to_disk_uses_data_split(tmp_path, tok, reference):
@@ -146,7 +146,7 @@ def test_dataset_dict_saved_to_disk_uses_data_split(tmp_path, tok, reference):
     prep(tok, tmp_path / "saved", tmp_path / "out")
     assert splits(tmp_path / "out") == reference[1]
     card = prep(tok, tmp_path / "saved", tmp_path / "out2", "data.split=test")
-    assert card["counts"]["read"] == 5
+    assert card.counts["read"] == 5
     with pytest.raises(UserError, match=r"data.split: 'dev' is not a split of .* \(splits: train, test\)"):
         prep(tok, tmp_path / "saved", tmp_path / "out3", "data.split=dev")
 
@@ -173,7 +173,7 @@ def test_hub_dataset_from_the_local_cache_offline(tmp_path, tok, reference, monk
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", cache)
     card = prep(tok, "hf:org/toy-instruct", tmp_path / "out")
     assert splits(tmp_path / "out") == reference[1]
-    assert card["source"] == "hf:org/toy-instruct" and card["source_info"]["split"] == "train"
+    assert card.source == "hf:org/toy-instruct" and card.source_info["split"] == "train"
     with pytest.raises(UserError, match=r"cannot load hf:org/missing .*offline mode is on and it is not in the local"):
         prep(tok, "hf:org/missing", tmp_path / "out2")
     with pytest.raises(UserError, match=r"empty dataset id"):
@@ -189,8 +189,8 @@ def test_s3_object_and_prefix(s3_bucket, tmp_path, tok, reference):
     s3.put_object(Bucket=s3_bucket, Key="one/data.jsonl", Body=body, ChecksumAlgorithm="SHA256")
     card = prep(tok, f"s3://{s3_bucket}/one/data.jsonl", tmp_path / "obj")
     assert splits(tmp_path / "obj") == reference[1]
-    assert card["content_hash"] == hashlib.sha256(body).hexdigest()
-    assert card["source_info"]["s3_uri"] == f"s3://{s3_bucket}/one/data.jsonl"
+    assert card.content_hash == hashlib.sha256(body).hexdigest()
+    assert card.source_info["s3_uri"] == f"s3://{s3_bucket}/one/data.jsonl"
     half = len(RECORDS) // 2
     for key, recs in (("many/part-0.jsonl", RECORDS[:half]), ("many/part-1.jsonl", RECORDS[half:])):
         s3.put_object(Bucket=s3_bucket, Key=key, Body="".join(json.dumps(r) + "\n" for r in recs).encode(),
@@ -212,4 +212,4 @@ def test_sharegpt_dataset_with_nested_features_saved_to_disk(tmp_path, tok):
                 "label": {"cate": "math"}} for i in range(8)]
     datasets.Dataset.from_list(records).save_to_disk(str(tmp_path / "saved"))
     card = prep(tok, tmp_path / "saved", tmp_path / "out")
-    assert card["formats"] == {"sharegpt": 8} and card["counts"]["kept"] == 8
+    assert card.formats == {"sharegpt": 8} and card.counts["kept"] == 8

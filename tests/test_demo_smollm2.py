@@ -13,6 +13,7 @@ import math
 import pytest
 
 from conftest import llmneo_run
+from llmneo.cards import DatasetCard, ModelCard
 from llmneo.config import load_config
 
 pytestmark = pytest.mark.integration
@@ -31,14 +32,14 @@ def demo_run(tmp_path_factory):
 def test_student_is_the_pruned_teacher_and_data_is_the_shipped_set(demo_run):
     _, run, _ = demo_run
     cfg = load_config("smollm2-demo")
-    student = json.loads((run / "load-teacher/student/card.json").read_text())
-    teacher = json.loads((run / "load-teacher/teacher/card.json").read_text())
-    assert teacher["layers"] == 30 and student["layers"] == len(cfg.student.prune_layers) == 20
-    assert student["kept_layers"] == cfg.student.prune_layers and student["pruned_from"] == "smollm2"
-    assert student["tokenizer_fingerprint"] == teacher["tokenizer_fingerprint"]
-    dataset = json.loads((run / "prep-data/dataset/card.json").read_text())
-    assert dataset["source"] == "builtin:smollm2_instruct"
-    assert dataset["counts"]["train"] + dataset["counts"]["val"] == 276
+    student = ModelCard.read(run / "load-teacher/student")
+    teacher = ModelCard.read(run / "load-teacher/teacher")
+    assert teacher.layers == 30 and student.layers == len(cfg.student.prune_layers) == 20
+    assert student.kept_layers == cfg.student.prune_layers and student.pruned_from == "smollm2"
+    assert student.tokenizer_fingerprint == teacher.tokenizer_fingerprint
+    dataset = DatasetCard.read(run / "prep-data/dataset")
+    assert dataset.source == "builtin:smollm2_instruct"
+    assert dataset.counts["train"] + dataset.counts["val"] == 276
 
 
 def test_distilled_student_is_closer_to_the_teacher(demo_run):

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from llmneo.cards import DistillCard
 from llmneo.config import load_config
 from llmneo.data import collate, read_split
 from llmneo.errors import UserError
@@ -28,7 +29,7 @@ def adapter_run(tiny_workspace, tmp_path_factory):
                                                  init_lora_weights=False))
     (root / "distill").mkdir()
     peft_model.save_pretrained(root / "distill" / "adapter")
-    (root / "distill" / "card.json").write_text(json.dumps({"method": "neo"}))
+    DistillCard(method="neo", status="complete").write(root / "distill")
     return root, peft_model.eval()
 
 

@@ -12,6 +12,7 @@ import uuid
 
 import pytest
 
+from llmneo.cards import EvalCard
 from llmneo.errors import UserError
 from llmneo.registry import LocalRegistry, file_entries, open_registry, parse_ref, verify
 
@@ -296,15 +297,23 @@ def test_local_registry_class_is_the_same_registry(tmp_path):
     assert open_registry(str(tmp_path / "reg")).versions("demo") == ["v1"]
 
 
+def merge_eval_output(d, passed=True, **metrics):
+    """A merge-eval output folder: model files, the eval.json report and, last, its card."""
+    model = make_model(d)
+    metrics = metrics or {"kl_to_teacher": 0.2, "llmneo_mc/acc": 0.5}
+    gate = {"passed": passed, "reasons": [] if passed else ["kl_to_teacher 0.9 > eval.max_kl_to_teacher 0.5"]}
+    (model / "eval.json").write_text(json.dumps({"kind": "eval", "metrics": metrics, "gate": gate}))
+    EvalCard(metrics=metrics, teacher="smollm2", student="prune", method="neo", dataset_hash="ds123",
+             gate=gate).write(model)
+    return model
+
+
 def test_register_step_records_lineage_and_aliases(tmp_path, monkeypatch):
     from llmneo.config import load_config
     from llmneo.steps import run_register
 
     monkeypatch.setenv("LLMNEO_GIT_SHA", "0123abc")
-    model = make_model(tmp_path / "model")
-    (model / "eval.json").write_text(json.dumps({
-        "metrics": {"kl_to_teacher": 0.2, "llmneo_mc/acc": 0.5}, "teacher": "smollm2", "student": "prune",
-        "method": "neo", "dataset_hash": "ds123", "gate": {"passed": True, "reasons": []}}))
+    model = merge_eval_output(tmp_path / "model")
     cfg = load_config("tiny", [f"registry.uri={tmp_path / 'reg'}", "registry.aliases=latest,candidate"])
     manifest = run_register(cfg, model, "run-9")
     lineage = manifest["lineage"]
@@ -316,7 +325,7 @@ def test_register_step_records_lineage_and_aliases(tmp_path, monkeypatch):
     assert reg.aliases("tiny-neo") == {"candidate": "v1", "latest": "v1"}
     assert run_register(cfg, model, "run-10")["reused"] is True  # a retried step is the same version
     assert reg.versions("tiny-neo") == ["v1"]
-    with pytest.raises(UserError, match="no eval.json"):
+    with pytest.raises(UserError, match="m-missing: no card.json, not a completed merge-eval output"):
         run_register(cfg, tmp_path / "m-missing", "run-11")
 
 
@@ -383,3 +392,60 @@ def test_register_refuses_a_linked_folder_out(tmp_path):
     (model / "more").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
     with pytest.raises(UserError, match=r"more is a symbolic link to .*elsewhere, outside the model folder"):
         reg.register("demo", model, {}, {})
+
+
+def test_register_refuses_an_interrupted_merge_eval(tmp_path):
+    """merge-eval killed by a full disk: a truncated eval.json and no card. Nothing is registered."""
+    from llmneo.config import load_config
+    from llmneo.steps import run_register
+
+    cfg = load_config("tiny", [f"registry.uri={tmp_path / 'reg'}"])
+    run_register(cfg, merge_eval_output(tmp_path / "good"), "run-1")
+    reg = open_registry(str(tmp_path / "reg"))
+    model = merge_eval_output(tmp_path / "model", kl_to_teacher=0.1)
+    (model / "card.json").unlink()
+    report = (model / "eval.json").read_text()
+    (model / "eval.json").write_text(report[: len(report) // 2])
+    with pytest.raises(UserError) as e:
+        run_register(cfg, model, "run-2")
+    assert str(e.value) == (f"{model}: no card.json, not a completed merge-eval output (the merge-eval step "
+                            f"writes it last: run `llmneo merge-eval` into this folder)")
+    (model / "card.json").write_text('{"kind": "model", "role": "distilled", "gate": {"pas')  # torn card
+    with pytest.raises(UserError, match=r"card.json: unreadable merge-eval output card: .*llmneo merge-eval"):
+        run_register(cfg, model, "run-3")
+    assert reg.versions("tiny-neo") == ["v1"] and reg.aliases("tiny-neo") == {"latest": "v1"}
+
+
+def test_register_refuses_a_failed_gate_unless_forced_with_a_reason(tmp_path):
+    from llmneo.config import load_config
+    from llmneo.steps import run_register
+
+    cfg = load_config("tiny", [f"registry.uri={tmp_path / 'reg'}"])
+    run_register(cfg, merge_eval_output(tmp_path / "good"), "run-1")
+    reg = open_registry(str(tmp_path / "reg"))
+    failed = merge_eval_output(tmp_path / "failed", passed=False, kl_to_teacher=0.9)
+    with pytest.raises(UserError, match=r"failed: the gate failed \(kl_to_teacher 0.9 > eval.max_kl_to_teacher "
+                                        r"0.5\); not registered \(--force REASON"):
+        run_register(cfg, failed, "run-2")
+    assert reg.versions("tiny-neo") == ["v1"] and reg.aliases("tiny-neo") == {"latest": "v1"}
+    with pytest.raises(UserError, match="give the reason"):
+        run_register(cfg, failed, "run-2", force="  ")
+    manifest = run_register(cfg, failed, "run-2", force="hotfix approved by the on-call reviewer")
+    assert manifest["version"] == "v2" and reg.aliases("tiny-neo") == {"latest": "v2"}
+    lineage = reg.lineage("tiny-neo:v2")
+    assert lineage["forced"] == "hotfix approved by the on-call reviewer" and lineage["gate"]["passed"] is False
+    assert "forced" not in reg.lineage("tiny-neo:v1")
+
+
+def test_register_cli_force_records_the_reason(tmp_path, capsys):
+    from llmneo.cli import main
+
+    failed = merge_eval_output(tmp_path / "failed", passed=False)
+    args = ["register", "--preset", "tiny", "--model", str(failed), f"registry.uri={tmp_path / 'reg'}"]
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and "the gate failed" in err
+    assert main([*args[:5], "--force", "release anyway: reviewed", *args[5:]]) == 0
+    assert "registered tiny-neo:v1" in capsys.readouterr().out
+    assert open_registry(str(tmp_path / "reg")).lineage("tiny-neo:v1")["forced"] == "release anyway: reviewed"

@@ -3,7 +3,6 @@ runs here, so a recording fake takes the place of ``model_registry.ModelRegistry
 constructor and method signatures as model-registry 0.3.18)."""
 
 import inspect
-import json
 
 import pytest
 
@@ -105,14 +104,15 @@ def test_client_failures_are_one_line_errors(fake):
 
 
 def test_register_step_mirrors_when_configured(fake, tmp_path):
+    from llmneo.cards import EvalCard
     from llmneo.config import load_config
     from llmneo.steps import run_register
 
     model = tmp_path / "model"
     model.mkdir()
     (model / "model.safetensors").write_bytes(b"w")
-    (model / "eval.json").write_text(json.dumps({"metrics": {"kl_to_teacher": 0.2}, "teacher": "tiny",
-                                                 "student": "tiny", "method": "neo", "dataset_hash": "ds"}))
+    EvalCard(metrics={"kl_to_teacher": 0.2}, teacher="tiny", student="tiny", method="neo", dataset_hash="ds",
+             gate={"passed": True, "reasons": []}).write(model)
     cfg = load_config("tiny", [f"registry.uri={tmp_path / 'reg'}", f"registry.kubeflow_url={Settings.kubeflow_url}"])
     manifest = run_register(cfg, model, "run-42")
     assert manifest["kubeflow_model_registry"]["version"] == "v1"

@@ -50,25 +50,25 @@ IDS = torch.tensor([[1, 5, 9, 42, 7, 300, 12]])
 
 
 def test_tiny_teacher_and_student_cards(tiny_workspace):
-    from llmneo.models import read_card
+    from llmneo.cards import DatasetCard, ModelCard
 
-    dataset = read_card(tiny_workspace / "dataset")
+    dataset = DatasetCard.read(tiny_workspace / "dataset")
     for role in ("teacher", "student"):
-        card = read_card(tiny_workspace / role)
+        card = ModelCard.read(tiny_workspace / role)
         model = load_causal_lm(tiny_workspace / role)
-        assert card["parameters"] == param_count(model) and card["dtype"] == "float32"
-        assert card["content_hash"] == folder_content_hash(tiny_workspace / role)
-        assert card["tokenizer_fingerprint"] == dataset["tokenizer_fingerprint"]
-        assert card["layers"] == model.config.num_hidden_layers and card["vocab_size"] == 512
+        assert card.parameters == param_count(model) and card.dtype == "float32"
+        assert card.content_hash == folder_content_hash(tiny_workspace / role)
+        assert card.tokenizer_fingerprint == dataset.tokenizer_fingerprint
+        assert card.layers == model.config.num_hidden_layers and card.vocab_size == 512
 
 
 def test_local_folder_teacher_is_referenced_not_copied(tmp_path, tok):
     model = save_tiny(tmp_path / "mine", tok, layers=3)
-    card = teacher_step(tmp_path, f"teacher.source={tmp_path / 'mine'}")["teacher"]
+    card = teacher_step(tmp_path, f"teacher.source={tmp_path / 'mine'}").teacher
     assert sorted(p.name for p in (tmp_path / "teacher").iterdir()) == ["card.json"]
-    assert card["ref"] == str((tmp_path / "mine").resolve()) and card["source"] == str(tmp_path / "mine")
-    assert card["parameters"] == param_count(model) and card["layers"] == 3 and card["dtype"] == "float32"
-    assert card["content_hash"] == folder_content_hash(tmp_path / "mine")
+    assert card.ref == str((tmp_path / "mine").resolve()) and card.source == str(tmp_path / "mine")
+    assert card.parameters == param_count(model) and card.layers == 3 and card.dtype == "float32"
+    assert card.content_hash == folder_content_hash(tmp_path / "mine")
     assert same_logits(load_causal_lm(tmp_path / "teacher").eval(), model.eval(), IDS)
 
 
@@ -88,9 +88,9 @@ def test_hub_id_with_revision_through_the_local_cache(tmp_path, tok, monkeypatch
     commit = make_hub_cache(tmp_path / "hub", "org/tiny-teacher", tmp_path / "src")
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     for source in ("hf:org/tiny-teacher@main", f"hf:org/tiny-teacher@{commit}", "hf:org/tiny-teacher"):
-        card = teacher_step(tmp_path, f"teacher.source={source}")["teacher"]
-        assert card["ref"] == f"hf:org/tiny-teacher@{commit}" and card["revision"] == commit
-        assert card["parameters"] == param_count(model)
+        card = teacher_step(tmp_path, f"teacher.source={source}").teacher
+        assert card.ref == f"hf:org/tiny-teacher@{commit}" and card.revision == commit
+        assert card.parameters == param_count(model)
         assert same_logits(load_causal_lm(tmp_path / "teacher").eval(), model.eval(), IDS)
     with pytest.raises(UserError, match=r"teacher.source: cannot load hf:org/absent@v1 .*offline mode "
                                         r"\(HF_HUB_OFFLINE=1\) and not in the local Hugging Face cache"):
@@ -118,9 +118,9 @@ def test_s3_teacher_is_downloaded_verified_and_cached(s3_bucket, tmp_path, tok, 
         s3.put_object(Bucket=s3_bucket, Key=f"models/tiny/{path.name}", Body=path.read_bytes(),
                       ChecksumAlgorithm="SHA256")
     uri = f"s3://{s3_bucket}/models/tiny"
-    card = teacher_step(tmp_path, f"teacher.source={uri}")["teacher"]
-    assert card["ref"] == uri and card["content_hash"] == folder_content_hash(tmp_path / "src")
-    assert card["parameters"] == param_count(model)
+    card = teacher_step(tmp_path, f"teacher.source={uri}").teacher
+    assert card.ref == uri and card.content_hash == folder_content_hash(tmp_path / "src")
+    assert card.parameters == param_count(model)
     assert same_logits(load_causal_lm(tmp_path / "teacher").eval(), model.eval(), IDS)
     cached = s3_model_dir(uri)
     assert cached.parent == tmp_path / "cache" / "s3" and s3_model_dir(uri) == cached  # reused
@@ -168,18 +168,20 @@ def test_tokenizer_mismatch_lists_the_first_differences(tmp_path, tok):
 
 
 def test_dataset_tokenized_with_another_tokenizer_is_refused(tmp_path, tiny_workspace):
-    card = json.loads((tiny_workspace / "dataset" / "card.json").read_text())
-    (tmp_path / "ds").mkdir()
-    (tmp_path / "ds" / "card.json").write_text(json.dumps({**card, "tokenizer_fingerprint": "0000"}))
+    from llmneo.cards import DatasetCard
+
+    card = DatasetCard.read(tiny_workspace / "dataset")
+    card.tokenizer_fingerprint = "0000"
+    card.write(tmp_path / "ds")
     with pytest.raises(UserError, match=r"was tokenized with tokenizer 0000, the student uses .*re-run prep"):
         teacher_step(tmp_path, dataset=tmp_path / "ds")
 
 
 def test_padded_teacher_vocabulary_is_accepted_and_recorded(tmp_path, tok):
     save_tiny(tmp_path / "padded", tok, layers=2, vocab_size=576)  # 512 tokens, embedding padded to 576
-    card = teacher_step(tmp_path, f"teacher.source={tmp_path / 'padded'}")["teacher"]
-    assert card["vocab_size"] == 576 and card["tokenizer_size"] == 512
-    assert card["vocab_slice"]["teacher_vocab_size"] == 576 and card["vocab_slice"]["student_vocab_size"] == 512
+    card = teacher_step(tmp_path, f"teacher.source={tmp_path / 'padded'}").teacher
+    assert card.vocab_size == 576 and card.tokenizer_size == 512
+    assert card.vocab_slice["teacher_vocab_size"] == 576 and card.vocab_slice["student_vocab_size"] == 512
 
 
 def test_teacher_vocabulary_smaller_than_the_students_is_refused(tmp_path, tok):
@@ -193,8 +195,8 @@ def test_teacher_vocabulary_smaller_than_the_students_is_refused(tmp_path, tok):
 
 def test_pruning_keeps_chosen_layers_and_tokenizer_and_reloads(tmp_path):
     result = teacher_step(tmp_path, "student.source=prune", "student.prune_layers=[0, -1]")
-    card = result["student"]
-    assert card["kept_layers"] == [0, 3] and card["layers"] == 2 and card["pruned_from"] == "tiny"
+    card = result.student
+    assert card.kept_layers == [0, 3] and card.layers == 2 and card.pruned_from == "tiny"
     teacher = AutoModelForCausalLM.from_pretrained(tmp_path / "teacher").eval()
     student = AutoModelForCausalLM.from_pretrained(tmp_path / "student").eval()  # a plain HF folder
     assert student.config.num_hidden_layers == 2
@@ -206,7 +208,7 @@ def test_pruning_keeps_chosen_layers_and_tokenizer_and_reloads(tmp_path):
     for name in ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"):
         assert torch.equal(s_sd[name], t_sd[name])
     assert tokenizer_fingerprint(AutoTokenizer.from_pretrained(tmp_path / "student")) == \
-        tokenizer_fingerprint(AutoTokenizer.from_pretrained(tmp_path / "teacher")) == card["tokenizer_fingerprint"]
+        tokenizer_fingerprint(AutoTokenizer.from_pretrained(tmp_path / "teacher")) == card.tokenizer_fingerprint
     # the reloaded student computes what the teacher's layers 0 and 3 compute
     from llmneo.teacher import prune_layers
 
@@ -215,8 +217,8 @@ def test_pruning_keeps_chosen_layers_and_tokenizer_and_reloads(tmp_path):
 
 
 def test_keep_every_k(tmp_path):
-    card = teacher_step(tmp_path, "student.source=prune", "student.prune_keep_every=3")["student"]
-    assert card["kept_layers"] == [0, 3]
+    card = teacher_step(tmp_path, "student.source=prune", "student.prune_keep_every=3").student
+    assert card.kept_layers == [0, 3]
 
 
 @pytest.mark.parametrize("layers, message", [
@@ -234,13 +236,13 @@ def test_smollm2_teacher_and_pruned_student(tmp_path):
     keep = [0, 3, 6, 9, 12, 15, 18, 21, 24, 27, 29]
     result = teacher_step(tmp_path, "teacher.source=smollm2", "student.source=prune",
                           f"student.prune_layers={json.dumps(keep)}")
-    teacher, student = result["teacher"], result["student"]
-    assert teacher["ref"] == "smollm2" and teacher["layers"] == 30 and teacher["dtype"] == "bfloat16"
-    assert teacher["parameters"] == 134_515_008 and teacher["vocab_size"] == 49152
-    assert student["kept_layers"] == keep and student["layers"] == len(keep)
-    assert student["tokenizer_fingerprint"] == teacher["tokenizer_fingerprint"]
+    teacher, student = result.teacher, result.student
+    assert teacher.ref == "smollm2" and teacher.layers == 30 and teacher.dtype == "bfloat16"
+    assert teacher.parameters == 134_515_008 and teacher.vocab_size == 49152
+    assert student.kept_layers == keep and student.layers == len(keep)
+    assert student.tokenizer_fingerprint == teacher.tokenizer_fingerprint
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "student", dtype=torch.float32).eval()
-    assert model.config.num_hidden_layers == len(keep) and student["parameters"] == param_count(model)
+    assert model.config.num_hidden_layers == len(keep) and student.parameters == param_count(model)
     tok = AutoTokenizer.from_pretrained(tmp_path / "student")
     ids = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
                                   add_generation_prompt=True, return_tensors="pt", return_dict=False)
@@ -260,8 +262,8 @@ def test_sharded_weights_are_counted_once_and_a_missing_shard_is_named(tmp_path,
     shards = sorted((tmp_path / "m").glob("model-*.safetensors"))
     assert len(shards) > 1
     shutil.copy(shards[0], tmp_path / "m" / "consolidated.safetensors")  # a stray extra copy is ignored
-    card = teacher_step(tmp_path, f"teacher.source={tmp_path / 'm'}")["teacher"]
-    assert card["parameters"] == param_count(model)
+    card = teacher_step(tmp_path, f"teacher.source={tmp_path / 'm'}").teacher
+    assert card.parameters == param_count(model)
     shards[-1].unlink()
     with pytest.raises(UserError, match=rf"weight shard {shards[-1].name} \(named in model.safetensors.index.json\) "
                                         "is missing"):

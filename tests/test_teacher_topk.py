@@ -2,12 +2,12 @@
 positions (padded batches, packed rows, padded teacher vocabulary), and KD from a k=vocab cache equals
 the online KD of llmneo.losses.distill_loss."""
 
-import json
 
 import pyarrow.parquet as pq
 import pytest
 import torch
 
+from llmneo.cards import DatasetCard
 from llmneo.config import TinyModelConfig, load_config
 from llmneo.data import run_prep
 from llmneo.losses import LossSpec, distill_loss, shift_mask
@@ -67,12 +67,12 @@ def test_full_cache_equals_teacher_log_softmax_at_the_loss_positions(full_cache)
 
 def test_cache_meta_and_card(full_cache):
     root, card, cache = full_cache
-    dataset = json.loads((root / "dataset" / "card.json").read_text())
+    dataset = DatasetCard.read(root / "dataset")
     meta = cache.meta
-    assert meta["rows"] == dataset["counts"]["train"] and meta["tokens"] == dataset["tokens"]["loss_positions"]["train"]
-    assert meta["dataset_hash"] == dataset["dataset_hash"] and meta["vocab_size"] == VOCAB
-    assert meta["tokenizer_fingerprint"] == dataset["tokenizer_fingerprint"]
-    topk = card["teacher"]["topk"]
+    assert meta["rows"] == dataset.counts["train"] and meta["tokens"] == dataset.tokens["loss_positions"]["train"]
+    assert meta["dataset_hash"] == dataset.dataset_hash and meta["vocab_size"] == VOCAB
+    assert meta["tokenizer_fingerprint"] == dataset.tokenizer_fingerprint
+    topk = card.teacher.topk
     assert topk["bytes"] == sum((root / "teacher" / "topk" / s["file"]).stat().st_size for s in meta["shards"])
     assert topk["positions_per_second"] > 0 and topk["rows"] == meta["rows"]
 
@@ -134,7 +134,7 @@ def test_padded_teacher_vocabulary_is_sliced_in_the_cache(tmp_path, tok):
     tok.save_pretrained(tmp_path / "padded")
     card, cache = offline(tmp_path, f"teacher.source={tmp_path / 'padded'}", "teacher.topk=16",
                           data=["data.limit=20"])
-    assert card["teacher"]["vocab_slice"]["student_vocab_size"] == VOCAB and cache.vocab_size == VOCAB
+    assert card.teacher.vocab_slice["student_vocab_size"] == VOCAB and cache.vocab_size == VOCAB
     teacher.eval()
     for i, row in enumerate(train_rows(tmp_path)[:5]):
         ids, lps = cache[i]

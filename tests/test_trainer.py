@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from llmneo.cards import DistillCard
 from llmneo.config import load_config
 from llmneo.errors import UserError
 from llmneo.launch import TrainerInputs, write_workdir
@@ -63,7 +64,7 @@ def test_methods_train_the_right_parameters(method, tiny_workspace, tmp_path):
     base = load_file(tiny_workspace / "student" / "model.safetensors")
     workdir = make_workdir(tmp_path, tiny_workspace, f"distill.method={method}")
     trainer = run(workdir)
-    card = json.loads((workdir / "card.json").read_text())
+    card = DistillCard.read(workdir)
     uses_teacher = method in ("kd", "neo")
     assert (trainer.teacher is not None) == uses_teacher
     assert all(r["kd"] > 0 for r in log(workdir)) == uses_teacher
@@ -78,7 +79,7 @@ def test_methods_train_the_right_parameters(method, tiny_workspace, tmp_path):
         assert set(now) == set(base)
         for key, value in base.items():
             assert torch.equal(now[key], value), f"{key}: the frozen base changed"
-        assert card["trainable_parameters"] == sum(v.numel() for v in trained.values())
+        assert card.trainable_parameters == sum(v.numel() for v in trained.values())
     else:
         assert not (workdir / "adapter").exists()
         trained = load_file(workdir / "model" / "model.safetensors")
@@ -88,7 +89,7 @@ def test_methods_train_the_right_parameters(method, tiny_workspace, tmp_path):
                 assert not torch.equal(trained[key], value)
             else:
                 assert not torch.allclose(trained[key], value), f"{key} did not train"
-        assert card["trainable_parameters"] == sum(v.numel() for v in base.values())
+        assert card.trainable_parameters == sum(v.numel() for v in base.values())
 
 
 def test_teacher_equal_to_student_gives_zero_kd_and_zero_gradient(tiny_workspace, tmp_path):
@@ -186,7 +187,7 @@ def write_full_vocab_cache(ws: Path, teacher_out: Path) -> None:
 
     cfg = load_config("tiny", ["teacher.mode=offline", "teacher.topk=100000"])  # k is capped at V
     card = run_teacher(cfg, ws / "dataset", teacher_out, teacher_out.parent / "student-unused")
-    assert card["teacher"]["topk"]["k"] == card["student"]["vocab_size"]
+    assert card.teacher.topk["k"] == card.student.vocab_size
 
 
 def test_offline_topk_cache_with_k_equal_vocab_trains_like_the_online_teacher(neo_run, tiny_workspace, tmp_path):
@@ -199,8 +200,8 @@ def test_offline_topk_cache_with_k_equal_vocab_trains_like_the_online_teacher(ne
     for a, b in zip(log(workdir), log(ref_dir), strict=True):
         assert a["kd"] == pytest.approx(b["kd"], rel=2e-3)  # fp16 log-probs in the cache
         assert a["ce"] == pytest.approx(b["ce"], rel=1e-4)
-    card = json.loads((workdir / "card.json").read_text())
-    assert card["teacher_mode"] == "offline" and card["topk_tail"] == "tail"
+    card = DistillCard.read(workdir)
+    assert card.teacher_mode == "offline" and card.topk_tail == "tail"
 
 
 def test_offline_without_a_cache_is_a_one_line_user_error(tiny_workspace, tmp_path):
@@ -305,9 +306,9 @@ def test_log_tensorboard_plot_and_card(neo_run):
     assert records[0]["lr"] == pytest.approx(1e-3 * lr_lambda(0, 2, 0.1))
     assert list((workdir / "tensorboard").glob("events.out.tfevents.*"))
     assert (workdir / "loss_curve.png").read_bytes()[:4] == b"\x89PNG"
-    card = json.loads((workdir / "card.json").read_text())
-    assert card["status"] == "complete" and card["method"] == "neo" and card["steps"] == 2
-    assert card["final"]["loss"] == records[-1]["loss"]
+    card = DistillCard.read(workdir)
+    assert card.status == "complete" and card.method == "neo" and card.steps == 2
+    assert card.final["loss"] == records[-1]["loss"]
 
 
 def test_cosine_schedule_with_warmup():

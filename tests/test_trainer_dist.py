@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 from test_trainer import make_workdir, run
 
+from llmneo.cards import DistillCard
 from llmneo.config import load_config
 from llmneo.errors import UserError
 from llmneo.steps import run_distill
@@ -50,7 +51,7 @@ def ddp_neo(tiny_workspace, tmp_path_factory):
 
 def test_ddp_two_processes_equal_one_process(ddp_neo, tiny_workspace, tmp_path):
     out, card = ddp_neo
-    assert card["world_size"] == 2 and card["strategy"] == "ddp" and card["status"] == "complete"
+    assert card.world_size == 2 and card.strategy == "ddp" and card.status == "complete"
     single = in_process(tiny_workspace, tmp_path, NEO)
     for a, b in zip(log(out), log(single), strict=True):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-6) and a["tokens"] == b["tokens"]
@@ -66,7 +67,7 @@ def test_fsdp2_trains_shards_checkpoints_and_resumes(tiny_workspace, tmp_path):
                       "distill.activation_checkpointing=true"]
     out = tmp_path / "fsdp"
     card = distill(tiny_workspace, out, overrides)
-    assert card["strategy"] == "fsdp" and card["world_size"] == 2
+    assert card.strategy == "fsdp" and card.world_size == 2
     # sharded: each rank wrote its own part of the step-2 checkpoint
     shards = sorted(p.name for p in (out / "checkpoint" / "step-000002" / "state").glob("*.distcp"))
     assert shards == ["__0_0.distcp", "__1_0.distcp"]
@@ -81,7 +82,7 @@ def test_fsdp2_trains_shards_checkpoints_and_resumes(tiny_workspace, tmp_path):
     (out / "card.json").unlink()
     (out / "model" / "model.safetensors").unlink()
     card = distill(tiny_workspace, out, overrides)
-    assert card["resumed_from_step"] == 2
+    assert card.resumed_from_step == 2
     resumed = load_file(out / "model" / "model.safetensors")
     for key, value in fsdp_weights.items():
         assert torch.equal(resumed[key], value), key
@@ -109,8 +110,8 @@ def test_sigterm_through_the_cli_then_rerun_resumes_to_the_same_weights(ddp_neo,
 
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    card = json.loads((out / "card.json").read_text())
-    assert card["resumed_from_step"] == stopped_at
+    card = DistillCard.read(out)
+    assert card.resumed_from_step == stopped_at
     assert [r["step"] for r in log(out)] == list(range(1, 11))
     assert [r["loss"] for r in log(out)] == [r["loss"] for r in log(reference)]
     a, b = (load_file(d / "adapter" / "adapter_model.safetensors") for d in (out, reference))
