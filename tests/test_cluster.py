@@ -481,7 +481,7 @@ def test_a_retry_reattaches_to_the_running_job_instead_of_starting_a_second(monk
     earlier = build_trainjob(cfg, "llmneo-r1", "ns", "img", "s3://b/stage/llmneo-r1", {}, owner=first_owner)
     fake = FakeKube(states=["Running", "Complete"], existing=earlier)
     monkeypatch.setattr(cluster, "get_json", lambda uri: {"files": 1})
-    monkeypatch.setattr("llmneo.s3.download_prefix", lambda uri, out: (Path(out) / "card.json").write_text(
+    monkeypatch.setattr(cluster, "download_prefix", lambda uri, out: (Path(out) / "card.json").write_text(
         json.dumps({"kind": "adapter", "method": "neo", "steps": 3})))
     monkeypatch.setattr(cluster, "delete_prefix", lambda uri: 0)
     card = run_distill_multinode(cfg, tmp_path, tmp_path, tmp_path, tmp_path / "out", api=fake, job_name="llmneo-r1",
@@ -490,7 +490,7 @@ def test_a_retry_reattaches_to_the_running_job_instead_of_starting_a_second(monk
     assert "create_job" not in names and "dry_run_job" not in names  # no second job, nothing re-staged
     assert names[:2] == ["find_job", "set_owners"]
     assert [o["uid"] for o in fake.body["metadata"]["ownerReferences"]] == ["uid-1", "uid-2"]
-    assert card["steps"] == 3 and card["job"] == "llmneo-r1"
+    assert card.steps == 3 and card.extra["job"] == "llmneo-r1"
 
 
 def test_a_failed_job_of_an_earlier_attempt_is_replaced(monkeypatch, tmp_path):

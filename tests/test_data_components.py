@@ -28,7 +28,7 @@ def test_prep_and_teacher_components_log_counts_rejects_and_topk(tmp_path):
     src.write_text("".join(json.dumps(r) + "\n" for r in rows) + "{broken\n" + json.dumps(rows[0]) + "\n")
     overrides = [f"data.source={src}", "teacher.mode=offline", "teacher.topk=4"]
     dataset, metrics = FakeArtifact(tmp_path / "dataset"), FakeArtifact(tmp_path / "m1")
-    prep_data.python_func(preset="tiny", overrides=overrides, dataset=dataset, metrics=metrics)
+    prep_data.python_func(preset="tiny", config="", overrides=overrides, dataset=dataset, metrics=metrics)
     card = DatasetCard.read(tmp_path / "dataset")
     m = metrics.metrics
     assert (m["rows_read"], m["rows_kept"], m["rows_rejected"]) == (12, 10, 2)
@@ -37,7 +37,7 @@ def test_prep_and_teacher_components_log_counts_rejects_and_topk(tmp_path):
     assert dataset.metadata["dataset_hash"] == card.dataset_hash
 
     teacher, student, metrics2 = (FakeArtifact(tmp_path / n) for n in ("teacher", "student", "m2"))
-    load_teacher.python_func(preset="tiny", overrides=overrides, dataset=dataset, teacher=teacher,
+    load_teacher.python_func(preset="tiny", config="", overrides=overrides, dataset=dataset, teacher=teacher,
                              student=student, metrics=metrics2)
     m = metrics2.metrics
     assert m["teacher_layers"] == 4 and m["student_layers"] == 2 and m["teacher_parameters"] > m["student_parameters"]
@@ -50,7 +50,7 @@ def test_component_user_error_is_one_line_and_exit_2(tmp_path, capsys):
     from llmneo_components.prep import prep_data
 
     with pytest.raises(SystemExit) as e:
-        prep_data.python_func(preset="tiny", overrides=[f"data.source={tmp_path / 'missing.jsonl'}"],
+        prep_data.python_func(preset="tiny", config="", overrides=[f"data.source={tmp_path / 'missing.jsonl'}"],
                               dataset=FakeArtifact(tmp_path / "d"), metrics=FakeArtifact(tmp_path / "m"))
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]

@@ -111,14 +111,15 @@ def test_distill_component_passes_gpu_and_node_counts(monkeypatch, tmp_path):
     from kfp import dsl
 
     import llmneo.steps
+    from llmneo.cards import DistillCard
     from llmneo_components.distill import distill
 
     seen = {}
 
     def fake_run_distill(cfg, dataset, teacher, student, out, task_config=None):
         seen.update(nproc=cfg.distill.nproc_per_node, nnodes=cfg.distill.nnodes, task=task_config)
-        return {"wall_seconds": 1.0, "final": {"loss": 1.0}, "tokens_per_s": 1.0, "trainable_parameters": 1,
-                "method": "neo", "steps": 1}
+        return DistillCard(method="neo", steps=1, final={"loss": 1.0}, tokens_per_s=1.0,
+                           trainable_parameters=1, wall_seconds=1.0)
 
     monkeypatch.setattr(llmneo.steps, "run_distill", fake_run_distill)
     art = {k: dsl.Model(uri=str(tmp_path / k)) for k in ("dataset", "teacher", "student", "adapter", "metrics")}
