@@ -29,16 +29,16 @@ def distill(preset: str, overrides: list, gpus: int, nodes: int, dataset: Input[
     import json
     import os
 
-    from llmneo.cli import guarded
     from llmneo.config import load_config
-    from llmneo.steps import run_distill
+    from llmneo.errors import guarded
+    from llmneo.steps import distill_student
 
     # the pipeline's GPU/node counts win over the preset: the pod has exactly that many GPUs
     cluster = [f"distill.nnodes={nodes}"] + ([f"distill.nproc_per_node={gpus}"] if gpus > 0 else [])
     cfg = guarded(load_config, preset, [*overrides, *cluster])
     if task_config is not None:
         os.environ["LLMNEO_TASK_CONFIG"] = json.dumps(dataclasses.asdict(task_config))
-    card = guarded(run_distill, cfg, dataset.path, teacher.path, student.path, adapter.path)
+    card = guarded(distill_student, cfg, dataset.path, teacher.path, student.path, adapter.path)
     metrics.log_metric("seconds", card["wall_seconds"])
     for key, value in card["final"].items():
         metrics.log_metric(f"final_{key}", value)

@@ -31,12 +31,12 @@ def merge_eval(preset: str, overrides: list, max_kl_to_teacher: float, dataset: 
     import re
     import shutil
 
-    from llmneo.cli import guarded
     from llmneo.config import load_config
-    from llmneo.steps import run_merge_eval
+    from llmneo.errors import guarded
+    from llmneo.steps import merge_and_evaluate
 
     cfg = guarded(load_config, preset, [*overrides, f"eval.max_kl_to_teacher={max_kl_to_teacher}"])
-    result = guarded(run_merge_eval, cfg, dataset.path, teacher.path, student.path, adapter.path, model.path)
+    result = guarded(merge_and_evaluate, cfg, dataset.path, teacher.path, student.path, adapter.path, model.path)
     passed = result["gate"]["passed"]
     metrics.log_metric("seconds", result["seconds"])
     metrics.log_metric("gate_passed", 1.0 if passed else 0.0)

@@ -16,12 +16,12 @@ def prep_data(preset: str, overrides: list, dataset: Output[Dataset], metrics: O
         dataset: output folder with train.parquet, val.parquet, rejects.jsonl, card.json, length_histogram.png.
         metrics: row counts (read/kept/rejected, rejected per reason), token statistics, throughput.
     """
-    from llmneo.cli import guarded
     from llmneo.config import load_config
-    from llmneo.steps import run_prep
+    from llmneo.errors import guarded
+    from llmneo.steps import prepare_dataset
 
     cfg = guarded(load_config, preset, overrides)
-    card = guarded(run_prep, cfg, dataset.path)
+    card = guarded(prepare_dataset, cfg, dataset.path)
     metrics.log_metric("seconds", card["seconds"])
     metrics.log_metric("rows_per_second", card["rows_per_second"])
     for key, value in card["counts"].items():

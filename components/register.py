@@ -26,13 +26,13 @@ def register(preset: str, overrides: list, run_id: str, model: Input[Model], met
     """
     import time
 
-    from llmneo.cli import guarded
     from llmneo.config import load_config
-    from llmneo.steps import run_register
+    from llmneo.errors import guarded
+    from llmneo.steps import register_model
 
     cfg = guarded(load_config, preset, overrides)
     t0 = time.time()
-    manifest = guarded(run_register, cfg, model.path, run_id)
+    manifest = guarded(register_model, cfg, model.path, run_id)
     metrics.log_metric("seconds", round(time.time() - t0, 2))
     metrics.log_metric("files", len(manifest["files"]))
     metrics.log_metric("bytes", sum(f["size"] for f in manifest["files"]))

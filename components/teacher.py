@@ -19,12 +19,12 @@ def load_teacher(preset: str, overrides: list, dataset: Input[Dataset], teacher:
         student: base student model folder (weights, or a card referencing them).
         metrics: parameter counts, layers; with teacher.mode=offline the top-k cache size and throughput.
     """
-    from llmneo.cli import guarded
     from llmneo.config import load_config
-    from llmneo.steps import run_teacher
+    from llmneo.errors import guarded
+    from llmneo.steps import load_teacher as load_teacher_step
 
     cfg = guarded(load_config, preset, overrides)
-    card = guarded(run_teacher, cfg, dataset.path, teacher.path, student.path)
+    card = guarded(load_teacher_step, cfg, dataset.path, teacher.path, student.path)
     metrics.log_metric("seconds", card["seconds"])
     for role in ("teacher", "student"):
         metrics.log_metric(f"{role}_parameters", card[role]["parameters"])

@@ -5,8 +5,8 @@ steps and seeds, evaluated against the teacher — a table (Markdown) and a plot
     llmneo compare --preset smollm2-demo 'compare.methods=[lora,neo]' \\
         --grid distill.lr=1e-4,2e-4,5e-4 --grid distill.lora_rank=8,32  # a sweep (cartesian product)
 
-Data prep and teacher loading run once (``llmneo.steps.run_prep`` / ``run_teacher``); each method is
-the distill step (``llmneo.steps.run_distill``, torchrun) with ``distill.method=<method>``, its
+Data prep and teacher loading run once (``llmneo.steps.prepare_dataset`` / ``load_teacher``); each method is
+the distill step (``llmneo.steps.distill_student``, torchrun) with ``distill.method=<method>``, its
 learning rate (``compare.lr_sft`` / ``lr_lora`` / ``lr_kd``; NEO's is ``distill.lr``, the preset's own
 run), ``distill.seed=<seed>`` and the grid point, then merged (``llmneo.evaluate.merge``, fp32) and
 evaluated (``llmneo.evaluate.evaluate_models``: KL(teacher‖model), top-1 agreement and perplexity on
@@ -148,7 +148,7 @@ def _inputs_key(cfg: Config) -> dict:
 
 def prepare(cfg: Config, out: Path) -> tuple[Path, Path, Path]:
     """Data prep and teacher loading, once: reused while the data/teacher/student config is unchanged."""
-    from llmneo.steps import run_prep, run_teacher
+    from llmneo.steps import load_teacher, prepare_dataset
 
     dataset, teacher, student = out / "dataset", out / "teacher", out / "student"
     stamp = out / "inputs.json"
@@ -158,8 +158,8 @@ def prepare(cfg: Config, out: Path) -> tuple[Path, Path, Path]:
         print(f"compare: reusing {dataset}, {teacher}, {student}", flush=True)
         return dataset, teacher, student
     stamp.unlink(missing_ok=True)
-    run_prep(cfg, dataset)
-    run_teacher(cfg, dataset, teacher, student)
+    prepare_dataset(cfg, dataset)
+    load_teacher(cfg, dataset, teacher, student)
     stamp.write_text(json.dumps(key, indent=2))
     return dataset, teacher, student
 
@@ -199,7 +199,7 @@ def run_one(cfg: Config, spec: RunSpec, dataset: Path, teacher: Path, student: P
     it exists for the same run configuration and dataset."""
     from llmneo.evaluate import merge
     from llmneo.models import read_card
-    from llmneo.steps import run_distill
+    from llmneo.steps import distill_student
 
     rcfg = run_config(cfg, spec) if spec.method != "base" else cfg
     folder = out / "runs" / spec.folder
@@ -226,7 +226,7 @@ def run_one(cfg: Config, spec: RunSpec, dataset: Path, teacher: Path, student: P
             record_path.unlink(missing_ok=True)
         stamp.write_text(key["run_hash"] + "\n")
         before = read_card(distill_dir) if (distill_dir / "card.json").is_file() else {}
-        card = run_distill(rcfg, dataset, teacher, student, distill_dir)
+        card = distill_student(rcfg, dataset, teacher, student, distill_dir)
         wall = card.get("wall_seconds")
         if before.get("status") == "complete" and before.get("config_hash") == card.get("config_hash"):
             wall = before.get("wall_seconds", wall)  # not trained again: keep the training's wall time

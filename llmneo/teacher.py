@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 from llmneo.config import Config
-from llmneo.errors import UserError
+from llmneo.errors import UserError, first_line
 from llmneo.models import (
     build_tiny_llama,
     build_tiny_tokenizer,
@@ -130,17 +130,13 @@ def student_tokenizer(cfg: Config):
 # --------------------------------------------------------------------------------------------
 
 
-def _first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
-
-
 def _load_config(location: str, field: str):
     from transformers import AutoConfig
 
     try:
         return AutoConfig.from_pretrained(location)
     except Exception as e:  # noqa: BLE001 - a broken or unknown config.json
-        raise UserError(f"{field}: the model config at {location} does not load ({_first_line(e)})") from None
+        raise UserError(f"{field}: the model config at {location} does not load ({first_line(e)})") from None
 
 
 def _load_tokenizer(location: str, field: str):
@@ -149,7 +145,7 @@ def _load_tokenizer(location: str, field: str):
     try:
         return AutoTokenizer.from_pretrained(location)
     except Exception as e:  # noqa: BLE001 - missing or broken tokenizer files
-        raise UserError(f"{field}: the tokenizer at {location} does not load ({_first_line(e)})") from None
+        raise UserError(f"{field}: the tokenizer at {location} does not load ({first_line(e)})") from None
 
 
 def _describe(config, tokenizer, parameters: int, dtype: str) -> dict:

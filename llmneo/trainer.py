@@ -6,7 +6,7 @@
     torchrun --standalone --nproc-per-node 2 -m llmneo.trainer --workdir runs/x/distill
 
 The workdir holds ``config.yaml`` and ``inputs.json`` (dataset/teacher/student folders), written by
-:func:`llmneo.steps.run_distill`; outputs go next to them: ``adapter/`` (lora, neo) or ``model/``
+:func:`llmneo.steps.distill_student`; outputs go next to them: ``adapter/`` (lora, neo) or ``model/``
 (sft, kd), ``train_log.jsonl``, ``tensorboard/``, ``loss_curve.png``, ``card.json`` (written last:
 the run is complete), and while training ``checkpoint/`` (see :mod:`llmneo.checkpointing`).
 

@@ -231,7 +231,7 @@ def submit(client, host: str, preset: str, overrides: list[str], pool: dict | No
 
 
 # --------------------------------------------------------------------------------------------
-# CLI entry points (called lazily from llmneo/cli.py)
+# CLI entry points (the subcommands of pipelines/cli.py)
 # --------------------------------------------------------------------------------------------
 
 

@@ -297,7 +297,7 @@ def test_local_registry_class_is_the_same_registry(tmp_path):
 
 def test_register_step_records_lineage_and_aliases(tmp_path, monkeypatch):
     from llmneo.config import load_config
-    from llmneo.steps import run_register
+    from llmneo.steps import register_model
 
     monkeypatch.setenv("LLMNEO_GIT_SHA", "0123abc")
     model = make_model(tmp_path / "model")
@@ -305,7 +305,7 @@ def test_register_step_records_lineage_and_aliases(tmp_path, monkeypatch):
         "metrics": {"kl_to_teacher": 0.2, "llmneo_mc/acc": 0.5}, "teacher": "smollm2", "student": "prune",
         "method": "neo", "dataset_hash": "ds123", "gate": {"passed": True, "reasons": []}}))
     cfg = load_config("tiny", [f"registry.uri={tmp_path / 'reg'}", "registry.aliases=latest,candidate"])
-    manifest = run_register(cfg, model, "run-9")
+    manifest = register_model(cfg, model, "run-9")
     lineage = manifest["lineage"]
     assert (lineage["pipeline_run_id"], lineage["git_commit"], lineage["config_hash"], lineage["dataset_hash"],
             lineage["teacher"], lineage["student"]) == ("run-9", "0123abc", cfg.hash(), "ds123", "smollm2", "prune")
@@ -313,7 +313,7 @@ def test_register_step_records_lineage_and_aliases(tmp_path, monkeypatch):
     assert manifest["metrics"] == {"kl_to_teacher": 0.2, "llmneo_mc/acc": 0.5}
     reg = open_registry(str(tmp_path / "reg"))
     assert reg.aliases("tiny-neo") == {"candidate": "v1", "latest": "v1"}
-    assert run_register(cfg, model, "run-10")["reused"] is True  # a retried step is the same version
+    assert register_model(cfg, model, "run-10")["reused"] is True  # a retried step is the same version
     assert reg.versions("tiny-neo") == ["v1"]
     with pytest.raises(UserError, match="no eval.json"):
-        run_register(cfg, tmp_path / "m-missing", "run-11")
+        register_model(cfg, tmp_path / "m-missing", "run-11")
