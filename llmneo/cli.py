@@ -25,6 +25,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from llmneo.compare import parse_grid, run_compare
+from llmneo.compare_report import print_summary
 from llmneo.config import describe_fields, dump_yaml, load_config, preset_names
 from llmneo.errors import guarded
 from llmneo.registry.cli import add_parser as add_registry_parser
@@ -89,8 +91,6 @@ def cmd_step(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from llmneo.compare import parse_grid, print_summary, run_compare
-
     cfg = _config(args)
     out = args.out or Path("runs/compare") / cfg.name
     print_summary(run_compare(cfg, out, parse_grid(args.grid)), out)

@@ -7,7 +7,8 @@ Caching policy: KFP caches a task on its component spec (image and code included
 prep, load-teacher, distill and merge-eval are deterministic for given inputs (seeded), so they
 cache; register writes to an external registry and never caches. A run is fully described by
 ``preset`` + ``overrides``; note that a cache hit means a changed preset *file* inside the same
-image tag is not seen: bump the image tag, or submit with caching off (``llmneo run --no-cache``).
+image tag is not seen: bump the image tag, or submit with caching off (``llmneo submit --no-cache``).
+``llmneo run`` (kfp.local) caches nothing: every local run executes every step.
 
 Retries: steps that touch the network or storage (prep, load-teacher, register) retry 2× with
 backoff; distill retries once (preemption).
