@@ -40,6 +40,7 @@ from llmneo.models import (
     tokenizer_fingerprint,
     write_card,
 )
+from llmneo.report import table
 
 SAFETENSORS_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float64",
                       "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "I8": "int8", "U8": "uint8"}
@@ -213,8 +214,6 @@ def check_vocabularies(teacher_card: dict, student_card: dict) -> dict | None:
 
 
 def summary_table(cards: dict[str, dict]) -> str:
-    from llmneo.report import table
-
     rows = [[role, c["source"], c["layers"], f"{c['parameters'] / 1e6:.2f}M", c["dtype"], c["vocab_size"],
              c["tokenizer_fingerprint"]] for role, c in cards.items()]
     return table(["model", "source", "layers", "params", "dtype", "vocab", "tokenizer"], rows, align_right=False)

@@ -17,7 +17,10 @@ import contextlib
 import hashlib
 import json
 import os
+import time
+import warnings
 from importlib import resources
+from importlib.metadata import version as installed_version
 from pathlib import Path
 from typing import Any
 
@@ -45,10 +48,8 @@ def pipeline_spec(package: str | Path | None = None) -> dict:
 def package_version(package: str | Path | None = None) -> str:
     """Default version name: the package version and the compiled YAML's content hash, so that
     re-uploading the same pipeline is a no-op and a changed one gets a new version."""
-    from importlib.metadata import version
-
     digest = hashlib.sha256(Path(package or package_path()).read_bytes()).hexdigest()[:10]
-    return f"{version('llmneo')}-{digest}"
+    return f"{installed_version('llmneo')}-{digest}"
 
 
 # --------------------------------------------------------------------------------------------
@@ -121,9 +122,7 @@ def connect(host: str | None, namespace: str | None = None):
     host = host or os.environ.get("KFP_HOST")
     if not host:
         raise UserError("--host: the Kubeflow Pipelines URL is required (or set KFP_HOST)")
-    import warnings
-
-    import kfp
+    import kfp  # the KFP client is only needed when talking to a server
 
     with _api_errors(f"connect to {host}"), warnings.catch_warnings():
         warnings.filterwarnings("ignore", "This client only works with Kubeflow Pipeline v2", FutureWarning)
@@ -214,8 +213,6 @@ def submit(client, host: str, preset: str, overrides: list[str], pool: dict | No
            run_name: str | None = None, service_account: str | None = DEFAULT_SERVICE_ACCOUNT,
            enable_caching: bool | None = None, namespace: str | None = None) -> dict:
     """Create one run (of the local compiled package, or of an uploaded ``version``); returns its id and URL."""
-    import time
-
     args = run_parameters(preset, overrides, pool, params)
     name = run_name or f"{preset}-{time.strftime('%Y%m%d-%H%M%S')}"
     with _api_errors(f"submit to {host}"):

@@ -22,6 +22,8 @@ whose GPU/pool settings KFP forwards (TaskConfig passthrough) to a Kubeflow Trai
 """
 
 import argparse
+import ast
+import re
 
 from kfp import compiler, dsl, kubernetes
 
@@ -136,9 +138,6 @@ def _sorted(value):
 def _stable_header(path: str) -> None:
     """kfp writes dict defaults into the YAML's header comment in protobuf map order, which varies
     between processes: sort their keys so that compiling twice gives the same file (drift test)."""
-    import ast
-    import re
-
     lines = open(path).read().split("\n")
     for i, line in enumerate(lines):
         m = re.match(r"^(#    \w+: \w+ \[Default: )(.*)(\])$", line)
