@@ -29,8 +29,8 @@ def distill(preset: str, overrides: list, config: str, gpus: str, nodes: int, da
     """
     import dataclasses
 
-    from llmneo.cli import guarded
-    from llmneo.steps import run_distill
+    from llmneo.errors import guarded
+    from llmneo.steps import distill_student
     from llmneo_components.params import load_run_config, parse_gpus
 
     # the pipeline's GPU/node counts win over the preset: the pod has exactly that many GPUs
@@ -38,7 +38,7 @@ def distill(preset: str, overrides: list, config: str, gpus: str, nodes: int, da
     cluster = [f"distill.nnodes={nodes}"] + ([f"distill.nproc_per_node={n_gpus}"] if n_gpus > 0 else [])
     cfg = load_run_config(preset, overrides, config, cluster)
     task = dataclasses.asdict(task_config) if task_config is not None else None
-    card = guarded(run_distill, cfg, dataset.path, teacher.path, student.path, adapter.path, task)
+    card = guarded(distill_student, cfg, dataset.path, teacher.path, student.path, adapter.path, task)
     for name, value in card.step_metrics().items():
         metrics.log_metric(name, value)
     adapter.metadata.update(card.metadata())

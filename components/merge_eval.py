@@ -32,12 +32,12 @@ def merge_eval(preset: str, overrides: list, config: str, max_kl_to_teacher: flo
     import shutil
 
     from llmneo.cards import EvalCard
-    from llmneo.cli import guarded
-    from llmneo.steps import run_merge_eval
+    from llmneo.errors import guarded
+    from llmneo.steps import merge_and_evaluate
     from llmneo_components.params import load_run_config
 
     cfg = load_run_config(preset, overrides, config, [f"eval.max_kl_to_teacher={max_kl_to_teacher}"])
-    guarded(run_merge_eval, cfg, dataset.path, teacher.path, student.path, adapter.path, model.path)
+    guarded(merge_and_evaluate, cfg, dataset.path, teacher.path, student.path, adapter.path, model.path)
     card = guarded(EvalCard.read, model.path)
     for name, value in card.step_metrics().items():
         metrics.log_metric(name, value)

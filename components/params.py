@@ -11,7 +11,7 @@ gate threshold).
 
 def load_run_config(preset: str, overrides: list, config: str = "", settings: list | None = None):
     """The step's validated :class:`llmneo.config.Config`; a mistake exits with one ``error:`` line."""
-    from llmneo.cli import guarded
+    from llmneo.errors import guarded
 
     return guarded(_resolve, preset, list(overrides), config, list(settings or []))
 
@@ -36,7 +36,7 @@ def _resolve(preset: str, overrides: list, config: str, settings: list):
 
 def parse_gpus(value: str, name: str = "gpus") -> int:
     """A GPU count from a STRING pipeline parameter (KFP resolves accelerator limits as strings)."""
-    from llmneo.cli import guarded
+    from llmneo.errors import guarded
 
     return guarded(_parse_gpus, value, name)
 

@@ -17,12 +17,12 @@ def prep_data(preset: str, overrides: list, config: str, dataset: Output[Dataset
         dataset: output folder with train.parquet, val.parquet, rejects.jsonl, card.json, length_histogram.png.
         metrics: row counts (read/kept/rejected, rejected per reason), token statistics, throughput.
     """
-    from llmneo.cli import guarded
-    from llmneo.steps import run_prep
+    from llmneo.errors import guarded
+    from llmneo.steps import prepare_dataset
     from llmneo_components.params import load_run_config
 
     cfg = load_run_config(preset, overrides, config)
-    card = guarded(run_prep, cfg, dataset.path)
+    card = guarded(prepare_dataset, cfg, dataset.path)
     for name, value in card.step_metrics().items():
         metrics.log_metric(name, value)
     dataset.metadata.update(card.metadata())

@@ -28,13 +28,13 @@ def register(preset: str, overrides: list, config: str, run_id: str, model: Inpu
     import time
 
     from llmneo.cards import register_metrics
-    from llmneo.cli import guarded
-    from llmneo.steps import run_register
+    from llmneo.errors import guarded
+    from llmneo.steps import register_model
     from llmneo_components.params import load_run_config
 
     cfg = load_run_config(preset, overrides, config)
     t0 = time.time()
-    manifest = guarded(run_register, cfg, model.path, run_id)
+    manifest = guarded(register_model, cfg, model.path, run_id)
     for name, value in register_metrics(manifest, time.time() - t0).items():
         metrics.log_metric(name, value)
     return f"{manifest['name']}:{manifest['version']}@{manifest['uri']}"

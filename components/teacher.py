@@ -20,12 +20,12 @@ def load_teacher(preset: str, overrides: list, config: str, dataset: Input[Datas
         student: base student model folder (weights, or a card referencing them).
         metrics: parameter counts, layers; with teacher.mode=offline the top-k cache size and throughput.
     """
-    from llmneo.cli import guarded
-    from llmneo.steps import run_teacher
+    from llmneo.errors import guarded
+    from llmneo.steps import load_teacher as load_teacher_step
     from llmneo_components.params import load_run_config
 
     cfg = load_run_config(preset, overrides, config)
-    cards = guarded(run_teacher, cfg, dataset.path, teacher.path, student.path)
+    cards = guarded(load_teacher_step, cfg, dataset.path, teacher.path, student.path)
     for name, value in cards.step_metrics().items():
         metrics.log_metric(name, value)
     teacher.metadata.update(cards.teacher.metadata())

@@ -4,7 +4,7 @@
         distill.nnodes=2 distill.nproc_per_node=6 cluster.staging_uri=s3://bucket/llmneo-staging
     python -m llmneo.cluster node --staging s3://bucket/llmneo-staging/llmneo-1a2b3c4d   # on each node
 
-``llmneo.steps.run_distill`` calls :func:`run_distill_multinode` when ``distill.nnodes > 1``. The
+``llmneo.steps.distill_student`` calls :func:`run_distill_multinode` when ``distill.nnodes > 1``. The
 launcher (the KFP distill pod, or a laptop with a kubeconfig):
 
 1. stages the inputs (dataset, teacher, student folders and the resolved config) under
@@ -371,7 +371,7 @@ def run_distill_multinode(cfg: Config, dataset_dir: str | Path, teacher_dir: str
                           student_dir: str | Path, out_dir: str | Path, task_config: dict | None = None, *,
                           api=None, job_name: str | None = None, log=print) -> dict:
     """Run NEO distillation as a TrainJob on ``distill.nnodes`` nodes; returns the adapter card
-    (same contract as :func:`llmneo.steps.run_distill`, plus ``engine`` and ``job``). ``task_config``:
+    (same contract as :func:`llmneo.steps.distill_student`, plus ``engine`` and ``job``). ``task_config``:
     what the KFP task forwards to the nodes (see :func:`task_settings`)."""
     c = cfg.cluster
     if not c.staging_uri.startswith("s3://"):

@@ -448,7 +448,7 @@ def load_config(preset: str = "tiny", overrides: list[str] | tuple[str, ...] | N
 
 
 def describe_fields(cls: type = Config, prefix: str = "") -> list[tuple[str, str, Any, str]]:
-    """(key, type, default, description) for every leaf key: used by `llmneo config --help-keys`."""
+    """(key, type, default, description) for every leaf key: used by `llmneo config --keys`."""
     rows = []
     defaults = cls()
     hints = typing.get_type_hints(cls)

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from llmneo.errors import UserError
+from llmneo.errors import UserError, first_line
 from llmneo.storage import download_prefix, open_object, safe_path
 
 FILE_SUFFIXES = (".jsonl", ".json", ".parquet")
@@ -145,7 +145,7 @@ def _disk_dataset_source(path: Path, dcfg, name: str) -> Source:
     try:
         ds = datasets.load_from_disk(str(path))
     except Exception as e:  # noqa: BLE001 - any failure here is a broken user folder
-        raise UserError(f"data.source: {name}: cannot load the saved dataset ({_first_line(e)})") from None
+        raise UserError(f"data.source: {name}: cannot load the saved dataset ({first_line(e)})") from None
     if isinstance(ds, datasets.DatasetDict):
         if dcfg.split not in ds:
             raise UserError(f"data.split: {dcfg.split!r} is not a split of {name} (splits: {', '.join(ds)})")
@@ -162,13 +162,13 @@ def _hub_source(source: str, dcfg) -> Source:
     try:
         ds = datasets.load_dataset(repo_id, dcfg.subset or None, split=dcfg.split, revision=revision or None)
     except ValueError as e:
-        raise UserError(f"data.source: {source}: {_first_line(e)} (data.subset={dcfg.subset!r}, "
+        raise UserError(f"data.source: {source}: {first_line(e)} (data.subset={dcfg.subset!r}, "
                         f"data.split={dcfg.split!r})") from None
     except Exception as e:  # noqa: BLE001 - datasets raises many types for "not available"
         offline = os.environ.get("HF_DATASETS_OFFLINE") == "1" or os.environ.get("HF_HUB_OFFLINE") == "1"
         hint = (" — offline mode is on and it is not in the local datasets cache (load it once online, or "
                 "save it with save_to_disk and point data.source at that folder)" if offline else "")
-        raise UserError(f"data.source: cannot load {source} ({_first_line(e)}){hint}") from None
+        raise UserError(f"data.source: cannot load {source} ({first_line(e)}){hint}") from None
     return Source(source, "hf_hub", dataset=ds, info={"fingerprint": ds._fingerprint, "split": dcfg.split,
                                                       "subset": dcfg.subset, "revision": revision or None})
 
@@ -181,11 +181,6 @@ def _download_s3(uri: str, dest: Path) -> Path:
         return store.get_file(name, safe_path(name, dest, uri))
     download_prefix(uri, dest)
     return dest
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip() or type(e).__name__
-    return text.splitlines()[0][:300]
 
 
 # --------------------------------------------------------------------------------------------
@@ -312,7 +307,7 @@ def _parquet_records(path: Path, hasher):
                 pos += 1
                 yield pos, rec, None
     except (OSError, pa.ArrowException) as e:  # a corrupt or truncated file
-        raise UserError(f"data.source: {path.name}: not a readable Parquet file ({_first_line(e)})") from None
+        raise UserError(f"data.source: {path.name}: not a readable Parquet file ({first_line(e)})") from None
 
 
 def _canonical(rec: dict) -> bytes:

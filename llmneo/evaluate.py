@@ -37,6 +37,7 @@ from llmneo.cards import DatasetCard, DistillCard, EvalCard, ModelCard
 from llmneo.config import Config
 from llmneo.data import collate, read_split
 from llmneo.errors import UserError
+from llmneo.lora import merge_adapter  # the one place adapters are merged (peft LoRA variants, MoSLoRA)
 from llmneo.losses import divergence, shift_mask
 from llmneo.models import load_causal_lm, load_tokenizer, model_location
 
@@ -58,23 +59,6 @@ def eval_dtype(device: torch.device) -> torch.dtype:
 # --------------------------------------------------------------------------------------------
 # Merge
 # --------------------------------------------------------------------------------------------
-
-
-def merge_adapter(base_model: torch.nn.Module, adapter_dir: str | Path) -> torch.nn.Module:
-    """Base model + adapter folder → a plain model with the adapter folded into its weights.
-
-    The one place where adapters are merged. peft's ``merge_and_unload`` covers LoRA; MoSLoRA (a
-    learnable r×r mixer, not in peft) is merged by ``llmneo.lora.merge_adapter`` once it exists.
-    """
-    import importlib.util
-
-    if importlib.util.find_spec("llmneo.lora") is not None:  # the MoSLoRA-aware merge, once it exists
-        from llmneo.lora import merge_adapter as lora_merge_adapter
-
-        return lora_merge_adapter(base_model, adapter_dir)
-    from peft import PeftModel
-
-    return PeftModel.from_pretrained(base_model, str(adapter_dir)).merge_and_unload()
 
 
 def _saved_dtype(location: str) -> torch.dtype:

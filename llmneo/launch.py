@@ -9,7 +9,7 @@ and the wait for it.
 The work folder holds the resolved configuration (``config.yaml``) and the three input folders
 (``inputs.json``); :func:`write_workdir` is the only code that writes them and :func:`read_workdir`
 the only code that reads them (``DistillTrainer.from_workdir``, the torchrun entry point). The local
-distill step (:func:`llmneo.steps.run_distill`), each multi-node training node
+distill step (:func:`llmneo.steps.distill_student`), each multi-node training node
 (:func:`llmneo.cluster.run_node`), the tests and the benchmark all go through here.
 """
 

@@ -40,7 +40,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-IGNORE_INDEX = -100
+from llmneo.data_output import IGNORE_INDEX  # labels with no loss (the data contract: -100)
+
 # Log-probabilities of "impossible" entries in the sparse (top-k) path: finite, so that no -inf - -inf
 # or 0·inf ever reaches autograd, and exp(LOG_FLOOR) == 0 in fp32, so they weigh nothing.
 LOG_FLOOR = -1.0e4

@@ -1,10 +1,22 @@
-"""The five pipeline steps as plain functions on local folders: the CLI and the KFP components call
-exactly these (one piece of code per step, local run = cluster run)."""
+"""The five pipeline steps, as plain functions on local folders, and :data:`STEPS`, their table.
+
+The CLI (``llmneo prep|teacher|distill|merge-eval|register``) and the KFP components
+(``components/*.py``) call exactly these functions: one piece of code per step, local run = cluster
+run. Every step function takes the validated :class:`~llmneo.config.Config`, then its input folders,
+then its output folders, in the order :data:`STEPS` lists them, and returns the step's typed card
+(:mod:`llmneo.cards`).
+
+Adding a step: write its function here and add a :class:`Step` row (the CLI subcommand and the
+local run's summary follow from the row), then a component in ``components/`` and its wiring in
+``pipelines/llm_neo.py``.
+"""
 
 from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
@@ -14,26 +26,29 @@ from llmneo.config import Config, dump_yaml
 from llmneo.errors import UserError
 from llmneo.launch import TrainerInputs, launch_env, run_forwarding_signals, torchrun_command, write_workdir
 
+# The step bodies live in modules that import torch/transformers; they are imported inside each
+# function so that `import llmneo.steps` (the CLI, the light CPU image's register step) stays light.
 
-def run_prep(cfg: Config, dataset_out: str | Path) -> DatasetCard:
+
+def prepare_dataset(cfg: Config, dataset_out: str | Path) -> DatasetCard:
     """Step 1: data prep (tokenized with the student's tokenizer)."""
-    from llmneo.data import run_prep as prep
+    from llmneo.data import run_prep
     from llmneo.teacher import student_tokenizer
 
-    return prep(cfg, student_tokenizer(cfg), dataset_out)
+    return run_prep(cfg, student_tokenizer(cfg), dataset_out)
 
 
-def run_teacher(cfg: Config, dataset_dir: str | Path, teacher_out: str | Path,
-                student_out: str | Path) -> ModelCards:
+def load_teacher(cfg: Config, dataset_dir: str | Path, teacher_out: str | Path,
+                 student_out: str | Path) -> ModelCards:
     """Step 2: load and verify the teacher; materialize the base student; check tokenizers vs data;
     with ``teacher.mode=offline``, cache the teacher's top-k log-probabilities (``teacher_out/topk``)."""
-    from llmneo.teacher import run_teacher as teacher
+    from llmneo.teacher import run_teacher
 
-    return teacher(cfg, dataset_dir, teacher_out, student_out)
+    return run_teacher(cfg, dataset_dir, teacher_out, student_out)
 
 
-def run_distill(cfg: Config, dataset_dir: str | Path, teacher_dir: str | Path, student_dir: str | Path,
-                out_dir: str | Path, task_config: dict | None = None) -> DistillCard:
+def distill_student(cfg: Config, dataset_dir: str | Path, teacher_dir: str | Path, student_dir: str | Path,
+                    out_dir: str | Path, task_config: dict | None = None) -> DistillCard:
     """Step 3: NEO distillation under torchrun (gloo on CPU, nccl on GPU).
 
     Re-running with the same ``out_dir`` (a KFP retry, a preempted pod) resumes from the checkpoint in
@@ -61,14 +76,15 @@ def run_distill(cfg: Config, dataset_dir: str | Path, teacher_dir: str | Path, s
     return card.write(out)
 
 
-def run_merge_eval(cfg: Config, dataset_dir, teacher_dir, student_dir, distill_dir, model_out) -> dict:
+def merge_and_evaluate(cfg: Config, dataset_dir: str | Path, teacher_dir: str | Path, student_dir: str | Path,
+                       distill_dir: str | Path, model_out: str | Path) -> dict:
     """Step 4: merge the adapter, evaluate against the teacher, write the report and gate."""
-    from llmneo.evaluate import run_merge_eval as merge_eval
+    from llmneo.evaluate import run_merge_eval
 
-    return merge_eval(cfg, dataset_dir, teacher_dir, student_dir, distill_dir, model_out)
+    return run_merge_eval(cfg, dataset_dir, teacher_dir, student_dir, distill_dir, model_out)
 
 
-def run_register(cfg: Config, model_dir: str | Path, run_id: str | None = None, force: str | None = None) -> dict:
+def register_model(cfg: Config, model_dir: str | Path, run_id: str | None = None, force: str | None = None) -> dict:
     """Step 5: upload the merged model into the registry (manifest with sha256/size of every file and
     the lineage, written last), point ``registry.aliases`` at it, mirror it into a Kubeflow Model
     Registry when ``registry.kubeflow_url`` is set. Returns the manifest.
@@ -97,3 +113,45 @@ def run_register(cfg: Config, model_dir: str | Path, run_id: str | None = None, 
     manifest = registry.register(cfg.registry.name, model_dir, lineage, card.metrics, cfg.registry.aliases)
     kubeflow = mirror(cfg.registry, manifest)
     return {**manifest, **({"kubeflow_model_registry": kubeflow} if kubeflow else {})}
+
+
+# --------------------------------------------------------------------------------------------
+# The table of steps
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Step:
+    """One pipeline step: ``function(cfg, *inputs, *outputs)`` with the folders in the order listed."""
+
+    name: str  # the CLI subcommand: `llmneo <name>`; its folder options are --<input> / --<output>
+    task: str  # the task's name in the KFP DAG (pipelines/llm_neo.py)
+    label: str  # a short human name (the local run's summary table)
+    function: Callable[..., dict]
+    inputs: dict[str, str]  # folders read: option name -> what the folder holds
+    outputs: dict[str, str]  # folders written: option name -> what the folder holds
+    description: str
+
+
+STEPS: tuple[Step, ...] = (
+    Step("prep", "prep-data", "data prep", prepare_dataset, {},
+         {"out": "dataset output folder"},
+         "prepare data into a dataset folder"),
+    Step("teacher", "load-teacher", "teacher loading", load_teacher,
+         {"dataset": "the prepared dataset"},
+         {"teacher-out": "teacher model folder", "student-out": "base student model folder"},
+         "load/verify the teacher, materialize the base student"),
+    Step("distill", "distill", "NEO distill", distill_student,
+         {"dataset": "the prepared dataset", "teacher": "teacher model folder",
+          "student": "base student model folder"},
+         {"out": "adapter/model output folder"},
+         "NEO distillation with torchrun"),
+    Step("merge-eval", "merge-eval", "merge and eval", merge_and_evaluate,
+         {"dataset": "the prepared dataset", "teacher": "teacher model folder",
+          "student": "base student model folder", "adapter": "distill output folder"},
+         {"out": "merged model output folder"},
+         "merge the adapter and evaluate against the teacher"),
+    Step("register", "register", "register", register_model,
+         {"model": "merged model folder from merge-eval"}, {},
+         "register the merged model"),
+)

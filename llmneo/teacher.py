@@ -28,7 +28,7 @@ from pathlib import Path
 from llmneo import cards
 from llmneo.cards import DatasetCard, ModelCard, ModelCards
 from llmneo.config import Config
-from llmneo.errors import UserError
+from llmneo.errors import UserError, first_line
 from llmneo.models import (
     build_tiny_llama,
     build_tiny_tokenizer,
@@ -40,6 +40,7 @@ from llmneo.models import (
     safetensors_summary,
     tokenizer_fingerprint,
 )
+from llmneo.report import table
 
 SAFETENSORS_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float64",
                       "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "I8": "int8", "U8": "uint8"}
@@ -130,17 +131,13 @@ def student_tokenizer(cfg: Config):
 # --------------------------------------------------------------------------------------------
 
 
-def _first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
-
-
 def _load_config(location: str, field: str):
     from transformers import AutoConfig
 
     try:
         return AutoConfig.from_pretrained(location)
     except Exception as e:  # noqa: BLE001 - a broken or unknown config.json
-        raise UserError(f"{field}: the model config at {location} does not load ({_first_line(e)})") from None
+        raise UserError(f"{field}: the model config at {location} does not load ({first_line(e)})") from None
 
 
 def _load_tokenizer(location: str, field: str):
@@ -149,7 +146,7 @@ def _load_tokenizer(location: str, field: str):
     try:
         return AutoTokenizer.from_pretrained(location)
     except Exception as e:  # noqa: BLE001 - missing or broken tokenizer files
-        raise UserError(f"{field}: the tokenizer at {location} does not load ({_first_line(e)})") from None
+        raise UserError(f"{field}: the tokenizer at {location} does not load ({first_line(e)})") from None
 
 
 def _describe(config, tokenizer, parameters: int, dtype: str) -> dict:
@@ -214,8 +211,6 @@ def check_vocabularies(teacher_card: ModelCard, student_card: ModelCard) -> dict
 
 
 def summary_table(models: dict[str, ModelCard]) -> str:
-    from llmneo.report import table
-
     rows = [[role, c.source, c.layers, f"{c.parameters / 1e6:.2f}M", c.dtype, c.vocab_size,
              c.tokenizer_fingerprint] for role, c in models.items()]
     return table(["model", "source", "layers", "params", "dtype", "vocab", "tokenizer"], rows, align_right=False)

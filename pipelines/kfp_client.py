@@ -27,7 +27,10 @@ import contextlib
 import hashlib
 import json
 import os
+import time
+import warnings
 from importlib import resources
+from importlib.metadata import version as installed_version
 from pathlib import Path
 from typing import Any
 
@@ -62,10 +65,8 @@ def pipeline_spec(package: str | Path | None = None) -> dict:
 def package_version(package: str | Path | None = None) -> str:
     """Default version name: the package version and the compiled YAML's content hash, so that
     re-uploading the same pipeline is a no-op and a changed one gets a new version."""
-    from importlib.metadata import version
-
     digest = hashlib.sha256(Path(package or package_path()).read_bytes()).hexdigest()[:10]
-    return f"{version('llmneo')}-{digest}"
+    return f"{installed_version('llmneo')}-{digest}"
 
 
 # --------------------------------------------------------------------------------------------
@@ -161,9 +162,7 @@ def connect(host: str | None, namespace: str | None = None, token_path: str | No
     host = host or os.environ.get("KFP_HOST")
     if not host:
         raise UserError("--host: the Kubeflow Pipelines URL is required (or set KFP_HOST)")
-    import warnings
-
-    import kfp
+    import kfp  # the KFP client is only needed when talking to a server
 
     credentials = token_credentials(token_path)
     with _api_errors(f"connect to {host}"), warnings.catch_warnings():
@@ -304,7 +303,6 @@ def submit(client, host: str, preset: str, overrides: list[str], pool: dict | No
            enable_caching: bool | None = None, namespace: str | None = None) -> dict:
     """Create one run (of the local compiled package, or of an uploaded ``version``); returns its id and URL.
     ``enable_caching`` only with the local package (:func:`check_caching`)."""
-    import time
 
     check_caching(version, enable_caching)
     args = run_parameters(preset, overrides, pool, params)
@@ -323,7 +321,7 @@ def submit(client, host: str, preset: str, overrides: list[str], pool: dict | No
 
 
 # --------------------------------------------------------------------------------------------
-# CLI entry points (called lazily from llmneo/cli.py)
+# CLI entry points (the subcommands of pipelines/cli.py)
 # --------------------------------------------------------------------------------------------
 
 

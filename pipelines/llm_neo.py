@@ -9,6 +9,7 @@ cache; register writes to an external registry and never caches. A run is fully 
 ``config`` (or ``preset``) + ``overrides``: ``llmneo submit`` sends the resolved configuration
 itself, so a changed preset is a changed input. Started from the Kubeflow UI with ``config`` empty,
 the preset file inside the image is used: after changing a preset there, bump the image tag.
+``llmneo run`` (kfp.local) caches nothing: every local run executes every step.
 
 Retries: steps that touch the network or storage (prep, load-teacher, register) retry 2× with
 backoff; distill retries once (preemption).
@@ -30,6 +31,8 @@ and to find it again after a retry.
 """
 
 import argparse
+import ast
+import re
 
 from kfp import compiler, dsl, kubernetes
 
@@ -156,9 +159,6 @@ def _sorted(value):
 def _stable_header(path: str) -> None:
     """kfp writes dict defaults into the YAML's header comment in protobuf map order, which varies
     between processes: sort their keys so that compiling twice gives the same file (drift test)."""
-    import ast
-    import re
-
     lines = open(path).read().split("\n")
     for i, line in enumerate(lines):
         m = re.match(r"^(#    \w+: \w+ \[Default: )(.*)(\])$", line)

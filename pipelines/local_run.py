@@ -2,9 +2,10 @@
 
     llmneo run --preset tiny [key=value ...]
 
-kfp.local runs the same compiled components as a cluster (If, retries and caching included; it
-ignores kfp-kubernetes and resource settings). Artifacts land under ``--pipeline-root``; at the end a
-summary table names each step's time and key metrics, and where the registered model is.
+kfp.local runs the same compiled components as a cluster (If and retries included; it ignores
+kfp-kubernetes and resource settings, and its task cache is left off, so every step runs). Artifacts
+land under ``--pipeline-root``; at the end a summary table names each step's time and key metrics,
+and where the registered model is.
 """
 
 import json
@@ -17,9 +18,9 @@ from llmneo.cards import DatasetCard, DistillCard, EvalCard, ModelCard, ModelCar
 from llmneo.config import load_config
 from llmneo.errors import UserError
 from llmneo.report import table
+from llmneo.steps import STEPS as PIPELINE_STEPS
 
-STEPS = [("prep-data", "data prep"), ("load-teacher", "teacher loading"), ("distill", "NEO distill"),
-         ("merge-eval", "merge and eval"), ("register", "register")]
+STEPS = [(step.task, step.label) for step in PIPELINE_STEPS]  # (KFP task name, summary label)
 
 
 def executor_outputs(run_dir: Path, task: str) -> tuple[dict, dict]:

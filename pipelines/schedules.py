@@ -36,6 +36,8 @@ from typing import Any
 import yaml
 
 from llmneo.errors import UserError
+from llmneo.report import table
+from llmneo_pipelines import kfp_client
 from llmneo_pipelines.kfp_client import (
     DEFAULT_EXPERIMENT,
     DEFAULT_SERVICE_ACCOUNT,
@@ -223,8 +225,6 @@ def apply(client, actions: list[Action], experiment_id: str, service_account: st
 
 
 def plan_table(actions: list[Action]) -> str:
-    from llmneo.report import table
-
     rows = [[a.kind, a.name, a.reason] for a in actions] or [["-", "-", "no schedules and nothing owned"]]
     return table(["action", "schedule", "why"], rows, align_right=False)
 
@@ -247,11 +247,9 @@ def sync(client, directory: str | Path, pool_file: str | Path | None = None, *, 
 
 
 def cmd_schedule_sync(args) -> int:
-    from llmneo_pipelines.kfp_client import connect
-
     namespace = args.namespace or os.environ.get("KFP_NAMESPACE") or None
     load_schedules(args.dir, read_pool(args.pool_file))  # validate before connecting
-    client = connect(args.host, namespace)
+    client = kfp_client.connect(args.host, namespace)  # looked up at call time: tests replace it
     sync(client, args.dir, args.pool_file, dry_run=args.dry_run,
          experiment=args.experiment or os.environ.get("KFP_EXPERIMENT") or DEFAULT_EXPERIMENT,
          namespace=namespace,

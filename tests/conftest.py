@@ -20,7 +20,7 @@ def llmneo_run(root: Path, preset: str, *overrides: str, timeout: int = 600) -> 
     """`llmneo run` (the whole DAG through kfp.local) in ``root``, registry under ``root/registry``:
     (the run's pipeline folder, its stdout). Fails the test with the run's output tail."""
     proc = subprocess.run(
-        [sys.executable, "-m", "llmneo.cli", "run", "--preset", preset, "--pipeline-root", str(root / "kfp"),
+        [sys.executable, "-m", "llmneo_pipelines.cli", "run", "--preset", preset, "--pipeline-root", str(root / "kfp"),
          f"registry.uri={root / 'registry'}", *overrides],
         capture_output=True, text=True, cwd=root, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -39,12 +39,12 @@ def tiny_cfg():
 def tiny_workspace(tmp_path_factory):
     """Prepared dataset + tiny teacher/student folders, built once per session (steps 1-2)."""
     from llmneo.config import load_config
-    from llmneo.steps import run_prep, run_teacher
+    from llmneo.steps import load_teacher, prepare_dataset
 
     root = tmp_path_factory.mktemp("tiny")
     cfg = load_config("tiny")
-    run_prep(cfg, root / "dataset")
-    run_teacher(cfg, root / "dataset", root / "teacher", root / "student")
+    prepare_dataset(cfg, root / "dataset")
+    load_teacher(cfg, root / "dataset", root / "teacher", root / "student")
     return root
 
 

@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -34,3 +35,59 @@ def test_config_prints_resolved_yaml():
 def test_config_keys_lists_descriptions():
     proc = llmneo("config", "--keys")
     assert "distill.alpha" in proc.stdout and "loss = (1-alpha)*CE" in proc.stdout
+
+
+def _subcommands(parser) -> dict:
+    return next(a for a in parser._actions if a.dest == "command").choices
+
+
+def test_console_script_is_the_library_cli_plus_the_kfp_commands():
+    """`llmneo` (pyproject [project.scripts]) = llmneo_pipelines.cli: every library subcommand, plus
+    run/upload/submit/schedule, which the library's own parser does not have."""
+    import tomllib
+
+    from conftest import REPO
+    from llmneo import cli as library_cli
+    from llmneo_pipelines import cli as console
+
+    scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts == {"llmneo": "llmneo_pipelines.cli:main"}
+    library = set(_subcommands(library_cli.build_parser()))
+    full = set(_subcommands(console.build_parser()))
+    assert library == {"config", "prep", "teacher", "distill", "merge-eval", "register", "compare", "registry"}
+    assert full == library | {"run", "upload", "submit", "schedule"}
+
+
+def test_step_subcommands_follow_the_steps_table():
+    """One subcommand per STEPS row, in order, with the row's folder options (the CLI's contract)."""
+    from llmneo import cli as library_cli
+    from llmneo.steps import STEPS
+
+    assert [s.name for s in STEPS] == ["prep", "teacher", "distill", "merge-eval", "register"]
+    assert [s.task for s in STEPS] == ["prep-data", "load-teacher", "distill", "merge-eval", "register"]
+    commands = _subcommands(library_cli.build_parser())
+    for step in STEPS:
+        options = {o for a in commands[step.name]._actions for o in a.option_strings if a.required}
+        assert options == {f"--{o}" for o in (*step.inputs, *step.outputs)}, step.name
+    expected = {"prep": ["--out"], "teacher": ["--dataset", "--teacher-out", "--student-out"],
+                "distill": ["--dataset", "--teacher", "--student", "--out"],
+                "merge-eval": ["--dataset", "--teacher", "--student", "--adapter", "--out"],
+                "register": ["--model"]}
+    assert {s.name: [f"--{o}" for o in (*s.inputs, *s.outputs)] for s in STEPS} == expected
+
+
+def test_step_subcommand_calls_the_step_function_with_folders_in_order(monkeypatch, tmp_path, capsys):
+    from llmneo import cli as library_cli
+    from llmneo import steps
+
+    seen = []
+    rows = [steps.Step(s.name, s.task, s.label, lambda cfg, *folders, **kw: seen.append((folders, kw)) or
+                       {"name": "m", "version": "v1", "uri": "u", "ok": 1}, s.inputs, s.outputs, s.description)
+            for s in steps.STEPS]
+    monkeypatch.setattr(library_cli, "STEPS", tuple(rows))
+    assert library_cli.main(["teacher", "--dataset", "d", "--teacher-out", "t", "--student-out", "s"]) == 0
+    assert seen[-1] == ((Path("d"), Path("t"), Path("s")), {})
+    assert '"ok": 1' in capsys.readouterr().out
+    assert library_cli.main(["register", "--model", "m", "--run-id", "r1"]) == 0
+    assert seen[-1] == ((Path("m"),), {"run_id": "r1"})
+    assert capsys.readouterr().out.strip() == "registered m:v1 at u"

@@ -103,12 +103,12 @@ def test_staging_uri_and_image_are_required(tmp_path, monkeypatch):
 
 def test_steps_dispatches_to_the_launcher_when_nnodes_gt_1(tmp_path, monkeypatch):
     import llmneo.cluster
-    from llmneo.steps import run_distill
+    from llmneo.steps import distill_student
 
     seen = {}
     monkeypatch.setattr(llmneo.cluster, "run_distill_multinode", lambda cfg, *args: seen.update(args=args) or {"ok": 1})
     task = {"node_selector": {"pool": "a100"}}
-    assert run_distill(load_config("tiny", ["distill.nnodes=3"]), "d", "t", "s", tmp_path, task) == {"ok": 1}
+    assert distill_student(load_config("tiny", ["distill.nnodes=3"]), "d", "t", "s", tmp_path, task) == {"ok": 1}
     assert seen["args"] == ("d", "t", "s", tmp_path, task)  # the KFP task's settings, as an argument
 
 
@@ -291,10 +291,10 @@ def adapter_tensors(folder):
 def test_two_nodes_train_the_same_adapter_as_one_node(s3_bucket, tiny_workspace, tmp_path):
     import torch
 
-    from llmneo.steps import run_distill
+    from llmneo.steps import distill_student
 
     ws = tiny_workspace
-    one = run_distill(load_config("tiny", ["distill.nproc_per_node=2"]), ws / "dataset", ws / "teacher",
+    one = distill_student(load_config("tiny", ["distill.nproc_per_node=2"]), ws / "dataset", ws / "teacher",
                       ws / "student", tmp_path / "one")
     engine = LocalEngine(tmp_path)
     cfg = load_config("tiny", ["distill.nnodes=2", "distill.nproc_per_node=1", "cluster.image=llmneo-test",

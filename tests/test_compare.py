@@ -13,18 +13,8 @@ import pytest
 
 from llmneo import checkpointing
 from llmneo.cards import DistillCard
-from llmneo.compare import (
-    grid_columns,
-    markdown,
-    parse_grid,
-    plan,
-    plot,
-    run_compare,
-    run_config,
-    run_hash,
-    summarize,
-    table_rows,
-)
+from llmneo.compare import parse_grid, plan, run_compare, run_config, run_hash
+from llmneo.compare_report import grid_columns, markdown, plot, summarize, table_rows
 from llmneo.config import load_config
 from llmneo.errors import UserError
 

@@ -179,18 +179,18 @@ class Block(importlib.abc.MetaPathFinder):
         if name.split(".")[0] in BLOCKED:
             raise ImportError(f"{{name}} is not in the light image")
 sys.meta_path.insert(0, Block())
-from llmneo.cli import main
+from llmneo_pipelines.cli import main
 from llmneo.config import load_config
-from llmneo.steps import run_register
+from llmneo.steps import register_model
 import llmneo_pipelines.kfp_client, llmneo_pipelines.schedules
 cfg = load_config("tiny", ["registry.uri={tmp_path / 'registry'}"])
-manifest = run_register(cfg, {str(model)!r}, "run-1")
+manifest = register_model(cfg, {str(model)!r}, "run-1")
 print(json.dumps({{"version": manifest["version"], "files": len(manifest["files"])}}))
 """
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout.strip().splitlines()[-1])["files"] >= 2
-    proc = subprocess.run([sys.executable, "-c", script.split("from llmneo.cli")[0] +
-                           "from llmneo.cli import main\nsys.exit(main(['schedule', 'sync', '--help']))"],
+    proc = subprocess.run([sys.executable, "-c", script.split("from llmneo_pipelines.cli")[0] +
+                           "from llmneo_pipelines.cli import main\nsys.exit(main(['schedule', 'sync', '--help']))"],
                           capture_output=True, text=True)
     assert proc.returncode == 0 and "--dry-run" in proc.stdout, proc.stderr

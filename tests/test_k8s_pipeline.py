@@ -121,7 +121,7 @@ def test_distill_component_passes_gpu_and_node_counts(monkeypatch, tmp_path):
         return DistillCard(method="neo", steps=1, final={"loss": 1.0}, tokens_per_s=1.0,
                            trainable_parameters=1, wall_seconds=1.0)
 
-    monkeypatch.setattr(llmneo.steps, "run_distill", fake_run_distill)
+    monkeypatch.setattr(llmneo.steps, "distill_student", fake_run_distill)
     art = {k: dsl.Model(uri=str(tmp_path / k)) for k in ("dataset", "teacher", "student", "adapter", "metrics")}
     for a in art.values():
         a.path = a.uri

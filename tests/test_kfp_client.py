@@ -105,7 +105,7 @@ def test_multinode_submit_with_staging():
 
 
 def test_cli_submit_prints_the_run_url(monkeypatch, capsys, tmp_path):
-    from llmneo.cli import main
+    from llmneo_pipelines.cli import main
 
     fake = FakeKfp()
     monkeypatch.setattr(kfp_client, "connect", lambda host, namespace=None: fake)
@@ -121,18 +121,18 @@ def test_cli_submit_prints_the_run_url(monkeypatch, capsys, tmp_path):
 
 
 def test_cli_errors_are_one_line():
-    proc = subprocess.run([sys.executable, "-m", "llmneo.cli", "submit", "--host", "http://127.0.0.1:9", "--preset",
+    proc = subprocess.run([sys.executable, "-m", "llmneo_pipelines.cli", "submit", "--host", "http://127.0.0.1:9", "--preset",
                            "tiny", "--param", "distill_nodes=2"], capture_output=True, text=True)
     assert proc.returncode == 2
     assert proc.stderr.strip() == ("error: cluster.staging_uri: set an s3:// prefix for distill_nodes=2 (the TrainJob's "
                                    "nodes exchange inputs and the adapter there)")
-    proc = subprocess.run([sys.executable, "-m", "llmneo.cli", "submit", "--preset", "tiny"], capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", "llmneo_pipelines.cli", "submit", "--preset", "tiny"], capture_output=True,
                           text=True, env={"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"})
     assert proc.returncode == 2 and proc.stderr.strip().startswith("error: --host: the Kubeflow Pipelines URL is required")
 
 
 def test_unreachable_host_with_the_real_client_is_one_line():
-    proc = subprocess.run([sys.executable, "-m", "llmneo.cli", "upload", "--host", "http://127.0.0.1:9"],
+    proc = subprocess.run([sys.executable, "-m", "llmneo_pipelines.cli", "upload", "--host", "http://127.0.0.1:9"],
                           capture_output=True, text=True)
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("error: connect to http://127.0.0.1:9: cannot reach Kubeflow Pipelines")

@@ -56,13 +56,61 @@ def test_committed_yaml_has_not_drifted(tmp_path):
     assert fresh == committed, "pipelines/llm_neo.yaml is stale: run `make pipeline` and commit it"
 
 
+KFP_SIDE = ("kfp", "llmneo_pipelines", "llmneo_components")
+
+
+def _docstrings(tree) -> set[int]:
+    """ids of the docstring nodes of a module and its classes and functions."""
+    owners = [tree, *(n for n in ast.walk(tree) if isinstance(n, (ast.ClassDef, ast.FunctionDef,
+                                                                    ast.AsyncFunctionDef)))]
+    return {id(o.body[0].value) for o in owners if o.body and isinstance(o.body[0], ast.Expr)
+            and isinstance(o.body[0].value, ast.Constant) and isinstance(o.body[0].value.value, str)}
+
+
 def test_library_knows_nothing_of_kfp():
+    """No module of llmneo/ imports kfp or the KFP-side packages, not even lazily or by name (a string
+    for importlib): the console script (pipelines/cli.py) adds the KFP commands to the library's CLI."""
     for path in (REPO / "llmneo").rglob("*.py"):
         tree = ast.parse(path.read_text())
+        docstrings = _docstrings(tree)
         for node in ast.walk(tree):
             names = ([a.name for a in node.names] if isinstance(node, ast.Import)
                      else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
-            assert not any(n == "kfp" or n.startswith("kfp.") for n in names), f"{path} imports kfp"
+            assert not any(n.split(".")[0] in KFP_SIDE for n in names), f"{path} imports {names}"
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings:
+                assert not any(f"{p}." in node.value or node.value == p for p in KFP_SIDE[1:]), \
+                    f"{path}:{node.lineno} names a KFP-side module: {node.value!r}"
+            if isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "import_module":
+                # the one import by name allowed: storage backends, always below llmneo.storage
+                arg = node.args[0] if node.args else None
+                head = arg.values[0] if isinstance(arg, ast.JoinedStr) and arg.values else arg
+                assert isinstance(head, ast.Constant) and str(head.value).startswith("llmneo.storage."), \
+                    f"{path}:{node.lineno} imports by name"
+            elif isinstance(node, ast.Attribute) and node.attr == "__import__":
+                raise AssertionError(f"{path}:{node.lineno} imports by name")
+
+
+def test_library_loads_without_kfp():
+    """Every module of llmneo/ imports with kfp and the KFP-side packages unimportable, and the
+    library's CLI parses and runs a subcommand."""
+    modules = sorted(".".join(p.relative_to(REPO).with_suffix("").parts).removesuffix(".__init__")
+                     for p in (REPO / "llmneo").rglob("*.py"))
+    script = f"""
+import importlib, importlib.abc, sys
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in {KFP_SIDE!r}:
+            raise ImportError(name + " must not be imported by llmneo")
+sys.meta_path.insert(0, Block())
+for m in {modules!r}:
+    importlib.import_module(m)
+from llmneo.cli import build_parser, main
+assert "run" not in build_parser()._subparsers._group_actions[0].choices
+sys.exit(main(["config", "--list"]))
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "tiny" in proc.stdout.split()
 
 
 def test_components_import_only_stdlib_and_kfp_at_top():
@@ -81,9 +129,18 @@ def test_components_import_only_stdlib_and_kfp_at_top():
 
 
 def test_component_python_funcs_are_thin():
-    """Each component body calls exactly one llmneo.steps function (one piece of code per step)."""
+    """Each component body calls exactly one function of llmneo.steps.STEPS (one piece of code per
+    step), and every step has its component."""
+    from llmneo.steps import STEPS
+
+    functions = {s.function.__name__ for s in STEPS}
+    called = set()
     for path in (REPO / "components").glob("*.py"):
         if path.name in ("__init__.py", "images.py", "params.py"):  # params.py: shared helpers, no step
             continue
-        text = path.read_text()
-        assert text.count("from llmneo.steps import run_") == 1, path.name
+        tree = ast.parse(path.read_text())
+        imported = [a.name for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
+                    and node.module == "llmneo.steps" for a in node.names]
+        assert len(imported) == 1 and imported[0] in functions, (path.name, imported)
+        called.add(imported[0])
+    assert called == functions

@@ -310,12 +310,12 @@ def merge_eval_output(d, passed=True, **metrics):
 
 def test_register_step_records_lineage_and_aliases(tmp_path, monkeypatch):
     from llmneo.config import load_config
-    from llmneo.steps import run_register
+    from llmneo.steps import register_model
 
     monkeypatch.setenv("LLMNEO_GIT_SHA", "0123abc")
     model = merge_eval_output(tmp_path / "model")
     cfg = load_config("tiny", [f"registry.uri={tmp_path / 'reg'}", "registry.aliases=latest,candidate"])
-    manifest = run_register(cfg, model, "run-9")
+    manifest = register_model(cfg, model, "run-9")
     lineage = manifest["lineage"]
     assert (lineage["pipeline_run_id"], lineage["git_commit"], lineage["config_hash"], lineage["dataset_hash"],
             lineage["teacher"], lineage["student"]) == ("run-9", "0123abc", cfg.hash(), "ds123", "smollm2", "prune")
@@ -323,10 +323,10 @@ def test_register_step_records_lineage_and_aliases(tmp_path, monkeypatch):
     assert manifest["metrics"] == {"kl_to_teacher": 0.2, "llmneo_mc/acc": 0.5}
     reg = open_registry(str(tmp_path / "reg"))
     assert reg.aliases("tiny-neo") == {"candidate": "v1", "latest": "v1"}
-    assert run_register(cfg, model, "run-10")["reused"] is True  # a retried step is the same version
+    assert register_model(cfg, model, "run-10")["reused"] is True  # a retried step is the same version
     assert reg.versions("tiny-neo") == ["v1"]
     with pytest.raises(UserError, match="m-missing: no card.json, not a completed merge-eval output"):
-        run_register(cfg, tmp_path / "m-missing", "run-11")
+        register_model(cfg, tmp_path / "m-missing", "run-11")
 
 
 # --------------------------------------------------------------------------------------------
@@ -397,40 +397,40 @@ def test_register_refuses_a_linked_folder_out(tmp_path):
 def test_register_refuses_an_interrupted_merge_eval(tmp_path):
     """merge-eval killed by a full disk: a truncated eval.json and no card. Nothing is registered."""
     from llmneo.config import load_config
-    from llmneo.steps import run_register
+    from llmneo.steps import register_model
 
     cfg = load_config("tiny", [f"registry.uri={tmp_path / 'reg'}"])
-    run_register(cfg, merge_eval_output(tmp_path / "good"), "run-1")
+    register_model(cfg, merge_eval_output(tmp_path / "good"), "run-1")
     reg = open_registry(str(tmp_path / "reg"))
     model = merge_eval_output(tmp_path / "model", kl_to_teacher=0.1)
     (model / "card.json").unlink()
     report = (model / "eval.json").read_text()
     (model / "eval.json").write_text(report[: len(report) // 2])
     with pytest.raises(UserError) as e:
-        run_register(cfg, model, "run-2")
+        register_model(cfg, model, "run-2")
     assert str(e.value) == (f"{model}: no card.json, not a completed merge-eval output (the merge-eval step "
                             f"writes it last: run `llmneo merge-eval` into this folder)")
     (model / "card.json").write_text('{"kind": "model", "role": "distilled", "gate": {"pas')  # torn card
     with pytest.raises(UserError, match=r"card.json: unreadable merge-eval output card: .*llmneo merge-eval"):
-        run_register(cfg, model, "run-3")
+        register_model(cfg, model, "run-3")
     assert reg.versions("tiny-neo") == ["v1"] and reg.aliases("tiny-neo") == {"latest": "v1"}
 
 
 def test_register_refuses_a_failed_gate_unless_forced_with_a_reason(tmp_path):
     from llmneo.config import load_config
-    from llmneo.steps import run_register
+    from llmneo.steps import register_model
 
     cfg = load_config("tiny", [f"registry.uri={tmp_path / 'reg'}"])
-    run_register(cfg, merge_eval_output(tmp_path / "good"), "run-1")
+    register_model(cfg, merge_eval_output(tmp_path / "good"), "run-1")
     reg = open_registry(str(tmp_path / "reg"))
     failed = merge_eval_output(tmp_path / "failed", passed=False, kl_to_teacher=0.9)
     with pytest.raises(UserError, match=r"failed: the gate failed \(kl_to_teacher 0.9 > eval.max_kl_to_teacher "
                                         r"0.5\); not registered \(--force REASON"):
-        run_register(cfg, failed, "run-2")
+        register_model(cfg, failed, "run-2")
     assert reg.versions("tiny-neo") == ["v1"] and reg.aliases("tiny-neo") == {"latest": "v1"}
     with pytest.raises(UserError, match="give the reason"):
-        run_register(cfg, failed, "run-2", force="  ")
-    manifest = run_register(cfg, failed, "run-2", force="hotfix approved by the on-call reviewer")
+        register_model(cfg, failed, "run-2", force="  ")
+    manifest = register_model(cfg, failed, "run-2", force="hotfix approved by the on-call reviewer")
     assert manifest["version"] == "v2" and reg.aliases("tiny-neo") == {"latest": "v2"}
     lineage = reg.lineage("tiny-neo:v2")
     assert lineage["forced"] == "hotfix approved by the on-call reviewer" and lineage["gate"]["passed"] is False

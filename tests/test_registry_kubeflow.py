@@ -106,7 +106,7 @@ def test_client_failures_are_one_line_errors(fake):
 def test_register_step_mirrors_when_configured(fake, tmp_path):
     from llmneo.cards import EvalCard
     from llmneo.config import load_config
-    from llmneo.steps import run_register
+    from llmneo.steps import register_model
 
     model = tmp_path / "model"
     model.mkdir()
@@ -114,7 +114,7 @@ def test_register_step_mirrors_when_configured(fake, tmp_path):
     EvalCard(metrics={"kl_to_teacher": 0.2}, teacher="tiny", student="tiny", method="neo", dataset_hash="ds",
              gate={"passed": True, "reasons": []}).write(model)
     cfg = load_config("tiny", [f"registry.uri={tmp_path / 'reg'}", f"registry.kubeflow_url={Settings.kubeflow_url}"])
-    manifest = run_register(cfg, model, "run-42")
+    manifest = register_model(cfg, model, "run-42")
     assert manifest["kubeflow_model_registry"]["version"] == "v1"
     (_, call) = [c for c in fake.calls if c[0] == "register_model"][0]
     assert call["uri"] == str((tmp_path / "reg" / "tiny-neo" / "v1").resolve())

@@ -186,14 +186,14 @@ def test_shipped_schedules_are_valid():
 
 def test_cli_dry_run_validation_error_is_one_line(tmp_path):
     (tmp_path / "x.yaml").write_text("name: x\ncron: '61 2 * *'\npreset: tiny\n")
-    proc = subprocess.run([sys.executable, "-m", "llmneo.cli", "schedule", "sync", "--dir", str(tmp_path),
+    proc = subprocess.run([sys.executable, "-m", "llmneo_pipelines.cli", "schedule", "sync", "--dir", str(tmp_path),
                            "--dry-run", "--host", "http://127.0.0.1:9"], capture_output=True, text=True)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip() == f"error: {tmp_path / 'x.yaml'}: cron: expected 5 fields like '0 2 * * *', got '61 2 * *'"
 
 
 def test_cli_sync_with_fake_client(setup, monkeypatch, capsys):
-    from llmneo.cli import main
+    from llmneo_pipelines.cli import main
 
     fake, folder = setup
     monkeypatch.setattr(kfp_client, "connect", lambda host, namespace=None: fake)

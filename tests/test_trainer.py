@@ -183,10 +183,10 @@ def test_packed_row_loss_equals_the_separate_examples(loss_impl, tiny_workspace)
 def write_full_vocab_cache(ws: Path, teacher_out: Path) -> None:
     """The teacher step itself (teacher.mode=offline) writes a cache with k = V of the tiny teacher:
     production (llmneo.teacher/topk) and consumption (the trainer) meet here."""
-    from llmneo.steps import run_teacher
+    from llmneo.steps import load_teacher
 
     cfg = load_config("tiny", ["teacher.mode=offline", "teacher.topk=100000"])  # k is capped at V
-    card = run_teacher(cfg, ws / "dataset", teacher_out, teacher_out.parent / "student-unused")
+    card = load_teacher(cfg, ws / "dataset", teacher_out, teacher_out.parent / "student-unused")
     assert card.teacher.topk["k"] == card.student.vocab_size
 
 

@@ -16,7 +16,7 @@ from test_trainer import make_workdir, run
 from llmneo.cards import DistillCard
 from llmneo.config import load_config
 from llmneo.errors import UserError
-from llmneo.steps import run_distill
+from llmneo.steps import distill_student
 
 pytestmark = pytest.mark.integration
 
@@ -25,7 +25,7 @@ KD = ["distill.method=kd", "distill.max_steps=4"]
 
 
 def distill(ws, out, overrides):
-    return run_distill(load_config("tiny", overrides), ws / "dataset", ws / "teacher", ws / "student", out)
+    return distill_student(load_config("tiny", overrides), ws / "dataset", ws / "teacher", ws / "student", out)
 
 
 def log(workdir):

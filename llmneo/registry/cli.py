@@ -17,14 +17,15 @@ import argparse
 import json
 import sys
 
+from llmneo.config import load_config
 from llmneo.registry import open_registry, registry_uri
+from llmneo.registry.core import _size
+from llmneo.report import table
 
 
 def _registry(args):
     config_uri, settings = None, None
     if not args.registry:
-        from llmneo.config import load_config
-
         settings = load_config(args.preset).registry
         config_uri = settings.uri
     uri = registry_uri(args.registry, config_uri)
@@ -40,8 +41,6 @@ def _flag_problems(reg) -> None:
 
 
 def _table(headers, rows) -> str:
-    from llmneo.report import table
-
     return table(headers, rows, align_right=False)
 
 
@@ -61,8 +60,6 @@ def cmd_show(args) -> int:
         print(json.dumps(m, indent=2))
         _flag_problems(reg)
         return 0
-    from llmneo.registry.core import _size
-
     lineage = m.get("lineage") or {}
     print(_table(["field", "value"], [
         ["model", f"{m['name']}:{m['version']}"], ["aliases", ", ".join(m["aliases"]) or "-"],

@@ -1,0 +1,91 @@
+"""The ``llmneo`` console script: the library's commands (:mod:`llmneo.cli`) plus the Kubeflow
+Pipelines ones, which live here with the KFP code (installed as ``llmneo_pipelines.cli``).
+
+    llmneo run --preset tiny distill.max_steps=8          # the whole DAG locally, through kfp.local
+    llmneo upload --host URL [--version NAME]             # the compiled pipeline into Kubeflow Pipelines
+    llmneo submit --host URL --preset NAME [key=value ...] # a Kubeflow Pipelines run; prints its URL
+    llmneo schedule sync --dir k8s/schedules [--dry-run]  # GitOps recurring runs
+    llmneo prep --preset tiny --out runs/dbg/dataset      # one step alone, on local folders
+    llmneo config --preset smollm2-demo distill.alpha=0.9 # print the resolved configuration
+    llmneo config --keys                                  # every key, type, default, description
+    llmneo compare --preset smollm2-demo                  # untouched / SFT / LoRA / KD / NEO side by side
+    llmneo registry ls [NAME]                             # registered models (see `llmneo registry -h`)
+
+Every subcommand takes ``--preset`` and trailing ``key=value`` overrides. User mistakes print one
+line ``error: …`` and exit with code 2; no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from llmneo import cli as library_cli
+from llmneo_pipelines import kfp_client, local_run, schedules
+
+
+def cmd_run(args) -> int:
+    return local_run.run_local(args.preset, args.overrides, pipeline_root=args.pipeline_root)
+
+
+def add_commands(sub) -> None:
+    """``run`` (the DAG through kfp.local), ``upload``, ``submit`` and ``schedule sync`` (README
+    "Run on Kubeflow")."""
+
+    p = sub.add_parser("run", help="run the whole DAG locally through kfp.local",
+                       description="run the whole DAG locally through kfp.local")
+    p.add_argument("--preset", default="tiny", help="preset name or YAML path (default: tiny)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="configuration overrides")
+    p.add_argument("--pipeline-root", default="runs/kfp", help="where kfp.local keeps artifacts")
+    p.set_defaults(fn=cmd_run)
+
+    def connection(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--host", default=None, help="Kubeflow Pipelines URL (default: $KFP_HOST)")
+        p.add_argument("--namespace", default=None, help="KFP namespace / Kubeflow profile (default: $KFP_NAMESPACE)")
+
+    p = sub.add_parser("upload", help="upload the compiled pipeline (a new version) to Kubeflow Pipelines",
+                       description="upload pipelines/llm_neo.yaml as pipeline llm-neo, version --version")
+    connection(p)
+    p.add_argument("--version", default=None, help="version name (default: package version + content hash)")
+    p.add_argument("--description", default=None, help="version description shown in the UI")
+    p.add_argument("--package", default=None, help="compiled pipeline YAML (default: the packaged one)")
+    p.set_defaults(fn=kfp_client.cmd_upload)
+
+    p = sub.add_parser("submit", help="create a Kubeflow Pipelines run and print its URL",
+                       description="validate the configuration locally, then create a run with kfp.Client")
+    connection(p)
+    p.add_argument("--preset", default="tiny", help="preset name or YAML path (default: tiny)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="configuration overrides")
+    p.add_argument("--pool-file", default=None, help="pipeline parameters of the GPU pool (k8s/overlays/*/pool.yaml)")
+    p.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
+                   help="a pipeline parameter, e.g. distill_nodes=2 (repeatable)")
+    p.add_argument("--version", default=None, help="run an uploaded version (default: the local compiled package)")
+    p.add_argument("--experiment", default="llmneo")
+    p.add_argument("--run-name", default=None)
+    p.add_argument("--service-account", default="llmneo-pipeline", help="runs' service account ('' = KFP default)")
+    p.add_argument("--no-cache", action="store_true", help="disable KFP caching for this run")
+    p.set_defaults(fn=kfp_client.cmd_submit)
+
+    p = sub.add_parser("schedule", help="GitOps: recurring runs declared in k8s/schedules/*.yaml")
+    ssub = p.add_subparsers(dest="schedule_command", required=True, metavar="ACTION")
+    p = ssub.add_parser("sync", help="reconcile the schedule files into KFP recurring runs",
+                        description="create, replace (create new, pause and delete old) and delete recurring runs")
+    connection(p)
+    p.add_argument("--dir", default="k8s/schedules", help="folder of schedule YAML files")
+    p.add_argument("--pool-file", default=None, help="pipeline parameters of the GPU pool")
+    p.add_argument("--dry-run", action="store_true", help="print the plan, change nothing")
+    p.add_argument("--experiment", default=None, help="KFP experiment (default: $KFP_EXPERIMENT or llmneo)")
+    p.add_argument("--service-account", default=None, help="runs' service account (default: llmneo-pipeline)")
+    p.set_defaults(fn=schedules.cmd_schedule_sync)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    return library_cli.build_parser([add_commands], epilog=__doc__)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return library_cli.main(argv, [add_commands], epilog=__doc__)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
