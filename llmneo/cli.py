@@ -117,7 +117,7 @@ def cmd_compare(args) -> int:
 def cmd_run(args) -> int:
     # KFP lives outside the library: the local DAG runner is part of the pipelines package.
     local_run = importlib.import_module("llmneo_pipelines.local_run")
-    return local_run.run_local(args.preset, args.overrides, pipeline_root=args.pipeline_root)
+    return local_run.run_local(args.preset, args.overrides, pipeline_root=args.pipeline_root, runner=args.runner)
 
 
 # Kubeflow Pipelines (upload, submit, GitOps schedules): KFP client code lives in llmneo_pipelines.
@@ -222,6 +222,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("run", cmd_run, "run the whole DAG locally through kfp.local")
     p.add_argument("--pipeline-root", default="runs/kfp", help="where kfp.local keeps artifacts")
+    p.add_argument("--runner", choices=["subprocess", "containers"], default="subprocess",
+                   help="subprocess: this Python; containers: the project's images via Docker or podman "
+                        "(data and registry in S3; see README 'Run in containers')")
 
     add_kubeflow_commands(sub)
 
