@@ -7,6 +7,7 @@
 #   scripts/containers.sh images     # build images/Dockerfile and images/Dockerfile.cpu (Docker or podman)
 #   scripts/containers.sh socket     # start `podman system service`; prints DOCKER_HOST=unix://...
 #   scripts/containers.sh engine     # print the engine the other commands use (docker | podman | none)
+#   scripts/containers.sh ci         # setup where possible, then images; without any engine: a note, exit 0
 #
 # Every command is idempotent. Environment: LLMNEO_IMAGE / LLMNEO_CPU_IMAGE (tags, components/images.py),
 # BASE_IMAGE (the Dockerfiles' base; default: the public python:3.11-slim-bookworm with Docker, the
@@ -168,5 +169,12 @@ case "${1:-}" in
   images) cmd_images ;;
   socket) cmd_socket ;;
   engine) engine ;;
+  ci)
+    if [[ $(engine) == none ]] && [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null 2>&1; then cmd_setup; fi
+    if [[ $(engine) == none ]]; then
+      log "no container engine here (no running Docker, no working podman): the container tests will be skipped"
+    else
+      cmd_images
+    fi ;;
   *) sed -n '2,15p' "$0"; exit 2 ;;
 esac
