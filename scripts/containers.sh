@@ -144,7 +144,9 @@ cmd_images() {
   for pair in "images/Dockerfile:$image" "images/Dockerfile.cpu:$cpu_image"; do
     start=$(date +%s)
     log "$eng build -f ${pair%%:*} -t ${pair#*:} (base $base)"
-    $eng build -q "${args[@]}" --build-arg "BASE_IMAGE=$base" -f "${pair%%:*}" -t "${pair#*:}" . >/dev/null
+    # (pip's notes about projects missing from a local file index are noise here)
+    $eng build -q "${args[@]}" --build-arg "BASE_IMAGE=$base" -f "${pair%%:*}" -t "${pair#*:}" . \
+      2> >(grep -v "is ignored: it is neither a file nor a directory" >&2) >/dev/null
     log "built ${pair#*:} in $(( $(date +%s) - start )) s, $($eng image inspect --format '{{.Size}}' "${pair#*:}" | awk '{printf "%.0f MB", $1/1e6}')"
   done
 }
