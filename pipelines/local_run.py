@@ -77,7 +77,7 @@ def summarize(run_dir: Path, wall: float) -> tuple[str, dict]:
     return text, {"registered": registered, "eval": evaluation, "model_dir": model_uri}
 
 
-def run_local(preset: str, overrides: list[str], pipeline_root: str = "runs/kfp") -> int:
+def run_local(preset: str, overrides: list[str], pipeline_root: str = "runs/kfp", runner: str = "subprocess") -> int:
     from kfp import local
 
     from llmneo_pipelines import local_oneof
@@ -94,8 +94,18 @@ def run_local(preset: str, overrides: list[str], pipeline_root: str = "runs/kfp"
     root = Path(pipeline_root).resolve()
     root.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), raise_on_error=True)
-    before = {p.name for p in root.iterdir()}
+    if runner == "containers":  # every step in the project's images; only the pipeline root is shared
+        from llmneo_components.images import CPU_IMAGE, IMAGE
+        from llmneo_pipelines import container_run
+
+        container_run.check_config(cfg)
+        container_run.ensure_engine()
+        container_run.check_images([IMAGE, CPU_IMAGE])
+        container_run.install(root)
+        local.init(runner=local.DockerRunner(), pipeline_root=str(root), raise_on_error=True)
+    else:
+        local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), raise_on_error=True)
+    before = {p.name for p in root.iterdir()} | {".cache"}
     t0 = time.time()
     try:
         # distill_gpus="0": torchrun processes from the preset (no GPUs here); kfp.local ignores the rest

@@ -116,13 +116,16 @@ def test_image_references_follow_the_package_version():
     assert f"image: {images.DEFAULT_IMAGE}" in pipeline and f"image: {images.DEFAULT_CPU_IMAGE}" in pipeline
 
 
-def test_make_images_explains_when_docker_is_missing(tmp_path):
-    env = {"PATH": str(tmp_path) + ":/usr/bin:/bin", "HOME": str(tmp_path)}  # no docker on this PATH
-    (tmp_path / "docker").write_text("#!/bin/sh\nexit 1\n")  # a docker CLI whose engine is down
-    (tmp_path / "docker").chmod(0o755)
+def test_make_images_explains_when_no_engine_runs(tmp_path):
+    env = {"PATH": str(tmp_path) + ":/usr/bin:/bin", "HOME": str(tmp_path)}
+    for engine in ("docker", "podman"):  # a docker CLI whose engine is down, a podman that cannot run
+        (tmp_path / engine).write_text("#!/bin/sh\nexit 1\n")
+        (tmp_path / engine).chmod(0o755)
+    (tmp_path / "id").write_text("#!/bin/sh\necho 1000\n")  # not root: nothing gets installed
+    (tmp_path / "id").chmod(0o755)
     proc = subprocess.run(["make", "-s", "images"], cwd=REPO, env=env, capture_output=True, text=True)
     assert proc.returncode != 0
-    assert "no Docker engine on this machine" in proc.stdout
+    assert "no container engine on this machine" in proc.stdout
 
 
 # --------------------------------------------------------------------------------------------
