@@ -37,6 +37,7 @@ from llmneo.cards import DatasetCard, DistillCard, EvalCard, ModelCard
 from llmneo.config import Config
 from llmneo.data import collate, read_split
 from llmneo.errors import UserError
+from llmneo.heads import logits_head
 from llmneo.lora import merge_adapter  # the one place adapters are merged (peft LoRA variants, MoSLoRA)
 from llmneo.losses import divergence, shift_mask
 from llmneo.models import load_causal_lm, load_tokenizer, model_location
@@ -114,13 +115,7 @@ def _hidden_and_head(model: torch.nn.Module) -> tuple[Callable, Callable]:
     decoder, head = getattr(model, "base_model", model), model.get_output_embeddings()
     if decoder is model or head is None:
         return (lambda ids, attn: model(input_ids=ids, attention_mask=attn).logits), (lambda x: x)
-    softcap = getattr(model.config, "final_logit_softcapping", None)
-
-    def logits(hidden):
-        out = head(hidden)
-        return torch.tanh(out / softcap) * softcap if softcap else out
-
-    return (lambda ids, attn: decoder(input_ids=ids, attention_mask=attn).last_hidden_state), logits
+    return (lambda ids, attn: decoder(input_ids=ids, attention_mask=attn).last_hidden_state), logits_head(model, head)
 
 
 @torch.no_grad()
