@@ -350,6 +350,9 @@ class EvalCard(Card):
     gate: dict = field(default_factory=dict)  # passed, reasons, thresholds
     # every evaluated model's flat metrics (base_student, distilled, teacher…); absent in older cards
     summary: dict[str, dict[str, float]] = field(default_factory=dict)
+    # the merge's precision check (eval.json "merge"): requested/saved dtype, kl_base, kl_adapter,
+    # kl_rounded, gain_lost, max_gain_lost, action; absent in older cards
+    merge: dict = field(default_factory=dict)
     seconds: float = 0.0
 
     def validate(self, path: Path) -> None:
@@ -364,6 +367,9 @@ class EvalCard(Card):
         m = {"seconds": self.seconds, "gate_passed": 1.0 if self.passed else 0.0}
         for name, row in (self.summary or {"distilled": self.metrics}).items():
             m.update({_metric_name(f"{name}_{key}"): float(value) for key, value in row.items()})
+        for key in ("gain_lost", "kl_adapter", "kl_rounded"):  # share of the KL gain the saved dtype lost
+            if isinstance((self.merge or {}).get(key), (int, float)):
+                m[f"merge_{key}"] = float(self.merge[key])
         return m
 
     def summary_line(self) -> str:

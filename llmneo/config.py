@@ -159,6 +159,12 @@ class EvalConfig:
     max_shard_size: str = _f("2GB", mechanics=True, doc="merged model: safetensors shard size (save_pretrained max_shard_size)")
     merged_dtype: Literal["auto", "float32", "bfloat16", "float16"] = _f(
         "auto", doc="merged model weights dtype; auto = the base student's dtype (merge itself runs in fp32)")
+    max_merge_loss: float = _f(0.01, lo=0.0, doc=(
+        "merged_dtype below fp32: the largest share of the distillation's KL gain (base student -> adapter "
+        "model, val split) that rounding the merged weights may lose (0.01 = 1%); above it, merge_fallback"))
+    merge_fallback: Literal["fp32", "fail"] = _f("fp32", doc=(
+        "when rounding loses more than max_merge_loss: fp32 = save the merged model in float32 instead; "
+        "fail = keep merged_dtype and fail the gate"))
     # fidelity to the teacher (val split)
     batch_size: int = _f(4, lo=1, doc="val sequences per forward pass (fidelity)")
     max_batches: int = _f(0, lo=0, doc="cap on validation batches (0 = all)")

@@ -19,6 +19,7 @@ split) and/or standard task names (arc_easy, mmlu, …) when the hub is reachabl
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import logging
 import math
@@ -37,6 +38,7 @@ from llmneo.cards import DatasetCard, DistillCard, EvalCard, ModelCard
 from llmneo.config import Config
 from llmneo.data import collate, read_split
 from llmneo.errors import UserError
+from llmneo.heads import logits_head
 from llmneo.lora import merge_adapter  # the one place adapters are merged (peft LoRA variants, MoSLoRA)
 from llmneo.losses import divergence, shift_mask
 from llmneo.models import load_causal_lm, load_tokenizer, model_location
@@ -68,18 +70,11 @@ def _saved_dtype(location: str) -> torch.dtype:
     return getattr(torch, str(name).removeprefix("torch."), torch.float32)
 
 
-def merge(student_artifact: str | Path, distill_dir: str | Path, out_dir: str | Path,
-          max_shard_size: str | int = "2GB", dtype: str = "auto"):
-    """Base student + adapter → a Hugging Face folder in ``out_dir``; returns (model, tokenizer).
-
-    The merge runs in fp32; the saved weights are cast to ``dtype`` (``auto`` = the student's own)
-    and sharded above ``max_shard_size``. The returned model holds exactly the saved values (upcast
-    to fp32), so what is evaluated is what gets registered.
-    """
-    distill_dir, out_dir = Path(distill_dir), Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    location = model_location(student_artifact)[0]
-    tokenizer = load_tokenizer(location)
+def merge_fp32(student_artifact: str | Path, distill_dir: str | Path):
+    """Base student + adapter (or the fully trained model of sft/kd), merged in fp32: (model, tokenizer).
+    The fp32 merge is the adapter model itself (up to fp32 rounding)."""
+    distill_dir = Path(distill_dir)
+    tokenizer = load_tokenizer(model_location(student_artifact)[0])
     if (distill_dir / "adapter").is_dir():
         base = load_causal_lm(student_artifact, dtype=torch.float32)
         model = merge_adapter(base, distill_dir / "adapter")
@@ -87,8 +82,22 @@ def merge(student_artifact: str | Path, distill_dir: str | Path, out_dir: str | 
         model = load_causal_lm(distill_dir / "model", dtype=torch.float32)
     else:
         raise UserError(f"{distill_dir}: neither adapter/ nor model/ found; is it a distill output?")
-    save_dtype = _saved_dtype(location) if dtype == "auto" else getattr(torch, dtype)
-    model = model.to(save_dtype)
+    return model, tokenizer
+
+
+def merged_dtype(student_artifact: str | Path, dtype: str = "auto") -> torch.dtype:
+    """The dtype ``eval.merged_dtype`` asks for: ``auto`` = the base student's own."""
+    return _saved_dtype(model_location(student_artifact)[0]) if dtype == "auto" else getattr(torch, dtype)
+
+
+def save_merged(model: torch.nn.Module, tokenizer, out_dir: str | Path, dtype: torch.dtype,
+                max_shard_size: str | int = "2GB"):
+    """Save ``model`` cast to ``dtype`` (sharded above ``max_shard_size``) with its tokenizer into
+    ``out_dir``; returns the model holding exactly the saved values, upcast to fp32 (so what is
+    evaluated is what gets registered)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model = model.to(dtype)
     try:
         model.save_pretrained(out_dir, max_shard_size=max_shard_size)
     except ValueError as e:  # a malformed size string, e.g. "2 GiB"
@@ -96,7 +105,78 @@ def merge(student_artifact: str | Path, distill_dir: str | Path, out_dir: str | 
     tokenizer.save_pretrained(out_dir)
     if model.generation_config is not None:
         model.generation_config.save_pretrained(out_dir)
-    return model.float().eval(), tokenizer
+    return model.float().eval()
+
+
+def merge(student_artifact: str | Path, distill_dir: str | Path, out_dir: str | Path,
+          max_shard_size: str | int = "2GB", dtype: str = "auto"):
+    """Base student + adapter → a Hugging Face folder in ``out_dir``; returns (model, tokenizer).
+
+    The merge runs in fp32 (:func:`merge_fp32`); the saved weights are cast to ``dtype`` (``auto`` =
+    the student's own) and sharded above ``max_shard_size`` (:func:`save_merged`). No rounding check:
+    :func:`run_merge_eval` adds it (:func:`merge_rounding`).
+    """
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    model, tokenizer = merge_fp32(student_artifact, distill_dir)
+    return save_merged(model, tokenizer, out_dir, merged_dtype(student_artifact, dtype), max_shard_size), tokenizer
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def merge_rounding(merged: torch.nn.Module, base: torch.nn.Module | None, teacher: torch.nn.Module, rows: list[dict],
+                   pad_id: int, dtype: torch.dtype, cfg: Config) -> dict:
+    """How much of the distillation's gain rounding the merged weights to ``dtype`` loses.
+
+    Adapter updates smaller than half a step of ``dtype`` (bf16 keeps 8 significant bits) vanish
+    when the merged weights are cast, so a short or low-lr run can lose much of what it learned.
+    Measured as KL(teacher‖model) on the val split (:func:`fidelity`, fp32 weights; ``eval.batch_size``,
+    ``max_batches``, ``chunk_tokens``) of the base student, the fp32 merge (= the adapter model) and
+    the merge rounded to ``dtype``; ``gain_lost`` = (KL_rounded − KL_adapter) / (KL_base − KL_adapter).
+    ``base`` is only used (and may be None) when ``dtype`` is not float32.
+
+    Returns the ``merge`` record of eval.json: requested/saved dtype, the three KLs, ``gain_lost``,
+    ``max_gain_lost`` (``eval.max_merge_loss``) and ``action``: ``kept`` (within the limit, saved in
+    ``dtype``), ``fp32`` (over it, saved in float32), ``fail`` (over it, ``eval.merge_fallback=fail``:
+    saved in ``dtype``, the gate fails), ``no_gain`` (the adapter did not lower the KL: nothing to
+    lose, saved in ``dtype``), ``exact`` (``dtype`` is float32: nothing is rounded, nothing measured).
+    """
+    e = cfg.eval
+    record = {"requested_dtype": _dtype_name(dtype), "saved_dtype": _dtype_name(dtype), "kl_base": None,
+              "kl_adapter": None, "kl_rounded": None, "gain_lost": 0.0, "max_gain_lost": e.max_merge_loss,
+              "action": "exact"}
+    if dtype == torch.float32:
+        return record
+    rounded = copy.deepcopy(merged).to(dtype).float()  # what save_merged would hand to the evaluation
+    table = fidelity({"base": base, "adapter": merged, "rounded": rounded}, teacher, rows, pad_id,
+                     e.batch_size, e.max_batches, e.chunk_tokens)
+    del rounded
+    kl = {name: table[name]["kl_to_teacher"] for name in ("base", "adapter", "rounded")}
+    record.update(kl_base=kl["base"], kl_adapter=kl["adapter"], kl_rounded=kl["rounded"])
+    gain = kl["base"] - kl["adapter"]
+    if not gain > 0:  # the adapter did not move the model towards the teacher
+        record.update(gain_lost=None, action="no_gain")
+        return record
+    lost = (kl["rounded"] - kl["adapter"]) / gain
+    record["gain_lost"] = lost
+    if lost <= e.max_merge_loss:  # NaN (a non-finite KL) counts as over the limit
+        record["action"] = "kept"
+    elif e.merge_fallback == "fp32":
+        record.update(saved_dtype="float32", action="fp32")
+    else:
+        record["action"] = "fail"
+    return record
+
+
+def merge_gate_reason(record: dict) -> str | None:
+    """The gate's reason to fail for a merge whose rounding lost too much (``action`` fail), else None."""
+    if record.get("action") != "fail":
+        return None
+    return (f"merge: rounding to {record['requested_dtype']} loses {record['gain_lost']:.1%} of the KL gain "
+            f"(KL {record['kl_adapter']:.4g} with the adapter, {record['kl_rounded']:.4g} merged, base "
+            f"{record['kl_base']:.4g}) > eval.max_merge_loss {record['max_gain_lost']:g}; set "
+            f"eval.merge_fallback=fp32 or eval.merged_dtype=float32")
 
 
 # --------------------------------------------------------------------------------------------
@@ -114,13 +194,7 @@ def _hidden_and_head(model: torch.nn.Module) -> tuple[Callable, Callable]:
     decoder, head = getattr(model, "base_model", model), model.get_output_embeddings()
     if decoder is model or head is None:
         return (lambda ids, attn: model(input_ids=ids, attention_mask=attn).logits), (lambda x: x)
-    softcap = getattr(model.config, "final_logit_softcapping", None)
-
-    def logits(hidden):
-        out = head(hidden)
-        return torch.tanh(out / softcap) * softcap if softcap else out
-
-    return (lambda ids, attn: decoder(input_ids=ids, attention_mask=attn).last_hidden_state), logits
+    return (lambda ids, attn: decoder(input_ids=ids, attention_mask=attn).last_hidden_state), logits_head(model, head)
 
 
 @torch.no_grad()
@@ -395,7 +469,7 @@ def run_merge_eval(cfg: Config, dataset_dir: str | Path, teacher_artifact: str |
     model card into ``model_out`` (the merged model folder), then, last, its :class:`EvalCard`.
     Returns the eval dict (the content of eval.json)."""
     from llmneo.registry import git_commit
-    from llmneo.report import write_model_card, write_report
+    from llmneo.report import merge_line, write_model_card, write_report
 
     t0 = time.time()
     model_out, distill_dir = Path(model_out), Path(distill_dir)
@@ -405,15 +479,31 @@ def run_merge_eval(cfg: Config, dataset_dir: str | Path, teacher_artifact: str |
     model_out.mkdir(parents=True, exist_ok=True)
     cards.remove(model_out)  # a failed re-run must not leave the previous card (= "complete") behind
     (model_out / "eval.json").unlink(missing_ok=True)
-    merged, tokenizer = merge(student_artifact, distill_dir, model_out, cfg.eval.max_shard_size,
-                              cfg.eval.merged_dtype)
     device = eval_device()
-    merged = merged.to(eval_dtype(device))
+    merged, tokenizer = merge_fp32(student_artifact, distill_dir)
+    dtype = merged_dtype(student_artifact, cfg.eval.merged_dtype)
+    teacher = _load(teacher_artifact, device)  # loaded once: the rounding check and the evaluation
+    # the cast may round the adapter's updates away: measure that first (needs the fp32 base student)
+    base = load_causal_lm(student_artifact, dtype=torch.float32).to(device).eval() if dtype != torch.float32 else None
+    pad_id = teacher[1].pad_token_id if teacher[1].pad_token_id is not None else 0
+    merged = merged.to(device).eval()
+    merge_record = merge_rounding(merged, base, teacher[0], read_split(dataset_dir, "val"), pad_id, dtype, cfg)
+    print(f"merge: saved as {merge_record['saved_dtype']}; {merge_line(merge_record)}", flush=True)
+    merged = save_merged(merged, tokenizer, model_out, getattr(torch, merge_record["saved_dtype"]),
+                         cfg.eval.max_shard_size)
+    # evaluate the saved values: bf16 on GPU as usual, but a float32 save stays float32
+    merged = merged.to(eval_dtype(device) if merge_record["saved_dtype"] != "float32" else torch.float32)
+    # the fp32 base student doubles as the evaluation's when that runs in fp32 (CPU)
+    base_spec = (base, tokenizer) if base is not None and eval_dtype(device) == torch.float32 else student_artifact
+    del base
     lm_eval_on = [n for n in cfg.eval.lm_eval_models if n != "distilled"] + ["distilled"]
-    evaluation = evaluate_models({"base_student": student_artifact, "distilled": (merged, tokenizer)},
-                                 teacher_artifact, dataset_dir, cfg, lm_eval_on=lm_eval_on)
+    evaluation = evaluate_models({"base_student": base_spec, "distilled": (merged, tokenizer)},
+                                 teacher, dataset_dir, cfg, lm_eval_on=lm_eval_on)
     metrics = evaluation["summary"]["distilled"]
     passed, reasons = gate(cfg, metrics)
+    merge_reason = merge_gate_reason(merge_record)
+    if merge_reason:
+        passed, reasons = False, [*reasons, merge_reason]
     result = {
         "kind": "eval",
         "fidelity": evaluation["fidelity"],
@@ -422,6 +512,7 @@ def run_merge_eval(cfg: Config, dataset_dir: str | Path, teacher_artifact: str |
         "metrics": metrics,
         "gate": {"passed": passed, "reasons": reasons,
                  "thresholds": [f"{m}{op}{v:g}" for m, op, v, _ in thresholds(cfg)]},
+        "merge": merge_record,
         "method": distill_card.method,
         "teacher": teacher_card.source,
         "student": student_card.source,
@@ -439,5 +530,6 @@ def run_merge_eval(cfg: Config, dataset_dir: str | Path, teacher_artifact: str |
     write_model_card(model_out, result, cfg)
     EvalCard(method=result["method"], teacher=result["teacher"], student=result["student"],
              dataset_hash=result["dataset_hash"], config_hash=result["config_hash"], metrics=metrics,
-             gate=result["gate"], summary=result["summary"], seconds=result["seconds"]).write(model_out)
+             gate=result["gate"], summary=result["summary"], merge=merge_record,
+             seconds=result["seconds"]).write(model_out)
     return result

@@ -108,7 +108,8 @@ class TeacherTopK:
 @dataclass
 class TeacherHead:
     """Online teacher targets for ``N`` positions, computed chunk by chunk: the teacher's final hidden
-    states ``[N, H']`` (no grad) and its LM head; :meth:`chunk` gives the logits ``[n, V']`` of a slice,
+    states ``[N, H']`` (no grad) and its LM head (with its soft-capping: :func:`llmneo.heads.logits_head`);
+    :meth:`chunk` gives the logits ``[n, V']`` of a slice,
     so the full ``[N, V']`` logits never exist at once."""
 
     hidden: torch.Tensor
@@ -435,7 +436,8 @@ def chunked_distill_loss(student_hidden: torch.Tensor, targets: torch.Tensor, st
     Args:
         student_hidden: ``[N, H]`` final hidden states at positions that predict a label.
         targets: ``[N]`` next-token ids.
-        student_head: maps ``[n, H]`` → ``[n, V]`` logits (the LM head; trainable or not, any module).
+        student_head: maps ``[n, H]`` → ``[n, V]`` logits (the LM head with the model's final
+            soft-capping, :func:`llmneo.heads.logits_head`; trainable or not, any module).
         teacher: the teacher's targets for the same ``N`` positions, taken chunk by chunk
             (``teacher.chunk(slice)``): :class:`TeacherHead` (online: hidden states + head, run under
             no_grad per chunk), :class:`TeacherTopK` (offline) or None (CE only).

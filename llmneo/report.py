@@ -142,6 +142,22 @@ def _train_rows(log: list[dict], last: int = 10) -> list[list]:
 # --------------------------------------------------------------------------------------------
 
 
+def merge_line(record: dict) -> str:
+    """One line on the merge's precision (eval.json ``merge``, :func:`llmneo.evaluate.merge_rounding`)."""
+    action = record.get("action")
+    if action == "exact":
+        return "saved in float32: no rounding"
+    if action == "no_gain":
+        return (f"the adapter did not lower KL to the teacher ({record['kl_base']:.4g} → {record['kl_adapter']:.4g}); "
+                f"saved in {record['saved_dtype']}")
+    verdict = {"kept": "within", "fp32": "over", "fail": "over"}.get(action, "?")
+    outcome = {"kept": f"kept {record['requested_dtype']}", "fp32": "saved in float32 instead",
+               "fail": "gate fails (eval.merge_fallback=fail)"}.get(action, "")
+    return (f"KL to teacher {record['kl_base']:.4g} (base) → {record['kl_adapter']:.4g} with the adapter, "
+            f"{record['kl_rounded']:.4g} merged in {record['requested_dtype']}: {record['gain_lost']:.2%} of the "
+            f"gain lost, {verdict} eval.max_merge_loss {record['max_gain_lost']:.2%}; {outcome}")
+
+
 def write_report(out_dir: Path, result: dict, log_path: Path | None, cfg: Config) -> tuple[Path, Path]:
     """report.md and report.html (PNG embedded, so the HTML is one self-contained file) in ``out_dir``."""
     out_dir = Path(out_dir)
@@ -159,6 +175,8 @@ def write_report(out_dir: Path, result: dict, log_path: Path | None, cfg: Config
           "(KL(teacher‖model) per token, top-1 agreement, perplexity on the labels); task columns come "
           "from lm-eval.", "", markdown_table(headers, rows), "",
           f"**Gate: {gate_line(gate)}** (thresholds: {', '.join(gate.get('thresholds', [])) or 'none'})", ""]
+    if result.get("merge"):
+        md += [f"Merge: {merge_line(result['merge'])}.", ""]
     if lm_rows:
         md += ["## lm-eval, every metric", "", markdown_table(lm_headers, lm_rows), ""]
     if log:
@@ -179,6 +197,8 @@ def write_report(out_dir: Path, result: dict, log_path: Path | None, cfg: Config
         f'<p class="gate {badge}">Gate: {html.escape(gate_line(gate))}</p>',
         f"<p>thresholds: {html.escape(', '.join(gate.get('thresholds', [])) or 'none')}</p>",
     ]
+    if result.get("merge"):
+        body.append(f'<p class="merge">Merge: {html.escape(merge_line(result["merge"]))}.</p>')
     if lm_rows:
         body += ["<h2>lm-eval, every metric</h2>", html_table(lm_headers, lm_rows)]
     if log:

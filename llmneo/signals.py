@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from llmneo.errors import UserError
+from llmneo.heads import logits_head
 from llmneo.losses import TeacherHead, TeacherTopK
 
 
@@ -52,7 +53,7 @@ class OnlineTeacher(TeacherSignal):
                 return self.model(**model_inputs).logits[:, :-1][mask]
             # hidden states only; the teacher head runs per loss chunk on the selected positions
             hidden = self.model.get_decoder()(**model_inputs).last_hidden_state[:, :-1][mask]
-        return TeacherHead(hidden, self.model.get_output_embeddings())
+        return TeacherHead(hidden, logits_head(self.model))  # with the model's soft-capping
 
 
 class CachedTopK(TeacherSignal):

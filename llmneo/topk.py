@@ -36,6 +36,7 @@ import torch
 
 from llmneo.cards import DatasetCard
 from llmneo.errors import UserError
+from llmneo.heads import logits_head
 
 META = "meta.json"
 FORMAT = 1
@@ -176,7 +177,7 @@ def teacher_topk(teacher, batch: dict[str, torch.Tensor], k: int, vocab_size: in
     hidden = teacher.get_decoder()(**inputs, use_cache=False).last_hidden_state
     mask, _ = shift_mask(labels.to(hidden.device))
     selected = hidden[:, :-1][mask]
-    head = teacher.get_output_embeddings()
+    head = logits_head(teacher)  # the teacher's own logits: soft-capped where it caps them
     ids, lps = [], []
     for chunk in selected.split(chunk_tokens):
         logp = torch.log_softmax(head(chunk)[:, :vocab_size].float(), dim=-1)

@@ -49,6 +49,7 @@ from llmneo.cards import DatasetCard, DistillCard
 from llmneo.config import FINGERPRINT_SECTIONS, Config
 from llmneo.data import IGNORE_INDEX, collate, read_split
 from llmneo.errors import UserError
+from llmneo.heads import logits_head
 from llmneo.launch import TrainerInputs, read_workdir
 from llmneo.lora import apply_lora, base_model, save_adapter
 from llmneo.losses import LossSpec, chunked_distill_loss, selected_loss, shift_mask
@@ -112,7 +113,7 @@ class DistillModule(nn.Module):
             return sums.loss, sums.ce, sums.kd
         base = base_model(self.student)
         hidden = base.get_decoder()(**inputs).last_hidden_state[:, :-1][mask]
-        sums = chunked_distill_loss(hidden, targets, base.get_output_embeddings(), teacher, spec)
+        sums = chunked_distill_loss(hidden, targets, logits_head(base), teacher, spec)
         return sums.loss, sums.ce, sums.kd
 
 
