@@ -98,6 +98,8 @@ class Source:
 def open_source(dcfg) -> Iterator[Source]:
     """Resolve ``dcfg.source`` (a :class:`llmneo.config.DataConfig`) into a :class:`Source`."""
     source = dcfg.source
+    if not source.strip():  # Path("") is the working directory: it would read every JSON file in it
+        raise UserError("data.source: empty; give builtin:NAME, a file or folder, hf:ID or s3://bucket/prefix")
     if source.startswith("s3://"):
         tmp = Path(tempfile.mkdtemp(prefix="llmneo-s3-data-"))
         try:
@@ -216,6 +218,8 @@ def _jsonl_records(path: Path, hasher):
     with open(path, "rb") as f:
         for pos, raw in enumerate(f, start=1):
             hasher.update(raw)
+            if pos == 1:  # a UTF-8 byte-order mark (Windows editors) is not part of the first record
+                raw = raw.removeprefix(codecs.BOM_UTF8)
             if not raw.strip():
                 continue
             try:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import os
 import sys
 from collections.abc import Callable
 
@@ -14,13 +16,56 @@ class ConfigError(UserError):
     """Invalid configuration: unknown key, wrong type or out-of-range value."""
 
 
+# Faults of the machine or of a path the user chose, not bugs: one line naming the path and the
+# cause. Other OSErrors (a network reset, a bad file descriptor) keep their traceback.
+ENVIRONMENT_ERRNOS = {errno.ENOSPC: "disk full", errno.EDQUOT: "disk quota exceeded",
+                      errno.EACCES: "permission denied", errno.EPERM: "operation not permitted",
+                      errno.EROFS: "read-only file system", errno.ENAMETOOLONG: "file name too long",
+                      errno.ENOTDIR: "a parent is a file, not a folder", errno.EISDIR: "is a folder",
+                      errno.EEXIST: "already exists", errno.ENOENT: "no such file or folder",
+                      errno.EMFILE: "too many open files", errno.EFBIG: "file too large"}
+
+
+def environment_error(e: OSError) -> UserError | None:
+    """The one-line :class:`UserError` for an environment fault (``ENOSPC``, ``EACCES``, ...): the
+    path (``e.filename``) and the cause; None for other OSErrors."""
+    cause = ENVIRONMENT_ERRNOS.get(e.errno)
+    if cause is None:
+        return None
+    paths = [os.fsdecode(p) for p in (e.filename, e.filename2) if p is not None]
+    where = " -> ".join(p if len(p) <= 200 else p[:96] + "…" + p[-96:] for p in paths) or "(no path given)"
+    return UserError(f"{where}: {cause} ({e.strerror or os.strerror(e.errno)})")
+
+
 def guarded(fn: Callable, *args, **kwargs):
-    """Call ``fn``; on a :class:`UserError` print one line and exit 2 (used by the CLI and the components)."""
+    """Call ``fn``; on a :class:`UserError` — or an environment fault such as a full disk or a
+    denied permission (:func:`environment_error`) — print one line and exit 2 (used by the CLI and
+    the components)."""
     try:
         return fn(*args, **kwargs)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
+    except OSError as e:
+        mapped = environment_error(e)
+        if mapped is None:
+            raise
+        print(f"error: {mapped}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+
+
+def quiet_broken_pipe(fn: Callable, *args, **kwargs):
+    """Call ``fn``; when the reader of stdout went away (``llmneo config --keys | head -1``), exit
+    quietly like other command-line tools instead of printing a BrokenPipeError traceback."""
+    try:
+        result = fn(*args, **kwargs)
+        sys.stdout.flush()  # a pipe closed after the last print fails here, not at interpreter exit
+        return result
+    except BrokenPipeError:
+        # Python flushes stdout again at exit and would report that failure too: point it at devnull
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        raise SystemExit(141) from None  # 128 + SIGPIPE: what a shell reports for `yes | head -1`
 
 
 def first_line(e: BaseException) -> str:
