@@ -178,10 +178,11 @@ def _hub_source(source: str, dcfg) -> Source:
 def _download_s3(uri: str, dest: Path) -> Path:
     """One object (``s3://b/x.jsonl``) or every object under a prefix, into ``dest``."""
     has_key = "/" in uri.partition("://")[2].strip("/")  # s3://bucket/key, not a bare bucket
+    label = f"data.source: {uri}"
     if has_key and Path(uri).suffix in FILE_SUFFIXES and not uri.endswith("/"):
-        store, name = open_object(uri)
+        store, name = open_object(uri, label)
         return store.get_file(name, safe_path(name, dest, uri))
-    download_prefix(uri, dest)
+    download_prefix(uri, dest, label)
     return dest
 
 

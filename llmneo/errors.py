@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
+import re
 import sys
 from collections.abc import Callable
 
@@ -26,15 +28,47 @@ ENVIRONMENT_ERRNOS = {errno.ENOSPC: "disk full", errno.EDQUOT: "disk quota excee
                       errno.EMFILE: "too many open files", errno.EFBIG: "file too large"}
 
 
-def environment_error(e: OSError) -> UserError | None:
+# libraries that wrap an OS error in their own exception keep its number in the text: safetensors
+# "I/O error: No space left on device (os error 28)", pyarrow "[errno 28] No space left on device"
+_WRAPPED_ERRNO = re.compile(r"\(os error (\d+)\)|\[errno (\d+)\]", re.IGNORECASE)
+
+
+def _short(path: str) -> str:
+    return path if len(path) <= 200 else path[:96] + "…" + path[-96:]
+
+
+def environment_error(e: BaseException, where: str | os.PathLike | None = None) -> UserError | None:
     """The one-line :class:`UserError` for an environment fault (``ENOSPC``, ``EACCES``, ...): the
-    path (``e.filename``) and the cause; None for other OSErrors."""
-    cause = ENVIRONMENT_ERRNOS.get(e.errno)
+    path (the error's own ``filename``, else ``where``: what the step was writing) and the cause;
+    None for other errors. Also recognises an OS error wrapped by a library (safetensors, pyarrow)."""
+    number = e.errno if isinstance(e, OSError) else None
+    if number is None:
+        m = _WRAPPED_ERRNO.search(str(e))
+        number = int(m.group(1) or m.group(2)) if m else None
+    cause = ENVIRONMENT_ERRNOS.get(number)
     if cause is None:
         return None
-    paths = [os.fsdecode(p) for p in (e.filename, e.filename2) if p is not None]
-    where = " -> ".join(p if len(p) <= 200 else p[:96] + "…" + p[-96:] for p in paths) or "(no path given)"
-    return UserError(f"{where}: {cause} ({e.strerror or os.strerror(e.errno)})")
+    names = [getattr(e, "filename", None), getattr(e, "filename2", None)]
+    paths = [_short(os.fsdecode(p)) for p in names if p is not None]
+    if not paths and where is not None:
+        paths = [_short(os.fsdecode(where))]
+    return UserError(f"{' -> '.join(paths) or '(no path given)'}: {cause} ({os.strerror(number)})")
+
+
+@contextlib.contextmanager
+def environment_faults(where: str | os.PathLike):
+    """Inside: an environment fault (:func:`environment_error`) becomes a one-line UserError naming
+    its path, or ``where`` (the step's output) when the error names none (a write on an open file,
+    pyarrow, safetensors)."""
+    try:
+        yield
+    except UserError:
+        raise
+    except Exception as e:
+        mapped = environment_error(e, where)
+        if mapped is None:
+            raise
+        raise mapped from None
 
 
 def guarded(fn: Callable, *args, **kwargs):
@@ -46,7 +80,7 @@ def guarded(fn: Callable, *args, **kwargs):
     except UserError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
-    except OSError as e:
+    except OSError as e:  # a path named in the error itself (mkdir, open, rename, ...)
         mapped = environment_error(e)
         if mapped is None:
             raise
