@@ -5,6 +5,7 @@ nothing behind that a later step could take for a result."""
 from __future__ import annotations
 
 import errno
+import gc
 import hashlib
 import json
 import os
@@ -289,8 +290,10 @@ def test_prep_on_a_really_full_disk(tmp_path, capsys):
         err = capsys.readouterr().err.splitlines()[-1]  # after the progress bars
         assert err.startswith(f"error: {mnt}/dataset") and err.endswith("disk full (No space left on device)"), err
         assert not (mnt / "dataset" / CARD).exists()
+        del e  # its traceback holds the failed writers and their open files
     finally:
-        subprocess.run(["umount", "--lazy", str(mnt)], check=True)  # lazy: the failed writers' files may still be open
+        gc.collect()
+        subprocess.run(["umount", str(mnt)], check=True)
 
 
 def test_merge_eval_disk_full_is_one_line_and_leaves_no_card(tiny_workspace, tmp_path, monkeypatch, capsys):
