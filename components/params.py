@@ -19,12 +19,12 @@ def load_run_config(preset: str, overrides: list, config: str = "", settings: li
 def _resolve(preset: str, overrides: list, config: str, settings: list):
     import yaml
 
-    from llmneo.config import apply_overrides, config_from_dict, read_preset
+    from llmneo.config import apply_overrides, config_from_dict, load_yaml, read_preset
     from llmneo.errors import UserError
 
     if config.strip():
         try:
-            data = yaml.safe_load(config)
+            data = load_yaml(config)
         except yaml.YAMLError as e:
             raise UserError(f"config: not valid YAML ({str(e).splitlines()[0]})") from None
         if not isinstance(data, dict):

@@ -28,7 +28,7 @@ from typing import Any
 from llmneo.compare import parse_grid, run_compare
 from llmneo.compare_report import print_summary
 from llmneo.config import describe_fields, dump_yaml, load_config, preset_names
-from llmneo.errors import guarded
+from llmneo.errors import UserError, guarded, quiet_broken_pipe
 from llmneo.registry.cli import add_parser as add_registry_parser
 from llmneo.report import comparison, gate_line, table
 from llmneo.steps import STEPS
@@ -84,6 +84,8 @@ def _dest(option: str) -> str:
 def cmd_step(args) -> int:
     """``llmneo <step>``: the step's function on the folders given as options (see :data:`STEPS`)."""
     step = args.step
+    for option in step.outputs:
+        _check_out(getattr(args, _dest(option)), f"--{option}")
     folders = [getattr(args, _dest(o)) for o in (*step.inputs, *step.outputs)]
     extra = {"run_id": args.run_id, "force": args.force} if step.name == "register" else {}
     result = step.function(_config(args), *folders, **extra)
@@ -91,9 +93,19 @@ def cmd_step(args) -> int:
     return 0
 
 
+def _check_out(path: Path, option: str) -> None:
+    """An output folder option names a folder (or nothing yet), not a file: said before any work."""
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{option} {path}: is a file, not a folder")
+    for parent in path.parents:
+        if parent.exists() and not parent.is_dir():
+            raise UserError(f"{option} {path}: {parent} is a file, not a folder")
+
+
 def cmd_compare(args) -> int:
     cfg = _config(args)
     out = args.out or Path("runs/compare") / cfg.name
+    _check_out(out, "--out")
     print_summary(run_compare(cfg, out, parse_grid(args.grid)), out)
     return 0
 
@@ -148,7 +160,7 @@ def build_parser(extensions: Sequence[Callable[[Any], None]] = (), epilog: str |
 def main(argv: list[str] | None = None, extensions: Sequence[Callable[[Any], None]] = (),
          epilog: str | None = None) -> int:
     args = build_parser(extensions, epilog).parse_args(argv)
-    return guarded(functools.partial(args.fn, args))
+    return quiet_broken_pipe(guarded, functools.partial(args.fn, args))
 
 
 if __name__ == "__main__":

@@ -69,6 +69,7 @@ SECRET_ENV = {
     HUB_SECRET: ["HF_TOKEN"],
 }
 IMAGE_GID = 1000  # the image's user and group (images/Dockerfile)
+IMAGE_HOME, IMAGE_CACHE = "/home/llmneo", "/cache"  # images/Dockerfile: HOME; HF_HOME and LLMNEO_CACHE below /cache
 NO_ISTIO = {"labels": {"sidecar.istio.io/inject": "false"}, "annotations": {"sidecar.istio.io/inject": "false"}}
 # Trainer v2.2.0 is the first release whose TrainJob has runtimePatches and activeDeadlineSeconds
 # (kubeflow/trainer 38d8243cf "Replace PodTemplateOverrides with RuntimePatches API"; v2.1.0's CRD has
@@ -116,7 +117,9 @@ def build_trainjob(cfg: Config, name: str, namespace: str, image: str, staging: 
     ``owner`` (:func:`launcher_owner`): the launcher pod owns the job, so the garbage collector
     removes it with the pod. The node pods opt out of Istio sidecar injection (profile namespaces
     inject one, and a sidecar that never exits keeps a finished node "running") and run with
-    fsGroup 1000, so a cache volume created by root is writable by the image's uid 1000.
+    fsGroup 1000, so a cache volume created by root is writable by the image's uid 1000. Containers
+    meet the restricted Pod Security Standard and have a read-only root filesystem: /tmp (the work
+    folder), $HOME and /cache (unless forwarded) are emptyDir volumes.
     """
     task = task or {}
     d, c = cfg.distill, cfg.cluster
@@ -125,16 +128,24 @@ def build_trainjob(cfg: Config, name: str, namespace: str, image: str, staging: 
     forwarded = [e for e in task.get("env", []) if e.get("name")]
     names = {e["name"] for e in forwarded}
     env = forwarded + [e for e in secret_env() if e["name"] not in names]
-    volumes = [{"name": "dshm", "emptyDir": {"medium": "Memory"}}, {"name": "work", "emptyDir": {}}]
-    mounts = [{"name": "dshm", "mountPath": "/dev/shm"}, {"name": "work", "mountPath": "/tmp"}]
+    # the root filesystem is read-only: every path a node writes is a volume (the work folder and
+    # temp files under /tmp, $HOME's tool caches, /cache unless the task forwards its cache volume)
+    volumes = [{"name": "dshm", "emptyDir": {"medium": "Memory"}}, {"name": "work", "emptyDir": {}},
+               {"name": "home", "emptyDir": {}}]
+    mounts = [{"name": "dshm", "mountPath": "/dev/shm"}, {"name": "work", "mountPath": "/tmp"},
+              {"name": "home", "mountPath": IMAGE_HOME}]
     taken = {v["name"] for v in volumes}
     volumes += [v for v in task.get("volumes", []) if v.get("name") not in taken]
     mounts += [m for m in task.get("volume_mounts", []) if m.get("name") not in taken]
+    if not any(m.get("mountPath") == IMAGE_CACHE for m in mounts):
+        volumes.append({"name": "node-cache", "emptyDir": {}})
+        mounts.append({"name": "node-cache", "mountPath": IMAGE_CACHE})
+    container_security = {**restricted_container_security(), "readOnlyRootFilesystem": True}
     pod = {
         "securityContext": {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"},
                             "fsGroup": IMAGE_GID, "fsGroupChangePolicy": "OnRootMismatch"},
         "volumes": volumes,
-        "containers": [{"name": NODE, "volumeMounts": mounts, "securityContext": restricted_container_security()}],
+        "containers": [{"name": NODE, "volumeMounts": mounts, "securityContext": container_security}],
     }
     if task.get("node_selector"):
         pod["nodeSelector"] = dict(task["node_selector"])

@@ -27,7 +27,17 @@ from typing import Any, Literal
 
 import yaml
 
-from llmneo.errors import ConfigError
+from llmneo.errors import ConfigError, first_line
+from llmneo.task_index import local_task_names, unknown_tasks
+
+# data.max_length: the longest context of current open models (128k); more is a typo (an extra 0)
+# that would otherwise surface as an out-of-memory error in the first training step
+MAX_LENGTH = 131072
+# registry.name / registry.aliases: they become object keys (llmneo.registry.core.NAME_RE is this)
+REGISTRY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_VERSION_LIKE = re.compile(r"^v?(\d+)$")
+# eval.thresholds entries: METRIC>=VALUE or METRIC<=VALUE
+_THRESHOLD = re.compile(r"^\s*(?P<metric>[^<>=\s]+)\s*(?P<op>>=|<=)\s*(?P<value>\S+)\s*$")
 
 
 def _f(default: Any = dataclasses.MISSING, *, lo: float | None = None, hi: float | None = None,
@@ -57,7 +67,7 @@ class DataConfig:
         "auto", doc="record format; auto = detected per record (messages > conversations > "
         "instruction/output > text), counts per format in card.json")
     chat_template: str = _f("", doc="'' = the student tokenizer's chat template; 'chatml'; or a Jinja template")
-    max_length: int = _f(256, lo=8, doc="max tokens per example (prompt + response)")
+    max_length: int = _f(256, lo=8, hi=MAX_LENGTH, doc="max tokens per example (prompt + response)")
     truncation: Literal["truncate", "drop"] = _f("truncate", doc="what to do with longer examples")
     assistant_only_labels: bool = _f(True, doc="train only on assistant tokens (labels -100 elsewhere)")
     packing: bool = _f(False, doc="pack train examples into max_length rows (adds position_ids; see README)")
@@ -293,7 +303,44 @@ class Config:
             raise ConfigError("teacher.tiny.hidden_size: must be divisible by teacher.tiny.num_heads")
         if self.student.tiny.hidden_size % self.student.tiny.num_heads:
             raise ConfigError("student.tiny.hidden_size: must be divisible by student.tiny.num_heads")
+        self._check_values()
         return self
+
+    def _check_values(self) -> None:
+        """Values that used to be checked only by the step using them, hours into a run."""
+        if not self.data.source.strip():
+            raise ConfigError("data.source: empty; give builtin:NAME, a file or folder, hf:ID or s3://bucket/prefix")
+        for key, value in (("teacher.source", self.teacher.source), ("student.source", self.student.source)):
+            if not value.strip():
+                raise ConfigError(f"{key}: empty; give tiny, smollm2, a model folder, hf:ID or s3://bucket/prefix")
+        for i, rule in enumerate(self.eval.thresholds):
+            parse_threshold(rule, f"eval.thresholds[{i}]")
+        if not REGISTRY_NAME.match(self.registry.name):
+            raise ConfigError(f"registry.name: {self.registry.name!r} must match {REGISTRY_NAME.pattern}")
+        for i, alias in enumerate(self.registry.aliases):
+            if not REGISTRY_NAME.match(alias) or _VERSION_LIKE.match(alias):
+                raise ConfigError(f"registry.aliases[{i}]: {alias!r} must match {REGISTRY_NAME.pattern} "
+                                  f"and not look like a version")
+        for key, tasks in (("eval.lm_eval_tasks", self.eval.lm_eval_tasks),
+                           ("compare.lm_eval_tasks", self.compare.lm_eval_tasks)):
+            unknown = unknown_tasks(tasks)
+            if unknown:
+                raise ConfigError(f"{key}: unknown task(s) {', '.join(unknown)}; repo tasks: "
+                                  f"{', '.join(sorted(local_task_names()))}, or an installed lm-eval task/group name")
+
+
+def parse_threshold(rule: str, key: str = "eval.thresholds") -> tuple[str, str, float]:
+    """``"arc_easy/acc_norm>=0.4"`` → ("arc_easy/acc_norm", ">=", 0.4); a malformed rule is a ConfigError."""
+    m = _THRESHOLD.match(rule)
+    value = None
+    if m:
+        try:
+            value = float(m["value"])
+        except ValueError:
+            value = None
+    if value is None or value != value:  # NaN would make every comparison fail silently
+        raise ConfigError(f"{key}: {rule!r} is not METRIC>=VALUE or METRIC<=VALUE")
+    return m["metric"], m["op"], value
 
 
 # --------------------------------------------------------------------------------------------
@@ -400,7 +447,7 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     if not key or any(not part for part in key.split(".")):
         raise ConfigError(f"override {item!r}: empty key")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = load_yaml(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
     return key.split("."), value
@@ -423,20 +470,61 @@ def preset_names() -> list[str]:
     return sorted(p.name[:-5] for p in resources.files("llmneo_presets").iterdir() if p.name.endswith(".yaml"))
 
 
+class UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key written twice in one mapping (PyYAML keeps the last one,
+    so a preset with ``alpha: 0.5`` … ``alpha: 0.9`` would silently run with 0.9)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                first = seen.setdefault(key, key_node.start_mark.line + 1)
+            except TypeError:  # an unhashable key: SafeLoader reports it below
+                continue
+            if first != key_node.start_mark.line + 1:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (line {key_node.start_mark.line + 1}, first on "
+                    f"line {first})", key_node.start_mark)
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_yaml(text: str):
+    """``yaml.safe_load`` with duplicate keys refused (:class:`UniqueKeyLoader`)."""
+    return yaml.load(text, Loader=UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+
+
+def _yaml_error(e: yaml.YAMLError) -> str:
+    problem = getattr(e, "problem", None)
+    mark = getattr(e, "problem_mark", None)
+    if problem and mark is not None:
+        return f"{problem} at line {mark.line + 1}"
+    return str(e).splitlines()[0]
+
+
 def read_preset(preset: str) -> dict:
-    """Raw dict of a preset (by name, or a path to a YAML file)."""
+    """Raw dict of a preset (by name, or a path to a YAML file): UTF-8, no duplicate keys."""
     path = Path(preset)
-    if preset.endswith((".yaml", ".yml")) and path.is_file():
-        text = path.read_text()
+    if preset.endswith((".yaml", ".yml")) and path.exists():
+        try:
+            raw = path.read_bytes()
+        except OSError as e:
+            raise ConfigError(f"preset {preset}: cannot read ({e.strerror or first_line(e)})") from None
     else:
         res = resources.files("llmneo_presets").joinpath(f"{preset}.yaml")
         if not res.is_file():
             raise ConfigError(f"preset: unknown preset {preset!r}; known: {', '.join(preset_names())}")
-        text = res.read_text()
+        raw = res.read_bytes()
     try:
-        data = yaml.safe_load(text) or {}
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise ConfigError(f"preset {preset}: not UTF-8 text (byte 0x{raw[e.start]:02x} on line {line}); "
+                          f"save the file as UTF-8") from None
+    try:
+        data = load_yaml(text) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"preset {preset}: not valid YAML ({str(e).splitlines()[0]})") from None
+        raise ConfigError(f"preset {preset}: not valid YAML ({_yaml_error(e)})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"preset {preset}: must be a mapping")
     return data

@@ -98,6 +98,8 @@ class Source:
 def open_source(dcfg) -> Iterator[Source]:
     """Resolve ``dcfg.source`` (a :class:`llmneo.config.DataConfig`) into a :class:`Source`."""
     source = dcfg.source
+    if not source.strip():  # Path("") is the working directory: it would read every JSON file in it
+        raise UserError("data.source: empty; give builtin:NAME, a file or folder, hf:ID or s3://bucket/prefix")
     if source.startswith("s3://"):
         tmp = Path(tempfile.mkdtemp(prefix="llmneo-s3-data-"))
         try:
@@ -176,10 +178,11 @@ def _hub_source(source: str, dcfg) -> Source:
 def _download_s3(uri: str, dest: Path) -> Path:
     """One object (``s3://b/x.jsonl``) or every object under a prefix, into ``dest``."""
     has_key = "/" in uri.partition("://")[2].strip("/")  # s3://bucket/key, not a bare bucket
+    label = f"data.source: {uri}"
     if has_key and Path(uri).suffix in FILE_SUFFIXES and not uri.endswith("/"):
-        store, name = open_object(uri)
+        store, name = open_object(uri, label)
         return store.get_file(name, safe_path(name, dest, uri))
-    download_prefix(uri, dest)
+    download_prefix(uri, dest, label)
     return dest
 
 
@@ -216,6 +219,8 @@ def _jsonl_records(path: Path, hasher):
     with open(path, "rb") as f:
         for pos, raw in enumerate(f, start=1):
             hasher.update(raw)
+            if pos == 1:  # a UTF-8 byte-order mark (Windows editors) is not part of the first record
+                raw = raw.removeprefix(codecs.BOM_UTF8)
             if not raw.strip():
                 continue
             try:

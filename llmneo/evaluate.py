@@ -23,7 +23,6 @@ import copy
 import json
 import logging
 import math
-import re
 import shutil
 import tempfile
 import time
@@ -35,15 +34,15 @@ import torch.nn.functional as F
 
 from llmneo import cards
 from llmneo.cards import DatasetCard, DistillCard, EvalCard, ModelCard
-from llmneo.config import Config
+from llmneo.config import Config, parse_threshold
 from llmneo.data import collate, read_split
 from llmneo.errors import UserError
 from llmneo.heads import logits_head
 from llmneo.lora import merge_adapter  # the one place adapters are merged (peft LoRA variants, MoSLoRA)
 from llmneo.losses import divergence, shift_mask
 from llmneo.models import load_causal_lm, load_tokenizer, model_location
+from llmneo.task_index import TASK_DIR, local_task_names
 
-TASK_DIR = Path(__file__).resolve().parent / "tasks"
 FIDELITY_KEYS = ("kl_to_teacher", "top1_agreement", "perplexity")
 MC_TASK = "llmneo_mc"
 VAL_PPL_TASK = "llmneo_val_ppl"
@@ -253,16 +252,6 @@ def fidelity(models: dict[str, torch.nn.Module], teacher: torch.nn.Module, rows:
 # --------------------------------------------------------------------------------------------
 
 
-def local_task_names() -> set[str]:
-    """Task names defined by the YAMLs shipped in ``llmneo/tasks/``."""
-    names = set()
-    for path in TASK_DIR.glob("*.yaml"):
-        m = re.search(r"^task:\s*(\S+)", path.read_text(), re.MULTILINE)
-        if m:
-            names.add(m.group(1))
-    return names
-
-
 def export_val_text(dataset_dir: str | Path, tokenizer, path: Path) -> Path:
     """The val split's rows decoded back to text, one ``{"text": …}`` per line (llmneo_val_ppl's data)."""
     rows = read_split(dataset_dir, "val")
@@ -426,9 +415,6 @@ def evaluate_models(models: dict[str, ModelSpec], teacher: ModelSpec, dataset_di
 # Gate
 # --------------------------------------------------------------------------------------------
 
-_RULE = re.compile(r"^\s*(?P<metric>[^<>=\s]+)\s*(?P<op>>=|<=)\s*(?P<value>[-+0-9.eE]+)\s*$")
-
-
 def thresholds(cfg: Config) -> list[tuple[str, str, float, str]]:
     """Every active gate rule as (metric, op, value, config key)."""
     e = cfg.eval
@@ -438,11 +424,9 @@ def thresholds(cfg: Config) -> list[tuple[str, str, float, str]]:
         rules.append(("top1_agreement", ">=", e.min_top1_agreement, "eval.min_top1_agreement"))
     if e.min_mc_accuracy > 0:
         rules.append((f"{MC_TASK}/acc", ">=", e.min_mc_accuracy, "eval.min_mc_accuracy"))
-    for i, rule in enumerate(e.thresholds):
-        m = _RULE.match(rule)
-        if not m:
-            raise UserError(f"eval.thresholds[{i}]: {rule!r} is not METRIC>=VALUE or METRIC<=VALUE")
-        rules.append((m["metric"], m["op"], float(m["value"]), f"eval.thresholds[{i}]"))
+    for i, rule in enumerate(e.thresholds):  # syntax already checked when the configuration loaded
+        key = f"eval.thresholds[{i}]"
+        rules.append((*parse_threshold(rule, key), key))
     return rules
 
 

@@ -7,11 +7,13 @@ cluster run never copies an 8B teacher through the artifact store.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
 import math
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -211,6 +213,13 @@ def hub_snapshot(repo_id: str, revision: str | None, field: str = "teacher.sourc
     """
     from huggingface_hub import constants, snapshot_download
 
+    if revision and re.fullmatch(r"[0-9a-f]{40}", revision):
+        # a pinned commit never changes: the cached snapshot (the teacher step downloaded it into the
+        # shared cache) is used without the network or a hub token (later pipeline steps have none)
+        with contextlib.suppress(Exception):
+            path = Path(snapshot_download(repo_id, revision=revision, allow_patterns=HUB_PATTERNS,
+                                          local_files_only=True))
+            return path, path.name
     try:
         path = Path(snapshot_download(repo_id, revision=revision, allow_patterns=HUB_PATTERNS,
                                       local_files_only=constants.HF_HUB_OFFLINE))

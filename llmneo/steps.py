@@ -23,7 +23,7 @@ import yaml
 
 from llmneo.cards import DatasetCard, DistillCard, EvalCard, ModelCards
 from llmneo.config import Config, dump_yaml
-from llmneo.errors import UserError
+from llmneo.errors import UserError, environment_faults
 from llmneo.launch import TrainerInputs, launch_env, run_forwarding_signals, torchrun_command, write_workdir
 
 # The step bodies live in modules that import torch/transformers; they are imported inside each
@@ -35,7 +35,8 @@ def prepare_dataset(cfg: Config, dataset_out: str | Path) -> DatasetCard:
     from llmneo.data import run_prep
     from llmneo.teacher import student_tokenizer
 
-    return run_prep(cfg, student_tokenizer(cfg), dataset_out)
+    with environment_faults(dataset_out):
+        return run_prep(cfg, student_tokenizer(cfg), dataset_out)
 
 
 def load_teacher(cfg: Config, dataset_dir: str | Path, teacher_out: str | Path,
@@ -44,7 +45,8 @@ def load_teacher(cfg: Config, dataset_dir: str | Path, teacher_out: str | Path,
     with ``teacher.mode=offline``, cache the teacher's top-k log-probabilities (``teacher_out/topk``)."""
     from llmneo.teacher import run_teacher
 
-    return run_teacher(cfg, dataset_dir, teacher_out, student_out)
+    with environment_faults(teacher_out):
+        return run_teacher(cfg, dataset_dir, teacher_out, student_out)
 
 
 def distill_student(cfg: Config, dataset_dir: str | Path, teacher_dir: str | Path, student_dir: str | Path,
@@ -81,7 +83,8 @@ def merge_and_evaluate(cfg: Config, dataset_dir: str | Path, teacher_dir: str | 
     """Step 4: merge the adapter, evaluate against the teacher, write the report and gate."""
     from llmneo.evaluate import run_merge_eval
 
-    return run_merge_eval(cfg, dataset_dir, teacher_dir, student_dir, distill_dir, model_out)
+    with environment_faults(model_out):
+        return run_merge_eval(cfg, dataset_dir, teacher_dir, student_dir, distill_dir, model_out)
 
 
 def register_model(cfg: Config, model_dir: str | Path, run_id: str | None = None, force: str | None = None) -> dict:
@@ -110,7 +113,8 @@ def register_model(cfg: Config, model_dir: str | Path, run_id: str | None = None
     if force is not None:
         lineage["forced"] = force.strip()
     registry = open_registry(cfg.registry)
-    manifest = registry.register(cfg.registry.name, model_dir, lineage, card.metrics, cfg.registry.aliases)
+    with environment_faults(cfg.registry.uri):
+        manifest = registry.register(cfg.registry.name, model_dir, lineage, card.metrics, cfg.registry.aliases)
     kubeflow = mirror(cfg.registry, manifest)
     return {**manifest, **({"kubeflow_model_registry": kubeflow} if kubeflow else {})}
 

@@ -38,6 +38,7 @@ import yaml
 
 from llmneo.config import dump_yaml, load_config
 from llmneo.errors import UserError
+from llmneo.preflight import preflight
 
 PIPELINE_NAME = "llm-neo"  # = pipelines/llm_neo.py PIPELINE_NAME (a test checks)
 DEFAULT_EXPERIMENT = "llmneo"
@@ -109,6 +110,7 @@ def run_parameters(preset: str, overrides: list[str], pool: dict | None = None, 
     prefix = f"{where}: " if where else ""
     try:
         cfg = load_config(preset, overrides)
+        preflight(cfg, local=False)  # local paths are the pods' paths: only URIs are checked from here
     except UserError as e:
         raise UserError(f"{prefix}{e}") from None
     declared = pipeline_spec(package)["root"]["inputDefinitions"]["parameters"]

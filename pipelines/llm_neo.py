@@ -23,8 +23,8 @@ resolvePodSpecInputRuntimeParameter), so an integer parameter would become an em
 Kubernetes (kfp-kubernetes; kfp.local ignores it): distill asks for ``distill_gpus`` GPUs on the pool
 chosen by ``gpu_node_selector`` / ``gpu_tolerations`` (pipeline parameters, e.g. from a
 k8s/overlays/*/pool.yaml), with /dev/shm; merge-and-eval for ``eval_gpus``; prep, teacher loading
-and register are CPU only. Every step gets the S3/hub secrets as env, the cache volume and a
-deadline. ``distill_nodes`` > 1 takes the other branch: the same component as a small launcher pod
+and register are CPU only. Each step gets only the S3/hub secrets it needs (``STEP_SECRETS``) as
+env, the cache volume and a deadline. ``distill_nodes`` > 1 takes the other branch: the same component as a small launcher pod
 whose GPU/pool settings KFP forwards (TaskConfig passthrough, KFP >= 2.15) to a Kubeflow Trainer
 TrainJob; the launcher learns its pod's name, uid and workflow (downward API) to own the TrainJob
 and to find it again after a retry.
@@ -36,7 +36,7 @@ import re
 
 from kfp import compiler, dsl, kubernetes
 
-from llmneo.cluster import POD_IDENTITY_ENV, SECRET_ENV
+from llmneo.cluster import HUB_SECRET, POD_IDENTITY_ENV, S3_SECRET, SECRET_ENV
 from llmneo_components.distill import distill, distill_multinode
 from llmneo_components.images import CPU_IMAGE
 from llmneo_components.merge_eval import merge_eval
@@ -54,9 +54,20 @@ LIGHT = {"prep": ("2", "8Gi"), "teacher": ("4", "48Gi"), "register": ("1", "2Gi"
 A100_TOLERATIONS = [{"key": GPU, "operator": "Exists", "effect": "NoSchedule"}]
 
 
-def _secrets_and_cache(task: dsl.PipelineTask, cache: bool = True) -> dsl.PipelineTask:
-    """S3 and hub credentials from the Kubernetes secrets (optional), and the cache volume."""
-    for secret, keys in SECRET_ENV.items():
+# Least privilege: the credentials each step may need, and nothing more (docs/kubeflow.md). prep and
+# load-teacher read data.source / model sources that may be s3:// or hf:; load-teacher pins a hub
+# model to its commit and downloads it into the cache volume, where distill and merge-eval find it
+# without the hub (llmneo.models.hub_snapshot reads a pinned commit locally first); they still
+# re-list s3:// model sources and write checkpoints/staging to S3. register writes the registry.
+STEP_SECRETS = {"prep": (S3_SECRET, HUB_SECRET), "teacher": (S3_SECRET, HUB_SECRET), "distill": (S3_SECRET,),
+                "distill-multinode": (S3_SECRET,), "eval": (S3_SECRET,), "register": (S3_SECRET,)}
+
+
+def _secrets_and_cache(task: dsl.PipelineTask, step: str, cache: bool = True) -> dsl.PipelineTask:
+    """The step's credentials (:data:`STEP_SECRETS`) from the Kubernetes secrets (optional), and
+    the cache volume."""
+    for secret in STEP_SECRETS[step]:
+        keys = SECRET_ENV[secret]
         kubernetes.use_secret_as_env(task, secret_name=secret, secret_key_to_env={k: k for k in keys}, optional=True)
     if cache:
         kubernetes.mount_pvc(task, pvc_name=CACHE_PVC, mount_path="/cache")
@@ -106,12 +117,12 @@ def llm_neo(preset: str = "tiny", overrides: list = [], config: str = "",  # noq
     cfg = dict(preset=preset, overrides=overrides, config=config)
     prep_task = prep_data(**cfg)
     prep_task.set_display_name("data prep").set_retry(num_retries=2, backoff_duration="30s")
-    _secrets_and_cache(_light(prep_task, "prep"))
+    _secrets_and_cache(_light(prep_task, "prep"), "prep")
     kubernetes.set_timeout(prep_task, TIMEOUT_S["prep"])
 
     teacher_task = load_teacher(**cfg, dataset=prep_task.outputs["dataset"])
     teacher_task.set_display_name("teacher loading").set_retry(num_retries=2, backoff_duration="60s")
-    _secrets_and_cache(_light(teacher_task, "teacher"))
+    _secrets_and_cache(_light(teacher_task, "teacher"), "teacher")
     kubernetes.set_timeout(teacher_task, TIMEOUT_S["teacher"])
 
     distill_inputs = dict(**cfg, gpus=distill_gpus, nodes=distill_nodes,
@@ -120,13 +131,14 @@ def llm_neo(preset: str = "tiny", overrides: list = [], config: str = "",  # noq
     with dsl.If(distill_nodes == 1, name="one-node"):  # torchrun in the pod, which holds the GPUs
         distill_task = distill(**distill_inputs)
         distill_task.set_display_name("NEO distill").set_retry(num_retries=1, backoff_duration="60s")
-        _secrets_and_cache(_gpu_pool(distill_task, distill_gpus, gpu_node_selector, gpu_tolerations))
+        _secrets_and_cache(_gpu_pool(distill_task, distill_gpus, gpu_node_selector, gpu_tolerations), "distill")
         kubernetes.empty_dir_mount(distill_task, volume_name="dshm", mount_path="/dev/shm", medium="Memory")
         kubernetes.set_timeout(distill_task, TIMEOUT_S["distill"])
     with dsl.Else(name="several-nodes"):  # a CPU launcher pod; the GPU settings go to the TrainJob
         multinode_task = distill_multinode(**distill_inputs)
         multinode_task.set_display_name("NEO distill (TrainJob)").set_retry(num_retries=1, backoff_duration="60s")
-        _secrets_and_cache(_gpu_pool(multinode_task, distill_gpus, gpu_node_selector, gpu_tolerations))
+        _secrets_and_cache(_gpu_pool(multinode_task, distill_gpus, gpu_node_selector, gpu_tolerations),
+                           "distill-multinode")
         multinode_task.set_env_variable("LLMNEO_IMAGE", multinode_task.container_spec.image)
         _launcher_identity(multinode_task)
         kubernetes.set_timeout(multinode_task, TIMEOUT_S["distill"])
@@ -136,7 +148,7 @@ def llm_neo(preset: str = "tiny", overrides: list = [], config: str = "",  # noq
                            dataset=prep_task.outputs["dataset"], teacher=teacher_task.outputs["teacher"],
                            student=teacher_task.outputs["student"], adapter=adapter)
     eval_task.set_display_name("merge and eval")
-    _secrets_and_cache(_gpu_pool(eval_task, eval_gpus, gpu_node_selector, gpu_tolerations))
+    _secrets_and_cache(_gpu_pool(eval_task, eval_gpus, gpu_node_selector, gpu_tolerations), "eval")
     kubernetes.empty_dir_mount(eval_task, volume_name="dshm", mount_path="/dev/shm", medium="Memory")
     kubernetes.set_timeout(eval_task, TIMEOUT_S["eval"])
 
@@ -146,7 +158,7 @@ def llm_neo(preset: str = "tiny", overrides: list = [], config: str = "",  # noq
         register_task.set_display_name("register").set_caching_options(False)
         register_task.set_retry(num_retries=2, backoff_duration="30s")
         register_task.set_container_image(CPU_IMAGE)  # no torch needed: the light image
-        _secrets_and_cache(_light(register_task, "register"), cache=False)
+        _secrets_and_cache(_light(register_task, "register"), "register", cache=False)
         kubernetes.set_timeout(register_task, TIMEOUT_S["register"])
 
 

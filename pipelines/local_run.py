@@ -17,6 +17,7 @@ from pathlib import Path
 from llmneo.cards import DatasetCard, DistillCard, EvalCard, ModelCard, ModelCards
 from llmneo.config import load_config
 from llmneo.errors import UserError
+from llmneo.preflight import preflight
 from llmneo.report import table
 from llmneo.steps import STEPS as PIPELINE_STEPS
 
@@ -86,6 +87,7 @@ def run_local(preset: str, overrides: list[str], pipeline_root: str = "runs/kfp"
     local_oneof.install()
 
     cfg = load_config(preset, overrides)  # validate before anything runs
+    preflight(cfg)  # every input exists and is readable: a missing file fails now, not after retries
     overrides = list(overrides)
     registry = cfg.registry.uri
     if not registry.startswith("s3://") and not Path(registry).is_absolute():

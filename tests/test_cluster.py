@@ -502,3 +502,25 @@ def test_a_failed_job_of_an_earlier_attempt_is_replaced(monkeypatch, tmp_path):
     fake = FakeKube(existing=earlier)
     assert _attach(fake, "ns", "llmneo-r2", None, log=lambda *_: None) is False  # the caller creates afresh
     assert [c[0] for c in fake.calls] == ["find_job", "delete_job", "find_job"]
+
+
+def test_trainjob_nodes_run_with_a_read_only_root_filesystem():
+    """Least privilege: restricted securityContext and a read-only root; every path a node writes is
+    a volume (/tmp = the work folder, $HOME, /cache unless the task forwards its cache volume)."""
+    validator = crd_validator(TRAINJOB_CRD, "v1alpha1")
+    for task, cache_volume in ((task_settings(KFP_TASK_CONFIG), "cache"), (None, "node-cache")):
+        job = build_trainjob(multinode_cfg(), "llmneo-abc", "team-a", "llmneo/llmneo:0.1.0", "s3://b/stage/x", task)
+        assert errors(validator, job) == []
+        (patch,) = job["spec"]["runtimePatches"]
+        (rj,) = patch["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"]
+        pod = rj["template"]["spec"]["template"]["spec"]
+        (container,) = pod["containers"]
+        assert container["securityContext"] == {
+            "allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}, "runAsNonRoot": True,
+            "seccompProfile": {"type": "RuntimeDefault"}, "readOnlyRootFilesystem": True}
+        mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+        assert mounts["/tmp"] == "work" and mounts["/home/llmneo"] == "home" and mounts["/cache"] == cache_volume
+        assert mounts["/dev/shm"] == "dshm"
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        assert set(mounts.values()) <= set(volumes)  # every mount has its volume
+        assert volumes["work"] == {"name": "work", "emptyDir": {}} and volumes["home"] == {"name": "home", "emptyDir": {}}

@@ -66,14 +66,24 @@ def test_gpu_pool_selector_tolerations_shm_and_deadlines(compiled):
     assert all(deadlines[k] > 0 for k in ("prep-data", "load-teacher", "merge-eval", "register"))
 
 
-def test_secrets_as_env_on_every_step(compiled):
+def test_each_step_gets_only_the_secrets_it_needs(compiled):
+    """Least privilege: the hub token only where hub sources are resolved online (prep: hf: data;
+    load-teacher: hf: models, pinned into the cache the later steps read); S3 wherever s3:// inputs,
+    checkpoints, staging or the registry may be touched."""
     _, executors = compiled
     assert len(executors) == 6
+    want = {"prep-data": {"llmneo-s3", "llmneo-hub"}, "load-teacher": {"llmneo-s3", "llmneo-hub"},
+            "distill": {"llmneo-s3"}, "distill-multinode": {"llmneo-s3"}, "merge-eval": {"llmneo-s3"},
+            "register": {"llmneo-s3"}}
+    assert {name.removeprefix("exec-") for name in executors} == set(want)
     for name, ex in executors.items():
         got = {s["secretName"]: ({k["secretKey"]: k["envVar"] for k in s["keyToEnv"]}, s["optional"])
                for s in ex["secretAsEnv"]}
+        assert set(got) == want[name.removeprefix("exec-")], name
         assert got["llmneo-s3"][0]["AWS_SECRET_ACCESS_KEY"] == "AWS_SECRET_ACCESS_KEY", name
-        assert got["llmneo-hub"] == ({"HF_TOKEN": "HF_TOKEN"}, True), name
+        assert got["llmneo-s3"][1] is True, name  # optional: a run without S3 still starts
+        if "llmneo-hub" in got:
+            assert got["llmneo-hub"] == ({"HF_TOKEN": "HF_TOKEN"}, True), name
         if name != "exec-register":
             assert ex["pvcMount"][0]["mountPath"] == "/cache"
 

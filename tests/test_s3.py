@@ -10,10 +10,14 @@ pytestmark = pytest.mark.integration
 
 
 def test_parse_uri():
-    assert parse_uri("s3://b/x/y/") == ("b", "x/y")
-    assert parse_uri("s3://b") == ("b", "")
+    assert parse_uri("s3://bkt/x/y/") == ("bkt", "x/y")
+    assert parse_uri("s3://bkt") == ("bkt", "")
     with pytest.raises(UserError, match="missing bucket"):
         parse_uri("s3:///x")
+    # S3 bucket naming rules, checked before any network call
+    for bad in ("b", "Bad_Bucket!", "UPPER", "-dash", "a..b", "192.168.1.1", "x" * 64):
+        with pytest.raises(UserError, match=rf"'{bad}' is not a valid S3 bucket name"):
+            parse_uri(f"s3://{bad}/x", f"data.source: s3://{bad}/x")
 
 
 def test_download_prefix_round_trip_with_checksums(s3_bucket, tmp_path):

@@ -28,6 +28,7 @@ import time
 import uuid
 from pathlib import Path
 
+from llmneo.config import REGISTRY_NAME
 from llmneo.errors import UserError
 from llmneo.storage import safe_path, sha256_file
 
@@ -35,7 +36,7 @@ MANIFEST = "manifest.json"
 CLAIM = ".claim"
 ALIASES = "_aliases"
 SCHEMA = "llmneo.registry/v1"
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+NAME_RE = REGISTRY_NAME  # the configuration checks registry.name with the same rule when it loads
 VERSION_RE = re.compile(r"^v?(\d+)$")
 REF_RE = re.compile(r"^(?P<name>[^:@\s]+)(?::(?P<version>[^:@\s]+)|@(?P<alias>[^:@\s]+))?$")
 # files at the root of a model folder that belong to the registry, not to the model

@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import os
+import re
 from pathlib import Path
 
 import boto3
@@ -31,13 +32,26 @@ from llmneo.storage.base import Entry, Progress, sha256_file
 _MISSING = ("NoSuchKey", "404", "NotFound")
 
 
-def parse_uri(uri: str) -> tuple[str, str]:
-    """``s3://bucket/some/prefix`` → ("bucket", "some/prefix")."""
+# S3 bucket naming rules (AWS; MinIO, SeaweedFS and Ceph RGW apply the same): 3-63 characters of
+# lowercase letters, digits, dots and hyphens, starting and ending with a letter or digit, no "..",
+# not an IP address. Checked before any network call: a bad name otherwise surfaces as an endpoint
+# or signature error from botocore that does not say what is wrong.
+_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+_IP = re.compile(r"^\d+\.\d+\.\d+\.\d+$")
+
+
+def parse_uri(uri: str, label: str | None = None) -> tuple[str, str]:
+    """``s3://bucket/some/prefix`` → ("bucket", "some/prefix"); a malformed URI or bucket name is a
+    one-line :class:`UserError` naming ``label`` (default: the URI)."""
+    what = label or repr(uri)
     if not uri.startswith("s3://"):
-        raise UserError(f"{uri!r}: not an s3:// URI")
+        raise UserError(f"{what}: not an s3:// URI")
     bucket, _, prefix = uri[5:].partition("/")
     if not bucket:
-        raise UserError(f"{uri!r}: missing bucket name")
+        raise UserError(f"{what}: missing bucket name (expected s3://bucket/prefix)")
+    if not _BUCKET.match(bucket) or ".." in bucket or _IP.match(bucket):
+        raise UserError(f"{what}: {bucket!r} is not a valid S3 bucket name (3-63 lowercase letters, digits, "
+                        f"dots or hyphens, starting and ending with a letter or digit)")
     return bucket, prefix.strip("/")
 
 
@@ -115,7 +129,7 @@ class S3Store:
 
     def __init__(self, uri: str, label: str | None = None, multipart_threshold_mb: int = 64,
                  multipart_chunk_mb: int = 64, max_concurrency: int = 8):
-        self.bucket, self.prefix = parse_uri(uri)
+        self.bucket, self.prefix = parse_uri(uri, label)
         self.uri = uri.rstrip("/")
         self.label = label or self.uri
         self._transfer = (multipart_threshold_mb, multipart_chunk_mb, max_concurrency)

@@ -1,0 +1,96 @@
+"""Check a run's inputs before its first step: a missing file fails in seconds, not after the
+pipeline's retries with back-off.
+
+    preflight(cfg)               # llmneo run: local paths exist and are readable, s3:// URIs well-formed
+    preflight(cfg, local=False)  # llmneo submit: local paths live in the image/volumes, not here
+
+What is checked, per input (``data.source``, ``teacher.source``, ``student.source``, ``registry.uri``,
+``cluster.staging_uri`` with several nodes):
+
+- ``builtin:NAME``: a dataset shipped with llmneo;
+- a local path: it exists and can be read (a file is opened, a folder listed); a model folder has a
+  ``config.json``;
+- ``s3://bucket/prefix``: well-formed, with a valid bucket name; no network call (credentials and
+  objects are checked by the step that reads them);
+- ``hf:ID[@REV]``: the id's form only; named sources (``tiny``, ``smollm2``, ``prune``) are built by
+  the steps themselves.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from llmneo.config import Config
+from llmneo.errors import UserError
+from llmneo.models import builtin_path, parse_hub_source
+
+NAMED_MODELS = {"teacher.source": ("tiny", "smollm2"), "student.source": ("tiny", "smollm2", "prune")}
+
+
+def _s3(uri: str, key: str) -> None:
+    from llmneo.storage.s3 import parse_uri  # boto3: only when an s3:// input is named
+
+    parse_uri(uri, f"{key}: {uri}")
+
+
+def _readable(path: Path, key: str, source: str) -> None:
+    """Open the file / list the folder: the check the step's first read would do."""
+    try:
+        if path.is_dir():
+            os.listdir(path)
+        else:
+            with open(path, "rb") as f:
+                f.read(1)
+    except OSError as e:
+        raise UserError(f"{key}: {source}: cannot read ({e.strerror or e})") from None
+
+
+def check_data_source(source: str, key: str = "data.source", local: bool = True) -> None:
+    if source.startswith("builtin:"):
+        builtin_path(source.removeprefix("builtin:"))
+    elif source.startswith("s3://"):
+        _s3(source, key)
+    elif source.startswith("hf:"):
+        if not source[3:].partition("@")[0]:
+            raise UserError(f"{key}: empty dataset id in {source!r} (expected hf:ID[@REVISION])")
+    elif local:
+        path = Path(source).expanduser()
+        if not path.exists():
+            hint = (f"; for a Hugging Face dataset write hf:{source}"
+                    if source.count("/") == 1 and not source.startswith((".", "/", "~")) else "")
+            raise UserError(f"{key}: {source!r} does not exist{hint}")
+        _readable(path, key, source)
+
+
+def check_model_source(source: str, key: str, local: bool = True) -> None:
+    if source in NAMED_MODELS.get(key, ()):
+        return
+    if source.startswith("s3://"):
+        _s3(source, key)
+    elif source.startswith("hf:"):
+        parse_hub_source(source, key)
+    elif local:
+        path = Path(source).expanduser()
+        if not path.is_dir():
+            hint = (f"; for a Hugging Face model write hf:{source}"
+                    if source.count("/") == 1 and not path.exists() and not source.startswith((".", "/", "~")) else "")
+            raise UserError(f"{key}: {source!r} is not a model folder{hint}")
+        if not (path / "config.json").is_file():
+            raise UserError(f"{key}: {source!r} is not a Hugging Face model folder (no config.json)")
+        _readable(path / "config.json", key, source)
+
+
+def preflight(cfg: Config, local: bool = True) -> None:
+    """Raise a one-line :class:`UserError` for the first input of ``cfg`` that cannot be used.
+    ``local=False`` (a run submitted to a cluster) skips local paths: they are the pods' paths."""
+    check_data_source(cfg.data.source, local=local)
+    check_model_source(cfg.teacher.source, "teacher.source", local=local)
+    check_model_source(cfg.student.source, "student.source", local=local)
+    registry = cfg.registry.uri
+    if registry.startswith("s3://"):
+        _s3(registry, "registry.uri")
+    elif local and Path(registry).expanduser().exists() and not Path(registry).expanduser().is_dir():
+        raise UserError(f"registry.uri: {registry} is a file, not a folder")
+    if cfg.distill.nnodes > 1 and cfg.cluster.staging_uri.startswith("s3://"):
+        _s3(cfg.cluster.staging_uri, "cluster.staging_uri")
