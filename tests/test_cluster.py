@@ -307,8 +307,8 @@ def test_two_nodes_train_the_same_adapter_as_one_node(s3_bucket, tiny_workspace,
         for p in engine.procs:
             if p.poll() is None:
                 p.kill()
-    assert two["world_size"] == one["world_size"] == 2 and two["steps"] == one["steps"]
-    assert two["final"]["loss"] == pytest.approx(one["final"]["loss"], abs=1e-6)
+    assert two.world_size == one.world_size == 2 and two.steps == one.steps
+    assert two.final["loss"] == pytest.approx(one.final["loss"], abs=1e-6)
     a, b = adapter_tensors(tmp_path / "one"), adapter_tensors(tmp_path / "two")
     assert a.keys() == b.keys()
     for key in a:
