@@ -48,3 +48,48 @@ def _parse_gpus(value, name: str) -> int:
     if not text.isdigit():
         raise UserError(f"{name}: expected a whole number of GPUs such as \"6\" (or \"0\" for CPU), got {value!r}")
     return int(text)
+
+
+# The launcher env of every KFP v2 task pod (backend/src/v2/compiler/argocompiler/container.go commonEnvs:
+# KFP_POD_NAME / KFP_POD_UID from the downward API); kfp.local sets neither.
+POD_ENV = "KFP_POD_NAME"
+
+
+def check_registry_in_pod(uri: str, env: dict | None = None, ismount=None) -> None:
+    """Refuse, inside a KFP pod, a registry folder that is on no mounted volume: the pod's own file
+    system goes with the pod, so the registration would "succeed" and keep nothing."""
+    from llmneo.errors import guarded
+
+    guarded(_check_registry_in_pod, uri, env, ismount)
+
+
+def _check_registry_in_pod(uri: str, env: dict | None, ismount) -> None:
+    import os
+    from pathlib import Path
+
+    from llmneo.errors import UserError
+
+    env = os.environ if env is None else env
+    ismount = ismount or os.path.ismount
+    if not env.get(POD_ENV) or ("://" in uri and not uri.startswith("file://")):
+        return  # not in a KFP pod, or an object store (s3://)
+    path = Path(uri.removeprefix("file://")).absolute()
+    if any(ismount(str(p)) for p in [path, *path.parents] if str(p) != "/"):
+        return
+    raise UserError(f"registry.uri: {uri!r} is a folder inside this pod (on no volume), lost when the pod ends: "
+                    f"run with the pipeline parameter registry_uri=s3://BUCKET/PREFIX (or registry.uri=s3://…)")
+
+
+def checkpoint_setting(cfg, root: str, run_id: str) -> list[str]:
+    """The ``distill.checkpoint_uri`` override that keeps one node's checkpoints on a volume that
+    outlives the pod: ``<root>/<run id>/<config fingerprint>`` (a retry of the task in the same run,
+    same configuration, finds them), when ``root``'s parent folder exists (the cache volume is mounted),
+    the configuration names no location itself and the run is on one node. Else no override."""
+    import os
+
+    if not (root and run_id) or cfg.distill.checkpoint_uri or cfg.distill.nnodes > 1:
+        return []
+    if not os.path.isdir(os.path.dirname(root.rstrip("/")) or "/"):
+        return []
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in run_id)
+    return [f"distill.checkpoint_uri={root.rstrip('/')}/{safe}/{cfg.fingerprint()}"]

@@ -7,11 +7,12 @@ from llmneo_components.images import IMAGE
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
-def register(preset: str, overrides: list, config: str, run_id: str, model: Input[Model], metrics: Output[Metrics]) -> str:
+def register(preset: str, overrides: list, config: str, run_id: str, model: Input[Model], metrics: Output[Metrics],
+             registry_uri: str = "") -> str:
     """Upload the merged model and its manifest (sha256 and size of every file, lineage) into the registry.
 
-    The registry is registry.uri (a folder or s3://bucket/prefix; S3 credentials from the pod's
-    environment); registry.aliases are pointed at the new version; with registry.kubeflow_url set the
+    The registry is ``registry_uri`` or else registry.uri (s3://bucket/prefix, S3 credentials from the
+    pod's environment; a folder only on a mounted volume — refused otherwise, it would be lost); registry.aliases are pointed at the new version; with registry.kubeflow_url set the
     version is also recorded in the Kubeflow Model Registry.
 
     Args:
@@ -21,6 +22,7 @@ def register(preset: str, overrides: list, config: str, run_id: str, model: Inpu
         run_id: pipeline run id, recorded in the manifest's lineage.
         model: merged model folder from merge-eval.
         metrics: registered size and file count, whether identical content was already registered.
+        registry_uri: overrides registry.uri when set (an s3:// URI: the pod's own files go with it).
 
     Returns:
         NAME:VERSION@URI of the registered model.
@@ -30,9 +32,10 @@ def register(preset: str, overrides: list, config: str, run_id: str, model: Inpu
     from llmneo.cards import register_metrics
     from llmneo.errors import guarded
     from llmneo.steps import register_model
-    from llmneo_components.params import load_run_config
+    from llmneo_components.params import check_registry_in_pod, load_run_config
 
-    cfg = load_run_config(preset, overrides, config)
+    cfg = load_run_config(preset, overrides, config, [f"registry.uri={registry_uri}"] if registry_uri.strip() else [])
+    check_registry_in_pod(cfg.registry.uri)
     t0 = time.time()
     manifest = guarded(register_model, cfg, model.path, run_id)
     for name, value in register_metrics(manifest, time.time() - t0).items():

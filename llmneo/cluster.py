@@ -43,7 +43,7 @@ from pathlib import Path
 from llmneo import cards
 from llmneo.cards import DistillCard
 from llmneo.config import Config
-from llmneo.errors import UserError
+from llmneo.errors import UserError, first_line
 from llmneo.launch import (
     Rendezvous,
     TrainerInputs,
@@ -158,7 +158,7 @@ def build_trainjob(cfg: Config, name: str, namespace: str, image: str, staging: 
                            "llmneo.io/config-hash": cfg.hash()}}
     if owner:
         metadata["ownerReferences"] = [owner]
-    return {
+    return typed_trainjob({
         "apiVersion": f"{GROUP}/{VERSION}",
         "kind": KIND,
         "metadata": metadata,
@@ -179,7 +179,44 @@ def build_trainjob(cfg: Config, name: str, namespace: str, image: str, staging: 
                     {"name": NODE, "template": {"spec": {"template": {"metadata": NO_ISTIO, "spec": pod}}}}]}}},
             }],
         },
-    }
+    })
+
+
+def typed_trainjob(body: dict) -> dict:
+    """``body`` through the typed TrainJob model of ``kubeflow-trainer-api`` (generated from Kubeflow
+    Trainer's Go types, runtimePatches and the Kubernetes core types included): the model's JSON, or a
+    UserError naming every field the API does not have. The generated ``from_dict`` keeps only the
+    fields it knows, so a field it would drop — a typo, or one forwarded from the KFP task that this
+    Trainer version lacks — fails here, not silently on the cluster (the API server prunes unknown
+    fields of a structural CRD)."""
+    from kubeflow_trainer_api.models import TrainerV1alpha1TrainJob
+
+    try:
+        typed = TrainerV1alpha1TrainJob.from_dict(body).to_dict()
+    except ValueError as e:  # pydantic's ValidationError is a ValueError: a wrong type or a missing field
+        raise UserError(f"TrainJob: not valid for Kubeflow Trainer's API: {first_line(e)}") from None
+    lost = _dropped(body, typed)
+    if lost:
+        raise UserError(f"TrainJob: {', '.join(lost)}: not in Kubeflow Trainer's TrainJob API "
+                        f"(kubeflow-trainer-api {_api_version()})")
+    return typed
+
+
+def _dropped(sent, kept, path: str = "") -> list[str]:
+    """Dotted paths present in ``sent`` but not in ``kept``."""
+    if isinstance(sent, dict) and isinstance(kept, dict):
+        return [p for k, v in sent.items()
+                for p in ([f"{path}{k}"] if k not in kept else _dropped(v, kept[k], f"{path}{k}."))]
+    if isinstance(sent, list) and isinstance(kept, list):
+        return [p for i, (a, b) in enumerate(zip(sent, kept, strict=False))
+                for p in _dropped(a, b, f"{path.rstrip('.')}[{i}].")]
+    return []
+
+
+def _api_version() -> str:
+    from importlib.metadata import version
+
+    return version("kubeflow-trainer-api")
 
 
 def launcher_owner(env: dict | None = None) -> dict | None:

@@ -155,6 +155,10 @@ class DistillConfig:
         "ddp", doc="ddp: replicate the student; fsdp: shard it per decoder layer (FSDP2 fully_shard)")
     save_every: int = _f(50, lo=0, mechanics=True, doc="checkpoint every N optimizer steps (0 = only on SIGTERM/SIGINT)")
     keep_checkpoint: bool = _f(False, mechanics=True, doc="keep checkpoint/ after a successful run (default: removed)")
+    checkpoint_uri: str = _f("", mechanics=True, doc=(
+        "folder for the checkpoints (empty: checkpoint/ in the output folder). Give one that outlives "
+        "the step's pod (the pipeline sets /cache/checkpoints/<run id>/<config fingerprint> on the cache "
+        "volume), so a retried step resumes"))
     resume: bool = _f(True, mechanics=True, doc="resume from checkpoint/ in the output folder (or skip a run already complete "
                       "there); false: train from scratch")
     nproc_per_node: int = _f(2, lo=1, mechanics=True, doc="torchrun processes per node (GPUs per node on a cluster)")
@@ -299,6 +303,9 @@ class Config:
             raise ConfigError(
                 f"distill.global_batch_size: must be a multiple of distill.micro_batch_size "
                 f"({d.micro_batch_size}), got {d.global_batch_size}")
+        if "://" in d.checkpoint_uri:  # torch.distributed.checkpoint writes to a file system
+            raise ConfigError(f"distill.checkpoint_uri: must be a folder (e.g. on a volume such as the cache "
+                              f"PVC), not a URI, got {d.checkpoint_uri!r}")
         if self.teacher.tiny.hidden_size % self.teacher.tiny.num_heads:
             raise ConfigError("teacher.tiny.hidden_size: must be divisible by teacher.tiny.num_heads")
         if self.student.tiny.hidden_size % self.student.tiny.num_heads:

@@ -119,3 +119,9 @@ def run_forwarding_signals(cmd: list[str], env: dict) -> int:
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+
+
+def checkpoint_root(cfg: Config, workdir: str | Path) -> Path:
+    """``distill.checkpoint_uri`` (a folder that outlives the step's pod), else ``checkpoint/`` in the
+    work folder (a KFP output folder is a per-pod emptyDir: a retried pod would start from step 0)."""
+    return Path(cfg.distill.checkpoint_uri) if cfg.distill.checkpoint_uri else Path(workdir) / "checkpoint"

@@ -24,7 +24,14 @@ import yaml
 from llmneo.cards import DatasetCard, DistillCard, EvalCard, ModelCards
 from llmneo.config import Config, dump_yaml
 from llmneo.errors import UserError, environment_faults
-from llmneo.launch import TrainerInputs, launch_env, run_forwarding_signals, torchrun_command, write_workdir
+from llmneo.launch import (
+    TrainerInputs,
+    checkpoint_root,
+    launch_env,
+    run_forwarding_signals,
+    torchrun_command,
+    write_workdir,
+)
 
 # The step bodies live in modules that import torch/transformers; they are imported inside each
 # function so that `import llmneo.steps` (the CLI, the light CPU image's register step) stays light.
@@ -69,7 +76,7 @@ def distill_student(cfg: Config, dataset_dir: str | Path, teacher_dir: str | Pat
     t0 = time.time()
     returncode = run_forwarding_signals(cmd, launch_env(cfg))
     if returncode != 0:
-        checkpoint = latest(out / "checkpoint")
+        checkpoint = latest(checkpoint_root(cfg, out))
         hint = (f"; checkpoint {checkpoint} kept: re-running the step resumes from it" if checkpoint
                 else " (see the log above)")
         raise UserError(f"distill: torchrun exited with code {returncode}{hint}")

@@ -50,7 +50,7 @@ from llmneo.config import FINGERPRINT_SECTIONS, Config
 from llmneo.data import IGNORE_INDEX, collate, read_split
 from llmneo.errors import UserError
 from llmneo.heads import logits_head
-from llmneo.launch import TrainerInputs, read_workdir
+from llmneo.launch import TrainerInputs, checkpoint_root, read_workdir
 from llmneo.lora import apply_lora, base_model, save_adapter
 from llmneo.losses import LossSpec, chunked_distill_loss, selected_loss, shift_mask
 from llmneo.models import load_causal_lm, torch_dtype
@@ -178,7 +178,7 @@ class DistillTrainer:
         self.inputs = inputs
         self.d = self.cfg.distill
         self.method = self.d.method
-        self.checkpoint_root = self.workdir / "checkpoint"
+        self.checkpoint_root = checkpoint_root(cfg, self.workdir)
         self.dataset_card = DatasetCard.read(self.inputs.dataset)
         self.config_hash = training_hash(self.cfg, self.dataset_card.dataset_hash)
         self.rank, self.world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))

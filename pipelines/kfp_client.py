@@ -50,6 +50,9 @@ DEFAULT_SERVICE_ACCOUNT = "llmneo-pipeline"  # k8s/base/serviceaccounts.yaml
 MIN_KFP = (2, 15)
 TOKEN_ENV, TOKEN_PATH = "KF_PIPELINES_SA_TOKEN_PATH", "/var/run/secrets/kubeflow/pipelines/token"  # = kfp.client's
 CONFIG_PARAM = "config"  # the resolved configuration, as YAML (llmneo_components.params)
+# The register step's registry (pipelines/llm_neo.py): a pod has no lasting file system of its own, so a
+# run needs an s3:// registry (the register step itself refuses a folder on no mounted volume).
+REGISTRY_PARAM = "registry_uri"
 PARAM_TYPES = {"STRING": str, "NUMBER_INTEGER": int, "NUMBER_DOUBLE": (int, float), "BOOLEAN": bool,
                "LIST": list, "STRUCT": dict}
 
@@ -106,7 +109,8 @@ def run_parameters(preset: str, overrides: list[str], pool: dict | None = None, 
     """The pipeline arguments of one run: the configuration (validated here, so a typo fails now and
     not an hour into the run, and sent resolved as ``config``, so a local preset file reaches the
     pods), the pool's parameters, then explicit ones. ``where`` prefixes errors. A whole number for
-    a STRING parameter (``distill_gpus: 6``) is sent as text, the type the pipeline declares."""
+    a STRING parameter (``distill_gpus: 6``) is sent as text, the type the pipeline declares. The
+    registry (``registry_uri`` or else ``registry.uri``) must be an s3:// URI."""
     prefix = f"{where}: " if where else ""
     try:
         cfg = load_config(preset, overrides)
@@ -134,6 +138,11 @@ def run_parameters(preset: str, overrides: list[str], pool: dict | None = None, 
     if nodes > 1 and not cfg.cluster.staging_uri.startswith("s3://"):
         raise UserError(f"{prefix}cluster.staging_uri: set an s3:// prefix for distill_nodes={nodes} "
                         f"(the TrainJob's nodes exchange inputs and the adapter there)")
+    registry = args.get(REGISTRY_PARAM) or cfg.registry.uri
+    if not registry.startswith("s3://"):
+        raise UserError(f"{prefix}registry.uri: {registry!r} would be a folder inside the register step's pod, "
+                        f"lost when the pod ends: set registry.uri=s3://BUCKET/PREFIX or "
+                        f"--param {REGISTRY_PARAM}=s3://BUCKET/PREFIX")
     return args
 
 

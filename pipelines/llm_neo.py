@@ -12,7 +12,12 @@ the preset file inside the image is used: after changing a preset there, bump th
 ``llmneo run`` (kfp.local) caches nothing: every local run executes every step.
 
 Retries: steps that touch the network or storage (prep, load-teacher, register) retry 2× with
-backoff; distill retries once (preemption).
+backoff; distill retries once (preemption) and resumes from its checkpoints under
+``/cache/checkpoints/<run id>/<config fingerprint>`` on the cache volume.
+
+Registry: register stores into ``registry_uri`` (or the configuration's registry.uri); a folder
+inside the pod would be lost with it, so ``llmneo submit``/``schedule sync`` require an s3:// URI and
+the register step refuses a folder on no volume.
 
 Defaults (a run started from the Kubeflow UI as is): the ``tiny`` preset on CPU (0 GPUs).
 
@@ -47,6 +52,9 @@ from llmneo_components.teacher import load_teacher
 PIPELINE_NAME = "llm-neo"
 GPU = "nvidia.com/gpu"
 CACHE_PVC = "llmneo-cache"  # k8s/base/pvc.yaml: HF_HOME and LLMNEO_CACHE of the image live under /cache
+# One-node distill checkpoints on the cache volume, keyed by run and configuration: the task's output
+# folder is an emptyDir uploaded only on success, so a retried (preempted) pod would restart at step 0.
+CHECKPOINTS = "/cache/checkpoints"
 # Pod deadlines (activeDeadlineSeconds): a hung step fails instead of holding its node forever.
 TIMEOUT_S = {"prep": 4 * 3600, "teacher": 6 * 3600, "distill": 72 * 3600, "eval": 12 * 3600, "register": 2 * 3600}
 # CPU/memory requests of the light steps (no GPU): enough to tokenize and to load/verify an 8B teacher.
@@ -100,7 +108,7 @@ def _light(task: dsl.PipelineTask, step: str) -> dsl.PipelineTask:
 def llm_neo(preset: str = "tiny", overrides: list = [], config: str = "",  # noqa: B006
             max_kl_to_teacher: float = 1000000.0, distill_gpus: str = "0", distill_nodes: int = 1,
             eval_gpus: str = "0", gpu_node_selector: dict = {},  # noqa: B006
-            gpu_tolerations: list = A100_TOLERATIONS):  # noqa: B006
+            gpu_tolerations: list = A100_TOLERATIONS, registry_uri: str = ""):  # noqa: B006
     """LLM-NEO distillation.
 
     Args:
@@ -113,6 +121,7 @@ def llm_neo(preset: str = "tiny", overrides: list = [], config: str = "",  # noq
         eval_gpus: GPUs for merge-and-eval, a whole number as text ("0" = CPU).
         gpu_node_selector: node selector of the GPU pool as JSON, e.g. {"cloud.google.com/gke-accelerator": "nvidia-tesla-a100"}.
         gpu_tolerations: tolerations for the GPU pool's taints as a JSON list of Kubernetes tolerations.
+        registry_uri: where register stores the model, e.g. s3://bucket/registry; empty = the configuration's registry.uri (which must then be an s3:// URI: a folder inside the pod is lost).
     """
     cfg = dict(preset=preset, overrides=overrides, config=config)
     prep_task = prep_data(**cfg)
@@ -129,7 +138,7 @@ def llm_neo(preset: str = "tiny", overrides: list = [], config: str = "",  # noq
                           dataset=prep_task.outputs["dataset"], teacher=teacher_task.outputs["teacher"],
                           student=teacher_task.outputs["student"])
     with dsl.If(distill_nodes == 1, name="one-node"):  # torchrun in the pod, which holds the GPUs
-        distill_task = distill(**distill_inputs)
+        distill_task = distill(**distill_inputs, run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, checkpoints=CHECKPOINTS)
         distill_task.set_display_name("NEO distill").set_retry(num_retries=1, backoff_duration="60s")
         _secrets_and_cache(_gpu_pool(distill_task, distill_gpus, gpu_node_selector, gpu_tolerations), "distill")
         kubernetes.empty_dir_mount(distill_task, volume_name="dshm", mount_path="/dev/shm", medium="Memory")
@@ -154,7 +163,7 @@ def llm_neo(preset: str = "tiny", overrides: list = [], config: str = "",  # noq
 
     with dsl.If(eval_task.outputs["Output"] == "pass", name="registration-gate"):
         register_task = register(**cfg, run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
-                                 model=eval_task.outputs["model"])
+                                 model=eval_task.outputs["model"], registry_uri=registry_uri)
         register_task.set_display_name("register").set_caching_options(False)
         register_task.set_retry(num_retries=2, backoff_duration="30s")
         register_task.set_container_image(CPU_IMAGE)  # no torch needed: the light image

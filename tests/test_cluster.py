@@ -307,8 +307,8 @@ def test_two_nodes_train_the_same_adapter_as_one_node(s3_bucket, tiny_workspace,
         for p in engine.procs:
             if p.poll() is None:
                 p.kill()
-    assert two["world_size"] == one["world_size"] == 2 and two["steps"] == one["steps"]
-    assert two["final"]["loss"] == pytest.approx(one["final"]["loss"], abs=1e-6)
+    assert two.world_size == one.world_size == 2 and two.steps == one.steps
+    assert two.final["loss"] == pytest.approx(one.final["loss"], abs=1e-6)
     a, b = adapter_tensors(tmp_path / "one"), adapter_tensors(tmp_path / "two")
     assert a.keys() == b.keys()
     for key in a:
@@ -524,3 +524,34 @@ def test_trainjob_nodes_run_with_a_read_only_root_filesystem():
         volumes = {v["name"]: v for v in pod["volumes"]}
         assert set(mounts.values()) <= set(volumes)  # every mount has its volume
         assert volumes["work"] == {"name": "work", "emptyDir": {}} and volumes["home"] == {"name": "home", "emptyDir": {}}
+
+
+def test_trainjob_is_built_through_kubeflow_trainer_api_models():
+    """The TrainJob goes through kubeflow-trainer-api's typed models (generated from Kubeflow Trainer's
+    Go types): what they keep is what is sent, and a field they do not have — a typo, or a KFP task
+    setting of a newer Kubernetes — fails at build time instead of being pruned silently by the API
+    server (structural CRD pruning). The models cover every field used, runtimePatches included."""
+    from importlib.metadata import version
+
+    from kubeflow_trainer_api.models import TrainerV1alpha1TrainJob
+
+    from llmneo.cluster import typed_trainjob
+
+    body = build_trainjob(multinode_cfg(), "j", "ns", "img", "s3://b/p", task_settings(KFP_TASK_CONFIG))
+    assert TrainerV1alpha1TrainJob.from_dict(body).to_dict() == body  # nothing dropped or changed
+    assert body["spec"]["runtimePatches"][0]["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"]
+    assert version("kubeflow-trainer-api") == "2.3.0"  # = pyproject.toml / requirements.lock
+
+    bad_volume = dict(KFP_TASK_CONFIG, volumes=[{"name": "c", "persistentVolumeClame": {"claimName": "x"}}])
+    with pytest.raises(UserError, match=r"^TrainJob: spec.runtimePatches\[0\].trainingRuntimeSpec.template.spec."
+                                        r"replicatedJobs\[0\].template.spec.template.spec.volumes\[\d+\]."
+                                        r"persistentVolumeClame: not in Kubeflow Trainer's TrainJob API"):
+        build_trainjob(multinode_cfg(), "j", "ns", "img", "s3://b/p", task_settings(bad_volume))
+    typo = json.loads(json.dumps(body))
+    typo["spec"]["trainer"]["numNode"] = 2
+    with pytest.raises(UserError, match=r"^TrainJob: spec.trainer.numNode: not in"):
+        typed_trainjob(typo)
+    typo = json.loads(json.dumps(body))
+    typo["spec"]["trainer"]["numNodes"] = "two"
+    with pytest.raises(UserError, match=r"^TrainJob: not valid for Kubeflow Trainer's API: "):
+        typed_trainjob(typo)

@@ -9,7 +9,7 @@ import yaml
 
 from conftest import REPO
 
-PARAMS = {"config", "distill_gpus", "distill_nodes", "eval_gpus", "gpu_node_selector", "gpu_tolerations"}
+PARAMS = {"config", "distill_gpus", "distill_nodes", "eval_gpus", "gpu_node_selector", "gpu_tolerations", "registry_uri"}
 
 
 @pytest.fixture(scope="module")
@@ -173,3 +173,121 @@ def test_launcher_task_gets_its_pod_identity(compiled):
     _, executors = compiled
     got = {e["name"]: e["fieldPath"] for e in executors["exec-distill-multinode"]["fieldPathAsEnv"]}
     assert got == POD_IDENTITY_ENV
+
+
+def dag_tasks(spec):
+    """Every task of the compiled DAG (root and sub-DAGs of the If/Else branches), by name."""
+    found = {"root": spec["root"]["dag"]["tasks"]}
+    for comp in spec["components"].values():
+        found.update({f"{k}": v for k, v in comp.get("dag", {}).get("tasks", {}).items()})
+    return found | {k: v for k, v in found["root"].items()}
+
+
+def test_register_takes_the_registry_uri_parameter(compiled):
+    """A KFP task's pod keeps no files after it ends (only volumes and output artifacts outlive it):
+    the registry comes from the ``registry_uri`` pipeline parameter (empty: the configuration's), and
+    the register task mounts no volume, so it must be an object store."""
+    spec, executors = compiled
+    param = spec["root"]["inputDefinitions"]["parameters"]["registry_uri"]
+    assert param["parameterType"] == "STRING" and param["defaultValue"] == ""
+    register = dag_tasks(spec)["register"]["inputs"]["parameters"]["registry_uri"]
+    assert register == {"componentInputParameter": "pipelinechannel--registry_uri"}
+    assert "pvcMount" not in executors["exec-register"]
+
+
+def test_one_node_distill_checkpoints_on_the_cache_volume_keyed_by_run(compiled):
+    """A retried task runs in a new pod whose output folder is a fresh emptyDir (KFP uploads outputs
+    only on success): the one-node distill keeps its checkpoints under /cache/checkpoints/<run id>/…
+    on the cache PVC, and the run id is the pipeline job's uuid, the same for every retry of the run."""
+    from llmneo_pipelines.llm_neo import CACHE_PVC, CHECKPOINTS
+
+    spec, executors = compiled
+    inputs = dag_tasks(spec)["distill"]["inputs"]["parameters"]
+    assert inputs["checkpoints"] == {"runtimeValue": {"constant": CHECKPOINTS}}
+    assert inputs["run_id"] == {"runtimeValue": {"constant": "{{$.pipeline_job_uuid}}"}}
+    (mount,) = executors["exec-distill"]["pvcMount"]
+    assert mount["constant"] == CACHE_PVC and CHECKPOINTS.startswith(mount["mountPath"] + "/")
+    assert dag_tasks(spec)["distill"]["retryPolicy"]["maxRetryCount"] == 1
+
+
+def test_checkpoint_setting_is_run_and_configuration_keyed(tmp_path):
+    from llmneo.config import load_config
+    from llmneo_components.params import checkpoint_setting
+
+    cfg = load_config("tiny", ["distill.nnodes=1"])
+    root = str(tmp_path / "checkpoints")  # its parent exists: the volume is mounted
+    (setting,) = checkpoint_setting(cfg, root, "9f2c-run")
+    assert setting == f"distill.checkpoint_uri={root}/9f2c-run/{cfg.fingerprint()}"
+    other = load_config("tiny", ["distill.alpha=0.9"])
+    assert checkpoint_setting(other, root, "9f2c-run") != [setting]  # another configuration, another folder
+    assert checkpoint_setting(cfg, root, "../x")[0].endswith(f"/.._x/{cfg.fingerprint()}")  # no path escape
+    assert checkpoint_setting(cfg, str(tmp_path / "absent" / "checkpoints"), "r") == []  # no volume: in the output
+    assert checkpoint_setting(load_config("tiny", ["distill.checkpoint_uri=/mine"]), root, "r") == []  # user's wins
+    assert checkpoint_setting(load_config("tiny", ["distill.nnodes=2"]), root, "r") == []
+    assert checkpoint_setting(cfg, "", "r") == [] and checkpoint_setting(cfg, root, "") == []
+
+
+def test_distill_component_sets_the_checkpoint_location(monkeypatch, tmp_path):
+    from kfp import dsl
+
+    import llmneo.steps
+    from llmneo.cards import DistillCard
+    from llmneo.config import load_config
+    from llmneo_components.distill import distill
+
+    seen = {}
+
+    def fake_run_distill(cfg, dataset, teacher, student, out, task_config=None):
+        seen["uri"] = cfg.distill.checkpoint_uri
+        return DistillCard(method="neo", steps=1, final={"loss": 1.0}, tokens_per_s=1.0,
+                           trainable_parameters=1, wall_seconds=1.0)
+
+    monkeypatch.setattr(llmneo.steps, "distill_student", fake_run_distill)
+    art = {k: dsl.Model(uri=str(tmp_path / k)) for k in ("dataset", "teacher", "student", "adapter")}
+    for a in art.values():
+        a.path = a.uri
+    distill.python_func(preset="tiny", overrides=[], config="", gpus="2", nodes=1, dataset=art["dataset"],
+                        teacher=art["teacher"], student=art["student"], adapter=art["adapter"],
+                        metrics=dsl.Metrics(uri=str(tmp_path / "m")), run_id="run-7",
+                        checkpoints=str(tmp_path / "checkpoints"))
+    fp = load_config("tiny", ["distill.nnodes=1", "distill.nproc_per_node=2"]).fingerprint()
+    assert seen["uri"] == f"{tmp_path}/checkpoints/run-7/{fp}"
+
+
+def test_register_refuses_a_folder_on_no_volume_inside_a_kfp_pod(monkeypatch, tmp_path, capsys):
+    """Upstream rule (kubeflow/pipelines backend/src/v2/compiler/argocompiler/container.go, commonEnvs):
+    every KFP v2 task container gets KFP_POD_NAME / KFP_POD_UID (downward API); kfp.local sets neither.
+    In such a pod, a registry folder on no mounted volume disappears with the pod."""
+    from kfp import dsl
+
+    from llmneo_components.params import _check_registry_in_pod
+    from llmneo_components.register import register
+
+    pod = {"KFP_POD_NAME": "llm-neo-abc-system-container-impl-1"}
+    never = lambda p: False  # noqa: E731 - no volume anywhere
+    with pytest.raises(Exception, match=r"^registry.uri: 'runs/registry' is a folder inside this pod \(on no "
+                                        r"volume\), lost when the pod ends: run with the pipeline parameter "
+                                        r"registry_uri=s3://BUCKET/PREFIX"):
+        _check_registry_in_pod("runs/registry", pod, never)
+    _check_registry_in_pod("s3://models/registry", pod, never)  # an object store: fine
+    _check_registry_in_pod("runs/registry", {}, never)  # not in a KFP pod (llmneo run, kfp.local): fine
+    _check_registry_in_pod("/mnt/models/registry", pod, lambda p: p == "/mnt/models")  # on a mounted volume
+    with pytest.raises(Exception, match="is a folder inside this pod"):
+        _check_registry_in_pod("file:///srv/registry", pod, never)
+
+    # the component: registry_uri overrides the configuration's, the check runs before any upload
+    monkeypatch.setenv("KFP_POD_NAME", "pod-1")
+    monkeypatch.setattr("os.path.ismount", never)  # wherever tmp_path is (a tmpfs /tmp is a mount)
+    monkeypatch.chdir(tmp_path)
+    model = dsl.Model(uri=str(tmp_path / "model"))
+    model.path = model.uri
+    with pytest.raises(SystemExit) as exc:
+        register.python_func(preset="tiny", overrides=[], config="", run_id="r", model=model,
+                             metrics=dsl.Metrics(uri=str(tmp_path / "m")), registry_uri="")
+    assert exc.value.code == 2 and "registry.uri: 'runs/registry' is a folder inside this pod" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
+    with pytest.raises(SystemExit):  # an s3 registry passes the check; the model folder has no card
+        register.python_func(preset="tiny", overrides=[], config="", run_id="r", model=model,
+                             metrics=dsl.Metrics(uri=str(tmp_path / "m")), registry_uri="s3://models/registry")
+    err = capsys.readouterr().err
+    assert "is a folder inside this pod" not in err and "card.json" in err, err

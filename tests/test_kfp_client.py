@@ -15,6 +15,7 @@ from llmneo.errors import UserError
 from llmneo_pipelines import kfp_client
 
 GKE_POOL = REPO / "k8s" / "overlays" / "gke-a100" / "pool.yaml"
+S3 = "registry.uri=s3://models/registry"  # a run's registry must outlive the register pod
 
 
 def test_pipeline_name_matches_the_dag():
@@ -58,13 +59,15 @@ def test_submit_sends_validated_parameters_and_returns_the_url():
     fake = FakeKfp()
     pool = kfp_client.read_pool(GKE_POOL)
     result = kfp_client.submit(fake, "http://kfp.example:8080/", "smollm2-demo", ["distill.alpha=0.9"], pool,
-                               {"distill_nodes": 1, "eval_gpus": 0}, run_name="r1")
+                               {"distill_nodes": 1, "eval_gpus": 0, "registry_uri": "s3://models/registry"},
+                               run_name="r1")
     (run,) = fake.runs
     from llmneo.config import dump_yaml, load_config
 
     assert run["params"] == {"preset": "smollm2-demo", "overrides": ["distill.alpha=0.9"], "max_kl_to_teacher": 1e6,
                              "config": dump_yaml(load_config("smollm2-demo", ["distill.alpha=0.9"])),
                              "distill_gpus": "6", "eval_gpus": "0", "distill_nodes": 1,
+                             "registry_uri": "s3://models/registry",
                              "gpu_node_selector": {"cloud.google.com/gke-accelerator": "nvidia-tesla-a100"},
                              "gpu_tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]}
     assert run["package"] == str(kfp_client.package_path()) and run["service_account"] == "llmneo-pipeline"
@@ -75,11 +78,11 @@ def test_submit_sends_validated_parameters_and_returns_the_url():
 def test_submit_an_uploaded_version():
     fake = FakeKfp()
     up = kfp_client.upload(fake, version="0.1.0")
-    kfp_client.submit(fake, "http://h", "tiny", [], version="0.1.0")
+    kfp_client.submit(fake, "http://h", "tiny", [S3], version="0.1.0")
     (run,) = fake.runs
     assert (run["pipeline_id"], run["version_id"], run["package"]) == (up["pipeline_id"], up["version_id"], None)
     with pytest.raises(UserError, match=r"^pipeline llm-neo: no version 9.9: run `llmneo upload --version 9.9`"):
-        kfp_client.submit(fake, "http://h", "tiny", [], version="9.9")
+        kfp_client.submit(fake, "http://h", "tiny", [S3], version="9.9")
 
 
 @pytest.mark.parametrize("overrides, params, message", [
@@ -90,8 +93,14 @@ def test_submit_an_uploaded_version():
     ([], {"config": "distill: {}"}, r"^parameter config: use --preset / key=value overrides"),
     ([], {"gpu_tolerations": {"key": "x"}}, r"^parameter gpu_tolerations: expected list"),
     ([], {"distill_nodes": 2}, r"^cluster.staging_uri: set an s3:// prefix for distill_nodes=2"),
+    ([], {}, r"^registry.uri: 'runs/registry' would be a folder inside the register step's pod, lost when the pod "
+             r"ends: set registry.uri=s3://BUCKET/PREFIX or --param registry_uri=s3://BUCKET/PREFIX$"),
+    (["registry.uri=/mnt/models"], {}, r"^registry.uri: '/mnt/models' would be a folder inside"),
+    ([S3], {"registry_uri": "file:///models"}, r"^registry.uri: 'file:///models' would be a folder inside"),
 ])
 def test_submit_fails_locally_before_any_call(overrides, params, message):
+    """The registry cases: a KFP task's pod has no file system that outlives it (only volumes and output
+    artifacts do), so register into a folder keeps nothing; a run needs an s3:// registry."""
     fake = FakeKfp()
     with pytest.raises(UserError, match=message):
         kfp_client.submit(fake, "http://h", "tiny", overrides, params=params)
@@ -100,7 +109,7 @@ def test_submit_fails_locally_before_any_call(overrides, params, message):
 
 def test_multinode_submit_with_staging():
     fake = FakeKfp()
-    kfp_client.submit(fake, "http://h", "tiny", ["cluster.staging_uri=s3://b/stage"], params={"distill_nodes": 2})
+    kfp_client.submit(fake, "http://h", "tiny", ["cluster.staging_uri=s3://b/stage", S3], params={"distill_nodes": 2})
     assert fake.runs[0]["params"]["distill_nodes"] == 2
 
 
@@ -112,10 +121,10 @@ def test_cli_submit_prints_the_run_url(monkeypatch, capsys, tmp_path):
     pool = tmp_path / "pool.yaml"
     pool.write_text(yaml.safe_dump({"distill_gpus": 2}))
     assert main(["submit", "--host", "http://kfp:8080", "--preset", "tiny", "--pool-file", str(pool),
-                 "--param", "eval_gpus=0", "--run-name", "cli-run", "distill.max_steps=2"]) == 0
+                 "--param", "eval_gpus=0", "--run-name", "cli-run", "distill.max_steps=2", S3]) == 0
     out = capsys.readouterr().out
     assert "run cli-run (id-1): http://kfp:8080/#/runs/details/id-1" in out
-    assert fake.runs[0]["params"]["distill_gpus"] == "2" and fake.runs[0]["params"]["overrides"] == ["distill.max_steps=2"]
+    assert fake.runs[0]["params"]["distill_gpus"] == "2" and fake.runs[0]["params"]["overrides"] == ["distill.max_steps=2", S3]
     assert main(["upload", "--host", "http://kfp:8080", "--version", "0.1.0"]) == 0
     assert "uploaded llm-neo version 0.1.0" in capsys.readouterr().out
 
@@ -126,7 +135,7 @@ def test_cli_errors_are_one_line():
     assert proc.returncode == 2
     assert proc.stderr.strip() == ("error: cluster.staging_uri: set an s3:// prefix for distill_nodes=2 (the TrainJob's "
                                    "nodes exchange inputs and the adapter there)")
-    proc = subprocess.run([sys.executable, "-m", "llmneo_pipelines.cli", "submit", "--preset", "tiny"], capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", "llmneo_pipelines.cli", "submit", "--preset", "tiny", S3], capture_output=True,
                           text=True, env={"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"})
     assert proc.returncode == 2 and proc.stderr.strip().startswith("error: --host: the Kubeflow Pipelines URL is required")
 
@@ -147,7 +156,7 @@ def test_a_custom_preset_file_reaches_the_pods_as_the_config_parameter(tmp_path)
     from llmneo_components.params import load_run_config
 
     mine = tmp_path / "mine.yaml"
-    mine.write_text(yaml.safe_dump({"distill": {"alpha": 0.3, "max_steps": 5}}))
+    mine.write_text(yaml.safe_dump({"distill": {"alpha": 0.3, "max_steps": 5}, "registry": {"uri": "s3://models/r"}}))
     fake = FakeKfp()
     kfp_client.submit(fake, "http://h", str(mine), ["distill.max_steps=4"])
     params = fake.runs[0]["params"]
@@ -163,9 +172,9 @@ def test_no_cache_with_an_uploaded_version_is_refused():
     kfp_client.upload(fake, version="0.1.0")
     fake.calls.clear()
     with pytest.raises(UserError, match=r"^--no-cache: KFP sets caching in the pipeline spec.*submit without --version"):
-        kfp_client.submit(fake, "http://h", "tiny", [], version="0.1.0", enable_caching=False)
+        kfp_client.submit(fake, "http://h", "tiny", [S3], version="0.1.0", enable_caching=False)
     assert fake.calls == []
-    kfp_client.submit(fake, "http://h", "tiny", [], enable_caching=False)  # the local package: applied
+    kfp_client.submit(fake, "http://h", "tiny", [S3], enable_caching=False)  # the local package: applied
     assert fake.runs[0]["enable_caching"] is False and fake.runs[0]["package"]
 
 
@@ -176,7 +185,7 @@ def test_kfp_older_than_2_15_is_refused_before_upload_or_submit(tag, ok):
     2.15.0; backend/src/apiserver/common/utils.go CustomMarshaler parses specs with DiscardUnknown=false,
     so an older API server rejects the spec). The version comes from healthz ``tag_name``
     (backend/src/apiserver/main.go healthzResponse), read raw: the SDK's model drops the field."""
-    for action in (lambda f: kfp_client.upload(f, version="0.1.0"), lambda f: kfp_client.submit(f, "http://h", "tiny", [])):
+    for action in (lambda f: kfp_client.upload(f, version="0.1.0"), lambda f: kfp_client.submit(f, "http://h", "tiny", [S3])):
         fake = FakeKfp(tag=tag)
         if ok:
             action(fake)

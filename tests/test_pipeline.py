@@ -46,7 +46,7 @@ def test_compiles_with_five_tasks_and_gate(tmp_path):
         assert tasks[name]["retryPolicy"]["maxRetryCount"] >= 1
     params = spec["root"]["inputDefinitions"]["parameters"]
     assert set(params) == {"preset", "overrides", "config", "max_kl_to_teacher", "distill_gpus", "distill_nodes", "eval_gpus",
-                           "gpu_node_selector", "gpu_tolerations"}
+                           "gpu_node_selector", "gpu_tolerations", "registry_uri"}
     assert all(p.get("description") for p in params.values())
 
 

@@ -21,6 +21,7 @@ POOL = REPO / "k8s" / "overlays" / "gke-a100" / "pool.yaml"
 
 def write(folder, name, **fields):
     data = {"name": name, "cron": "0 2 * * *", "preset": "tiny", "pipeline_version": "0.1.0", **fields}
+    data["parameters"] = {"registry_uri": "s3://models/registry", **fields.get("parameters", {})}  # outlives pods
     (folder / f"{name}.yaml").write_text(yaml.safe_dump(data))
 
 
@@ -148,10 +149,12 @@ def test_paused_by_hand_is_drift_and_interrupted_replace_is_cleaned(setup):
     ({"preset": "nope"}, r"bad.yaml: preset: unknown preset 'nope'"),
     ({"parameters": {"gpus": 2}}, r"bad.yaml: parameter gpus: not a pipeline parameter"),
     ({"name": "nightly"}, r"nightly.yaml: name: 'nightly' is also used by .*bad.yaml"),
+    # a scheduled run registers inside a pod: a folder there is lost with it (registry must be s3://)
+    ({"parameters": {}}, r"bad.yaml: registry.uri: 'runs/registry' would be a folder inside the register step's pod"),
 ])
 def test_invalid_files_fail_before_any_kfp_call(setup, fields, message):
     fake, folder = setup
-    data = {"name": "bad", "cron": "0 1 * * *", "preset": "tiny", **fields}
+    data = {"name": "bad", "cron": "0 1 * * *", "preset": "tiny", "parameters": {"registry_uri": "s3://models/r"}, **fields}
     (folder / "bad.yaml").write_text(yaml.safe_dump(data))
     with pytest.raises(UserError, match=message):
         sync(fake, folder)

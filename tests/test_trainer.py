@@ -254,6 +254,37 @@ def test_sigterm_checkpoints_and_resume_equals_uninterrupted(tiny_workspace, tmp
     assert not (workdir / "checkpoint").exists()  # removed after success (distill.keep_checkpoint=false)
 
 
+def test_a_fresh_output_folder_resumes_from_checkpoint_uri(tiny_workspace, tmp_path):
+    """A retried KFP task gets a new, empty output folder (a per-pod emptyDir, uploaded only on
+    success): its checkpoints must live elsewhere (distill.checkpoint_uri, e.g. on the cache volume)."""
+    overrides = ("distill.max_steps=4", "distill.lora_dropout=0.1")
+    ref_dir = make_workdir(tmp_path / "ref", tiny_workspace, *overrides)
+    run(ref_dir)
+    keep = tmp_path / "cache" / "checkpoints" / "run-1" / "fp"
+    first = make_workdir(tmp_path / "attempt1", tiny_workspace, *overrides, f"distill.checkpoint_uri={keep}")
+    trainer = DistillTrainer.from_workdir(first)
+    trainer.setup()
+    sigterm_after(trainer, 3)
+    with pytest.raises(Preempted):
+        trainer.train()
+    trainer.cleanup()
+    assert (keep / "latest").read_text().strip() == "step-000003" and not (first / "checkpoint").exists()
+
+    second = make_workdir(tmp_path / "attempt2", tiny_workspace, *overrides, f"distill.checkpoint_uri={keep}")
+    resumed = run(second)
+    assert resumed.resumed_from == 3 and DistillCard.read(second).resumed_from_step == 3
+    assert [r["loss"] for r in log(second)] == [r["loss"] for r in log(ref_dir)]
+    ref = adapter(ref_dir)
+    for key, value in adapter(second).items():
+        assert torch.equal(value, ref[key]), key
+    assert not keep.exists()  # removed after success (distill.keep_checkpoint=false)
+
+
+def test_checkpoint_uri_is_a_folder_not_a_uri():
+    with pytest.raises(UserError, match=r"^distill.checkpoint_uri: must be a folder"):
+        load_config("tiny", ["distill.checkpoint_uri=s3://b/ckpt"])
+
+
 def test_resume_refuses_a_checkpoint_of_another_configuration(tiny_workspace, tmp_path):
     workdir = make_workdir(tmp_path, tiny_workspace, "distill.max_steps=3")
     trainer = DistillTrainer.from_workdir(workdir)

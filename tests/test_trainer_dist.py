@@ -123,3 +123,59 @@ def test_batch_that_does_not_split_over_ranks_is_a_user_error(tiny_workspace, tm
     with pytest.raises(UserError, match="torchrun exited with code"):
         distill(tiny_workspace, tmp_path, ["distill.global_batch_size=6", "distill.micro_batch_size=2",
                                            "distill.max_steps=1"])
+
+
+RETRY_SCRIPT = """
+import sys
+from kfp import dsl
+from llmneo_components.distill import distill
+ws, out, cache, overrides = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4:]
+art = {}
+for name, path in [("dataset", ws + "/dataset"), ("teacher", ws + "/teacher"), ("student", ws + "/student"),
+                   ("adapter", out)]:
+    art[name] = dsl.Model(uri=path)
+    art[name].path = path
+distill.python_func(preset="tiny", overrides=overrides, config="", gpus="0", nodes=1, dataset=art["dataset"],
+                    teacher=art["teacher"], student=art["student"], adapter=art["adapter"],
+                    metrics=dsl.Metrics(uri=out + "-metrics"), run_id="run-42", checkpoints=cache + "/checkpoints")
+"""
+
+
+def test_a_retried_distill_task_resumes_from_the_cache_volume(ddp_neo, tiny_workspace, tmp_path):
+    """KFP retries a preempted task in a new pod with a new, empty output folder: the distill
+    component (real torchrun, SIGTERM as on preemption) checkpoints to the cache volume under the run
+    id and the configuration's fingerprint, so the retry resumes and ends bit-for-bit equal to an
+    uninterrupted run."""
+    reference, _ = ddp_neo
+    cache = tmp_path / "cache"
+    cache.mkdir()  # the mounted volume
+    overrides = [*NEO, "distill.strategy=ddp"]
+
+    def attempt(name):
+        return [sys.executable, "-c", RETRY_SCRIPT, str(tiny_workspace), str(tmp_path / name), str(cache), *overrides]
+
+    first = tmp_path / "attempt1"
+    proc = subprocess.Popen(attempt("attempt1"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if (first / "train_log.jsonl").is_file() and (first / "train_log.jsonl").read_text().strip():
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)  # Kubernetes preempts the pod
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 2, stderr[-3000:]
+    (keep,) = (cache / "checkpoints" / "run-42").iterdir()
+    assert keep.name == load_config("tiny", [*overrides, "distill.nnodes=1"]).fingerprint()
+    stopped_at = int((keep / "latest").read_text().strip().removeprefix("step-"))
+    assert 1 <= stopped_at < 10, "the run finished before the signal arrived: nothing was tested"
+    assert not (first / "checkpoint").exists()
+
+    done = subprocess.run(attempt("attempt2"), capture_output=True, text=True, timeout=600)  # the retry's pod
+    assert done.returncode == 0, done.stderr[-3000:]
+    second = tmp_path / "attempt2"
+    assert DistillCard.read(second).resumed_from_step == stopped_at
+    assert [r["loss"] for r in log(second)] == [r["loss"] for r in log(reference)]
+    a, b = (load_file(d / "adapter" / "adapter_model.safetensors") for d in (second, reference))
+    for key in b:
+        assert torch.equal(a[key], b[key]), key
+    assert not keep.exists()  # a finished run leaves no checkpoint on the volume
