@@ -145,6 +145,10 @@ class DistillConfig:
         "ddp", doc="ddp: replicate the student; fsdp: shard it per decoder layer (FSDP2 fully_shard)")
     save_every: int = _f(50, lo=0, mechanics=True, doc="checkpoint every N optimizer steps (0 = only on SIGTERM/SIGINT)")
     keep_checkpoint: bool = _f(False, mechanics=True, doc="keep checkpoint/ after a successful run (default: removed)")
+    keep_last_checkpoints: int = _f(2, lo=1, mechanics=True, doc="checkpoints kept while training (the newest "
+                                    "that verifies is resumed: a corrupt newest one falls back to the previous)")
+    max_nonfinite_steps: int = _f(0, lo=0, mechanics=True, doc="optimizer steps with a non-finite loss or gradient "
+                                  "norm that are skipped (not applied) before training stops; 0 = stop at the first")
     resume: bool = _f(True, mechanics=True, doc="resume from checkpoint/ in the output folder (or skip a run already complete "
                       "there); false: train from scratch")
     nproc_per_node: int = _f(2, lo=1, mechanics=True, doc="torchrun processes per node (GPUs per node on a cluster)")
