@@ -49,7 +49,7 @@ from llmneo.cards import DatasetCard, DistillCard
 from llmneo.config import FINGERPRINT_SECTIONS, Config
 from llmneo.data import IGNORE_INDEX, collate, read_split
 from llmneo.errors import UserError
-from llmneo.launch import TrainerInputs, read_workdir
+from llmneo.launch import TrainerInputs, die_with_parent, read_workdir
 from llmneo.lora import apply_lora, base_model, save_adapter
 from llmneo.losses import LossSpec, chunked_distill_loss, selected_loss, shift_mask
 from llmneo.models import load_causal_lm, torch_dtype
@@ -614,6 +614,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", required=True)
     args = parser.parse_args(argv)
+    if "TORCHELASTIC_RUN_ID" in os.environ:  # started by torchrun: never outlive it as an orphan
+        die_with_parent(signal.SIGKILL, os.getppid())
     rank0 = int(os.environ.get("RANK", "0")) == 0
     try:
         trainer = DistillTrainer.from_workdir(args.workdir)
