@@ -37,6 +37,7 @@ import resource
 import signal
 import sys
 import time
+import warnings
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -462,7 +463,9 @@ class DistillTrainer:
             self.optimizer.step()
         else:
             self._nonfinite(step, ce_mean, kd_mean, grad_norm)
-        self.scheduler.step()  # also on a skipped step: the schedule stays a function of the step
+        with warnings.catch_warnings():  # torch warns when the first step of all is a skipped one
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
+            self.scheduler.step()  # also on a skipped step: the schedule stays a function of the step
         self.optimizer.zero_grad(set_to_none=True)
         dt = time.perf_counter() - t0
         record = {"step": step + 1, "loss": self.distill_module.spec.combine(ce_mean, kd_mean),
