@@ -294,6 +294,7 @@ class DistillCard(Card):
     peak_mem_mb: float | None = None
     seconds: float = 0.0  # training steps only
     resumed_from_step: int | None = None
+    nonfinite_steps_skipped: int = 0  # steps whose non-finite loss/gradient was not applied
     loss_curve: str | None = None
     dataset_hash: str | None = None
     config_hash: str | None = None

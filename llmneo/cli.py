@@ -87,7 +87,8 @@ def cmd_step(args) -> int:
     for option in step.outputs:
         _check_out(getattr(args, _dest(option)), f"--{option}")
     folders = [getattr(args, _dest(o)) for o in (*step.inputs, *step.outputs)]
-    extra = {"run_id": args.run_id, "force": args.force} if step.name == "register" else {}
+    extra = ({"run_id": args.run_id, "force": args.force} if step.name == "register"
+             else {"overwrite": args.overwrite} if step.name == "distill" else {})
     result = step.function(_config(args), *folders, **extra)
     PRINTERS.get(step.name, lambda card, _args: _print_card(card))(result, args)
     return 0
@@ -142,6 +143,9 @@ def build_parser(extensions: Sequence[Callable[[Any], None]] = (), epilog: str |
             p.add_argument("--run-id", default=None, help="pipeline run id recorded in the lineage")
             p.add_argument("--force", default=None, metavar="REASON",
                            help="register even though the gate failed; REASON is recorded in the lineage")
+        if step.name == "distill":
+            p.add_argument("--overwrite", action="store_true",
+                           help="replace a completed run of another configuration in --out")
         p.set_defaults(step=step)
 
     p = add("compare", cmd_compare, "the seed's comparison: untouched student, SFT, LoRA, KD, NEO on the "

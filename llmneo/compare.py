@@ -205,7 +205,8 @@ def run_one(cfg: Config, spec: RunSpec, dataset: Path, teacher: Path, student: P
             record_path.unlink(missing_ok=True)
         stamp.write_text(key["run_hash"] + "\n")
         before = DistillCard.read(distill_dir) if cards.exists(distill_dir) else None
-        card = distill_student(rcfg, dataset, teacher, student, distill_dir)
+        # the comparison owns its run folders and decides itself when a run is trained again
+        card = distill_student(rcfg, dataset, teacher, student, distill_dir, overwrite=True)
         wall = card.wall_seconds
         if before is not None and before.complete_for(card.config_hash) and before.wall_seconds is not None:
             wall = before.wall_seconds  # not trained again: keep the training's wall time

@@ -159,6 +159,10 @@ class DistillConfig:
         "folder for the checkpoints (empty: checkpoint/ in the output folder). Give one that outlives "
         "the step's pod (the pipeline sets /cache/checkpoints/<run id>/<config fingerprint> on the cache "
         "volume), so a retried step resumes"))
+    keep_last_checkpoints: int = _f(2, lo=1, mechanics=True, doc="checkpoints kept while training (the newest "
+                                    "that verifies is resumed: a corrupt newest one falls back to the previous)")
+    max_nonfinite_steps: int = _f(0, lo=0, mechanics=True, doc="optimizer steps with a non-finite loss or gradient "
+                                  "norm that are skipped (not applied) before training stops; 0 = stop at the first")
     resume: bool = _f(True, mechanics=True, doc="resume from checkpoint/ in the output folder (or skip a run already complete "
                       "there); false: train from scratch")
     nproc_per_node: int = _f(2, lo=1, mechanics=True, doc="torchrun processes per node (GPUs per node on a cluster)")

@@ -4,7 +4,14 @@ and the wait for it.
     write_workdir(out, cfg, TrainerInputs(dataset, teacher, student))   # config.yaml + inputs.json
     cmd = torchrun_command(cfg, out)                                     # one node: --standalone
     cmd = torchrun_command(cfg, out, Rendezvous(node_rank, addr, port))  # one of distill.nnodes nodes
-    returncode = run_forwarding_signals(cmd, launch_env(cfg))
+    with output_lock(out) as lock:                                       # one writer per output folder
+        returncode = run_forwarding_signals(cmd, launch_env(cfg), hold=lock)
+
+The launcher's children die with it: torchrun gets SIGTERM when the launcher dies (even by kill -9;
+Linux parent-death signal), passes it to the trainers, which checkpoint and stop; a trainer whose
+torchrun dies gets SIGKILL (:func:`die_with_parent`). The lock (``flock`` on a file in the output
+folder, held by the launcher and by torchrun) makes a second run into the same folder refuse with
+"in use by pid N" while any of them lives.
 
 The work folder holds the resolved configuration (``config.yaml``) and the three input folders
 (``inputs.json``); :func:`write_workdir` is the only code that writes them and :func:`read_workdir`
@@ -15,12 +22,17 @@ distill step (:func:`llmneo.steps.distill_student`), each multi-node training no
 
 from __future__ import annotations
 
+import ctypes
+import fcntl
+import functools
 import json
 import os
 import signal
 import subprocess
 import sys
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -31,6 +43,9 @@ from llmneo.errors import UserError
 
 CONFIG_FILE, INPUTS_FILE = "config.yaml", "inputs.json"
 TRAINER_MODULE = "llmneo.trainer"
+LOCK_FILE = ".llmneo-distill.lock"
+_PR_SET_PDEATHSIG = 1
+_LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
 
 
 @dataclass(frozen=True)
@@ -100,12 +115,49 @@ def launch_env(cfg: Config, base: dict | None = None) -> dict:
     return env
 
 
-def run_forwarding_signals(cmd: list[str], env: dict) -> int:
+def die_with_parent(signum: int, parent: int | None = None) -> bool:
+    """Ask Linux to send ``signum`` to this process when its parent dies (``prctl(PR_SET_PDEATHSIG)``);
+    if the parent is already gone (it is no longer ``parent``), send it now. False where unsupported.
+    Async-signal-safe enough for a ``preexec_fn``: no allocation beyond the ctypes call."""
+    if _LIBC is None:
+        return False
+    _LIBC.prctl(_PR_SET_PDEATHSIG, int(signum), 0, 0, 0)
+    if parent is not None and os.getppid() != parent:  # the parent died before the prctl
+        os.kill(os.getpid(), signum)
+    return True
+
+
+@contextmanager
+def output_lock(folder: str | Path) -> Iterator[int]:
+    """Hold an exclusive lock on ``folder`` (created if needed) while the block runs; yields the lock's
+    file descriptor (pass it to :func:`run_forwarding_signals` as ``hold`` so that the child keeps the
+    folder locked as long as it lives). A folder locked by another process raises a one-line
+    :class:`UserError` naming its pid. The kernel drops the lock when its holders exit, however."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            raise UserError(f"{folder}: in use by pid {holder} (another llmneo distill writes it); wait for it "
+                            f"to finish or use another output folder") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield fd
+    finally:
+        os.close(fd)  # releases the lock unless a child still holds it
+
+
+def run_forwarding_signals(cmd: list[str], env: dict, hold: int | None = None) -> int:
     """Run ``cmd`` and wait for it. A SIGTERM received here (Kubernetes preempting the pod) is passed
     on to it — torchrun passes it to the trainers, which checkpoint and stop — instead of killing us
-    and orphaning it. Ctrl-C already reaches the child through the terminal's process group, so
-    SIGINT is only kept from interrupting the wait."""
-    proc = subprocess.Popen(cmd, env=env)
+    and orphaning it; if we die anyway (kill -9), the child gets SIGTERM from the kernel. Ctrl-C
+    already reaches the child through the terminal's process group, so SIGINT is only kept from
+    interrupting the wait. ``hold``: a file descriptor (the output folder's lock) the child inherits."""
+    proc = subprocess.Popen(cmd, env=env, pass_fds=() if hold is None else (hold,),
+                            preexec_fn=functools.partial(die_with_parent, signal.SIGTERM, os.getpid()))
     if threading.current_thread() is not threading.main_thread():
         return proc.wait()
 

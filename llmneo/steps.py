@@ -21,6 +21,7 @@ from pathlib import Path
 
 import yaml
 
+from llmneo import cards
 from llmneo.cards import DatasetCard, DistillCard, EvalCard, ModelCards
 from llmneo.config import Config, dump_yaml
 from llmneo.errors import UserError, environment_faults
@@ -28,6 +29,7 @@ from llmneo.launch import (
     TrainerInputs,
     checkpoint_root,
     launch_env,
+    output_lock,
     run_forwarding_signals,
     torchrun_command,
     write_workdir,
@@ -57,24 +59,54 @@ def load_teacher(cfg: Config, dataset_dir: str | Path, teacher_out: str | Path,
 
 
 def distill_student(cfg: Config, dataset_dir: str | Path, teacher_dir: str | Path, student_dir: str | Path,
-                    out_dir: str | Path, task_config: dict | None = None) -> DistillCard:
+                    out_dir: str | Path, task_config: dict | None = None, overwrite: bool = False) -> DistillCard:
     """Step 3: NEO distillation under torchrun (gloo on CPU, nccl on GPU).
 
-    Re-running with the same ``out_dir`` (a KFP retry, a preempted pod) resumes from the checkpoint in
-    ``out_dir/checkpoint``; a run already complete for the same configuration returns at once.
+    Re-running with the same ``out_dir`` (a KFP retry, a preempted pod) resumes from the newest valid
+    checkpoint (``out_dir/checkpoint``, or ``distill.checkpoint_uri``); a run already complete for the same configuration returns
+    at once; a completed run of another configuration is replaced only with ``overwrite``. One run
+    at a time per ``out_dir`` (a lock; a second one refuses with the first one's pid).
     ``task_config`` (the KFP task's resources, tolerations, ... as a dict) only matters on several
     nodes, where it is forwarded to the TrainJob's nodes."""
-    if cfg.distill.nnodes > 1:  # several nodes: a Kubeflow Trainer TrainJob runs the same entry point
-        from llmneo.cluster import run_distill_multinode
+    with output_lock(out_dir) as lock:
+        _refuse_replacing(cfg, dataset_dir, Path(out_dir), overwrite)
+        if cfg.distill.nnodes > 1:  # several nodes: a Kubeflow Trainer TrainJob runs the same entry point
+            from llmneo.cluster import run_distill_multinode
 
-        return run_distill_multinode(cfg, dataset_dir, teacher_dir, student_dir, out_dir, task_config)
-    from llmneo.checkpointing import latest
+            return run_distill_multinode(cfg, dataset_dir, teacher_dir, student_dir, out_dir, task_config)
+        return _distill_local(cfg, dataset_dir, teacher_dir, student_dir, out_dir, lock)
+
+
+def _refuse_replacing(cfg: Config, dataset_dir: str | Path, out: Path, overwrite: bool) -> None:
+    """A completed run of another configuration in ``out`` is kept unless ``overwrite``."""
+    from llmneo.trainer import training_hash
+
+    if not cards.exists(out):
+        return
+    try:
+        card = DistillCard.read(out)
+    except UserError:
+        return  # a garbled card is a stale one
+    if card.status != "complete":
+        return
+    ours = training_hash(cfg, DatasetCard.read(dataset_dir).dataset_hash)
+    if card.config_hash == ours or overwrite:
+        return
+    raise UserError(f"{out}: holds a completed distill run of another configuration (config hash "
+                    f"{card.config_hash}, now {ours}); not replaced: pass --overwrite to replace it, or use "
+                    f"another output folder")
+
+
+def _distill_local(cfg: Config, dataset_dir, teacher_dir, student_dir, out_dir, lock: int) -> DistillCard:
+    from llmneo.checkpointing import latest, select
 
     out = write_workdir(out_dir, cfg, TrainerInputs.of(dataset_dir, teacher_dir, student_dir))
+    if cfg.distill.resume:  # none of the checkpoints verifies: one line now, not one traceback per rank
+        select(checkpoint_root(cfg, out), warn=False)
     cmd = torchrun_command(cfg, out)
     print("+ " + " ".join(cmd), file=sys.stderr, flush=True)
     t0 = time.time()
-    returncode = run_forwarding_signals(cmd, launch_env(cfg))
+    returncode = run_forwarding_signals(cmd, launch_env(cfg), hold=lock)
     if returncode != 0:
         checkpoint = latest(checkpoint_root(cfg, out))
         hint = (f"; checkpoint {checkpoint} kept: re-running the step resumes from it" if checkpoint

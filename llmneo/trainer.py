@@ -37,6 +37,7 @@ import resource
 import signal
 import sys
 import time
+import warnings
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -50,7 +51,7 @@ from llmneo.config import FINGERPRINT_SECTIONS, Config
 from llmneo.data import IGNORE_INDEX, collate, read_split
 from llmneo.errors import UserError
 from llmneo.heads import logits_head
-from llmneo.launch import TrainerInputs, checkpoint_root, read_workdir
+from llmneo.launch import TrainerInputs, checkpoint_root, die_with_parent, read_workdir
 from llmneo.lora import apply_lora, base_model, save_adapter
 from llmneo.losses import LossSpec, chunked_distill_loss, selected_loss, shift_mask
 from llmneo.models import load_causal_lm, torch_dtype
@@ -58,6 +59,10 @@ from llmneo.signals import CachedTopK, OnlineTeacher, TeacherSignal
 
 LORA_METHODS = ("lora", "neo")
 KD_METHODS = ("kd", "neo")
+
+
+class NonFiniteTraining(UserError):
+    """Training produced a non-finite loss or gradient norm more often than allowed."""
 
 
 class Preempted(Exception):
@@ -187,6 +192,7 @@ class DistillTrainer:
         self.start_step = 0
         self.history: list[dict] = []
         self.resumed_from: int | None = None
+        self.nonfinite_steps = 0  # steps skipped for a non-finite loss or gradient norm
         self._stop_signal: int | None = None
 
     @classmethod
@@ -343,22 +349,50 @@ class DistillTrainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_lambda(s, d.max_steps, d.warmup_ratio))
 
-    def _setup_resume(self) -> None:
-        path = checkpointing.latest(self.checkpoint_root) if self.d.resume else None
-        if path is None:
-            return
-        state = json.loads((path / checkpointing.TRAINER_STATE).read_text())
-        if state["config_hash"] != self.config_hash:
-            raise UserError(f"{path}: checkpoint of a different configuration or dataset (hash "
-                            f"{state['config_hash']}, now {self.config_hash}); use a fresh output folder "
-                            f"or distill.resume=false")
-        checkpointing.load(path, self.module, self.optimizer, self.rank, self.device)
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.start_step = self.resumed_from = state["step"]
-        self.history = state["history"]
+    def _choose_checkpoint(self, skip: set[str]) -> Path | None:
+        """Rank 0 picks the newest checkpoint that verifies (:func:`checkpointing.select`) and tells
+        the others, so that every rank loads the same one."""
+        choice, error = -1, None
         if self.rank == 0:
-            print(f"distill: resuming from {path} (step {self.start_step}/{self.d.max_steps})",
-                  file=sys.stderr, flush=True)
+            try:
+                path = checkpointing.select(self.checkpoint_root, skip)
+                choice = -1 if path is None else checkpointing.step_of(path)
+            except UserError as e:
+                choice, error = -2, e
+        if self.world > 1:
+            flag = torch.tensor([choice], dtype=torch.int64, device=self.device)
+            dist.broadcast(flag, src=0)
+            choice = int(flag)
+        if choice == -2:
+            raise error or checkpointing.CheckpointInvalid(
+                f"{self.checkpoint_root}: no valid checkpoint (see rank 0's message)")
+        return None if choice == -1 else self.checkpoint_root / f"step-{choice:06d}"
+
+    def _setup_resume(self) -> None:
+        if not self.d.resume:
+            return
+        failed: set[str] = set()
+        while (path := self._choose_checkpoint(failed)) is not None:
+            state = checkpointing.verify_state(path)
+            if state["config_hash"] != self.config_hash:
+                raise UserError(f"{path}: checkpoint of a different configuration or dataset (hash "
+                                f"{state['config_hash']}, now {self.config_hash}); use a fresh output folder "
+                                f"or distill.resume=false")
+            try:
+                checkpointing.load(path, self.module, self.optimizer, self.rank, self.device)
+            except checkpointing.CheckpointInvalid as e:  # verified, yet does not load: try an older one
+                if self.rank == 0:
+                    print(f"distill: warning: {e}", file=sys.stderr, flush=True)
+                failed.add(path.name)
+                continue
+            self.scheduler.load_state_dict(state["scheduler"])
+            self.start_step = self.resumed_from = state["step"]
+            self.history = state["history"]
+            self.nonfinite_steps = sum(1 for r in self.history if r.get("skipped"))
+            if self.rank == 0:
+                print(f"distill: resuming from {path} (step {self.start_step}/{self.d.max_steps})",
+                      file=sys.stderr, flush=True)
+            return
 
     # ------------------------------------------------------------------ data order
     def global_batch(self, step: int) -> list[int]:
@@ -422,16 +456,38 @@ class DistillTrainer:
         if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP
             grad_norm = grad_norm.full_tensor()
         lr = self.scheduler.get_last_lr()[0]
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        # the loss sums are all-reduced and the norm is global: every rank takes the same decision
         grad_norm = float(grad_norm)  # also waits for the GPU: the timing below is real
-        dt = time.perf_counter() - t0
         ce_mean, kd_mean = float(ce_sum) / max(1, n_tokens), float(kd_sum) / max(1, n_tokens)
-        return {"step": step + 1, "loss": self.distill_module.spec.combine(ce_mean, kd_mean),
-                "ce": ce_mean, "kd": kd_mean, "lr": lr, "grad_norm": grad_norm,
-                "tokens_per_s": seen_tokens / dt, "tokens": seen_tokens, "target_tokens": n_tokens,
-                "peak_mem_mb": peak_memory_mb(self.device), "seconds": dt}
+        finite = all(map(math.isfinite, (ce_mean, kd_mean, grad_norm)))
+        if finite:
+            self.optimizer.step()
+        else:
+            self._nonfinite(step, ce_mean, kd_mean, grad_norm)
+        with warnings.catch_warnings():  # torch warns when the first step of all is a skipped one
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
+            self.scheduler.step()  # also on a skipped step: the schedule stays a function of the step
+        self.optimizer.zero_grad(set_to_none=True)
+        dt = time.perf_counter() - t0
+        record = {"step": step + 1, "loss": self.distill_module.spec.combine(ce_mean, kd_mean),
+                  "ce": ce_mean, "kd": kd_mean, "lr": lr, "grad_norm": grad_norm,
+                  "tokens_per_s": seen_tokens / dt, "tokens": seen_tokens, "target_tokens": n_tokens,
+                  "peak_mem_mb": peak_memory_mb(self.device), "seconds": dt}
+        return record if finite else {**record, "skipped": True}
+
+    def _nonfinite(self, step: int, ce: float, kd: float, grad_norm: float) -> None:
+        """A step whose loss or gradient norm is NaN/inf is never applied: skipped while
+        ``distill.max_nonfinite_steps`` allows, else training stops (no adapter, no card)."""
+        self.nonfinite_steps += 1
+        what = f"ce={ce}, kd={kd}, grad_norm={grad_norm}"
+        if self.nonfinite_steps > self.d.max_nonfinite_steps:
+            raise NonFiniteTraining(
+                f"distill: non-finite loss or gradient at step {step + 1} ({what}); training stopped, nothing "
+                f"written (check distill.lr and the data; a corrupt checkpoint: distill.resume=false; "
+                f"distill.max_nonfinite_steps={self.d.max_nonfinite_steps} skipped steps allowed)")
+        if self.rank == 0:
+            print(f"distill: warning: step {step + 1} skipped, non-finite ({what}); "
+                  f"{self.nonfinite_steps}/{self.d.max_nonfinite_steps} allowed", file=sys.stderr, flush=True)
 
     def _on_signal(self, signum, _frame) -> None:
         self._stop_signal = signum
@@ -497,7 +553,7 @@ class DistillTrainer:
                  "scheduler": self.scheduler.state_dict(), "history": self.history,
                  "config_hash": self.config_hash, "world_size": self.world, "method": self.method}
         return checkpointing.save(self.checkpoint_root, step, self.module, self.optimizer, state, self.rank,
-                                  self.device)
+                                  self.device, keep=self.d.keep_last_checkpoints)
 
     def save(self, history: list[dict]) -> DistillCard | None:
         """Final weights (adapter/ or model/), loss curve, card.json (last). Collective."""
@@ -529,7 +585,7 @@ class DistillTrainer:
 
         d = self.d
         png = plot_loss(history, self.workdir / "loss_curve.png")
-        last = history[-1]
+        last = next((h for h in reversed(history) if not h.get("skipped")), history[-1])
         seconds = sum(h["seconds"] for h in history)
         card = DistillCard(
             kind="adapter" if self.method in LORA_METHODS else "model",
@@ -545,6 +601,7 @@ class DistillTrainer:
             tokens_per_s=sum(h["tokens"] for h in history) / max(seconds, 1e-9),
             peak_mem_mb=max(h["peak_mem_mb"] for h in history),
             seconds=round(seconds, 2), resumed_from_step=self.resumed_from,
+            nonfinite_steps_skipped=self.nonfinite_steps,
             loss_curve=png.name if png else None,
             dataset_hash=self.dataset_card.dataset_hash, config_hash=self.config_hash,
         )
@@ -561,6 +618,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", required=True)
     args = parser.parse_args(argv)
+    if "TORCHELASTIC_RUN_ID" in os.environ:  # started by torchrun: never outlive it as an orphan
+        die_with_parent(signal.SIGKILL, os.getppid())
     rank0 = int(os.environ.get("RANK", "0")) == 0
     try:
         trainer = DistillTrainer.from_workdir(args.workdir)

@@ -6,6 +6,7 @@ import signal
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -77,3 +78,52 @@ def test_sigterm_is_forwarded_to_the_child(tmp_path):
     assert run_forwarding_signals([sys.executable, "-c", child], dict(os.environ)) == 143
     assert time.time() - t0 < 30
     assert signal.getsignal(signal.SIGTERM) is before  # the handler is restored
+
+
+def test_the_output_lock_refuses_a_second_holder_with_its_pid(tmp_path):
+    from llmneo.launch import LOCK_FILE, output_lock
+
+    with output_lock(tmp_path / "out"):
+        with pytest.raises(UserError, match=rf"out: in use by pid {os.getpid()} ") as info:
+            with output_lock(tmp_path / "out"):
+                pass
+        assert "\n" not in str(info.value)
+    with output_lock(tmp_path / "out"):  # released on exit
+        assert (tmp_path / "out" / LOCK_FILE).read_text() == f"{os.getpid()}\n"
+
+
+def test_a_child_dies_with_a_launcher_killed_by_sigkill(tmp_path):
+    """The launcher's child gets SIGTERM from the kernel when the launcher is kill -9'd, and holds the
+    lock it inherited until then."""
+    import subprocess
+
+    pid_file = tmp_path / "child.pid"
+    child = f"import os, pathlib, time; pathlib.Path({str(pid_file)!r}).write_text(str(os.getpid())); time.sleep(120)"
+    launcher = ("import os, sys\n"
+                "from llmneo.launch import output_lock, run_forwarding_signals\n"
+                f"with output_lock({str(tmp_path / 'out')!r}) as lock:\n"
+                f"    run_forwarding_signals([sys.executable, '-c', {child!r}], dict(os.environ), hold=lock)\n")
+    proc = subprocess.Popen([sys.executable, "-c", launcher])
+    try:
+        for _ in range(600):
+            if pid_file.is_file() and pid_file.read_text():
+                break
+            time.sleep(0.05)
+        child_pid = int(pid_file.read_text())
+        proc.kill()
+        proc.wait(timeout=30)
+        for _ in range(200):
+            try:
+                os.kill(child_pid, 0)
+            except ProcessLookupError:
+                break
+            stat = Path(f"/proc/{child_pid}/stat")
+            if stat.is_file() and stat.read_text().split(") ")[1].startswith("Z"):
+                break  # a zombie: dead, waiting for init to reap it
+            time.sleep(0.05)
+        else:
+            os.kill(child_pid, signal.SIGKILL)
+            pytest.fail("the child outlived its launcher")
+    finally:
+        if proc.poll() is None:
+            proc.kill()

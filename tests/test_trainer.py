@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from llmneo import checkpointing
 from llmneo.cards import DistillCard
 from llmneo.config import load_config
 from llmneo.errors import UserError
@@ -299,12 +300,16 @@ def test_resume_refuses_a_checkpoint_of_another_configuration(tiny_workspace, tm
     assert DistillTrainer.from_workdir(workdir).already_complete() is False
 
 
-def test_periodic_checkpoints_keep_only_the_newest(tiny_workspace, tmp_path):
-    workdir = make_workdir(tmp_path, tiny_workspace, "distill.max_steps=5", "distill.save_every=2",
+def test_periodic_checkpoints_keep_the_newest_two(tiny_workspace, tmp_path):
+    workdir = make_workdir(tmp_path, tiny_workspace, "distill.max_steps=7", "distill.save_every=2",
                            "distill.keep_checkpoint=true", "distill.method=kd")
     run(workdir)
     root = workdir / "checkpoint"
-    assert sorted(p.name for p in root.iterdir()) == ["latest", "step-000004"]
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step-000004", "step-000006"]
+    for step in (4, 6):  # each with a manifest of all its files, which verifies
+        files = json.loads((root / f"step-00000{step}" / "manifest.json").read_text())["files"]
+        assert {"trainer_state.json", "rng/rank-00000.safetensors", "state/.metadata"} <= set(files)
+        assert checkpointing.verify(root / f"step-00000{step}")["step"] == step
     state = json.loads((root / "step-000004" / "trainer_state.json").read_text())
     assert state["step"] == 4 and state["data_position"]["rows_consumed"] == 32
     assert [r["step"] for r in state["history"]] == [1, 2, 3, 4]
