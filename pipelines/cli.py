@@ -25,7 +25,7 @@ from llmneo_pipelines import kfp_client, local_run, schedules
 
 
 def cmd_run(args) -> int:
-    return local_run.run_local(args.preset, args.overrides, pipeline_root=args.pipeline_root)
+    return local_run.run_local(args.preset, args.overrides, pipeline_root=args.pipeline_root, verbose=args.verbose)
 
 
 def add_commands(sub) -> None:
@@ -37,6 +37,9 @@ def add_commands(sub) -> None:
     p.add_argument("--preset", default="tiny", help="preset name or YAML path (default: tiny)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="configuration overrides")
     p.add_argument("--pipeline-root", default="runs/kfp", help="where kfp.local keeps artifacts")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="stream every step's full output (default: a line per step; the output goes to "
+                        "<run folder>/logs/<task>.log)")
     p.set_defaults(fn=cmd_run)
 
     def connection(p: argparse.ArgumentParser) -> None:
