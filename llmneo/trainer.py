@@ -245,6 +245,10 @@ class DistillTrainer:
             self.device = torch.device("cpu")
         if self.world > 1 and not dist.is_initialized():
             dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+        if self.rank != 0:  # one weight-loading bar per run (rank 0's), not one per process
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()
         d = self.d
         if d.global_batch_size % (self.world * d.micro_batch_size):
             raise UserError(f"distill.global_batch_size={d.global_batch_size} must be a multiple of "
