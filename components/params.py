@@ -19,7 +19,7 @@ def load_run_config(preset: str, overrides: list, config: str = "", settings: li
 def _resolve(preset: str, overrides: list, config: str, settings: list):
     import yaml
 
-    from llmneo.config import apply_overrides, config_from_dict, load_yaml, read_preset
+    from llmneo.config import load_yaml, read_preset, resolve_config
     from llmneo.errors import UserError
 
     if config.strip():
@@ -31,7 +31,7 @@ def _resolve(preset: str, overrides: list, config: str, settings: list):
             raise UserError("config: the resolved configuration must be a YAML mapping")
     else:
         data = read_preset(preset)
-    return config_from_dict(apply_overrides(data, [*overrides, *settings]))
+    return resolve_config(data, [*overrides, *settings])
 
 
 def parse_gpus(value: str, name: str = "gpus") -> int:

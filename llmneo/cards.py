@@ -299,6 +299,8 @@ class DistillCard(Card):
     dataset_hash: str | None = None
     config_hash: str | None = None
     wall_seconds: float | None = None  # the whole step (launch, load, save), set by its launcher
+    val_loss: float | None = None  # the last validation loss (distill.eval_every), None when off
+    val_history: list[dict] = field(default_factory=list)  # {step, val_loss, val_ce[, val_kd]} per validation
 
     def validate(self, path: Path) -> None:
         if self.method is None:  # a sft/kd distill card and a model card share kind "model"
@@ -311,6 +313,8 @@ class DistillCard(Card):
         m = {"seconds": self.wall_seconds if self.wall_seconds is not None else self.seconds}
         m.update({f"final_{k}": v for k, v in self.final.items()})
         m.update({"tokens_per_s": self.tokens_per_s, "trainable_parameters": self.trainable_parameters})
+        if self.val_loss is not None:
+            m["final_val_loss"] = self.val_loss
         return m
 
     def metadata(self) -> dict:
@@ -320,8 +324,11 @@ class DistillCard(Card):
         """The step's line in the local run summary (``llmneo run``)."""
         m = self.step_metrics()
         nan = float("nan")
-        return (f"final loss {m.get('final_loss', nan):.4f} (ce {m.get('final_ce', nan):.4f}, "
-                f"kd {m.get('final_kd', nan):.4f}), {m['tokens_per_s']:.0f} tok/s")
+        terms = (f" (ce {m.get('final_ce', nan):.4f}, kd {m.get('final_kd', nan):.4f})"
+                 if self.alpha and self.teacher_mode else "")
+        val = f", val loss {self.val_loss:.4f}" if self.val_loss is not None else ""
+        return (f"{self.steps} steps, final loss {m.get('final_loss', nan):.4f}{terms}{val}, "
+                f"{m['tokens_per_s']:.0f} tok/s")
 
 
 # --------------------------------------------------------------------------------------------

@@ -62,6 +62,14 @@ def cmd_config(args) -> int:
     return 0
 
 
+def _print_summary(card, args) -> None:
+    """A step's card in one line (``--json``: all of it), and where its output is."""
+    folder = getattr(args, "out", None) or getattr(args, "teacher_out", None)
+    print(card.summary_line())
+    if folder:
+        print(f"output: {folder}" + (f" and {args.student_out}" if getattr(args, "student_out", None) else ""))
+
+
 def _print_merge_eval(result: dict, args) -> None:
     print(table(*comparison(result)))
     print(f"gate: {gate_line(result['gate'])}")
@@ -72,8 +80,9 @@ def _print_registered(manifest: dict, _args) -> None:
     print(f"registered {manifest['name']}:{manifest['version']} at {manifest['uri']}")
 
 
-# How a step's result is shown; the other steps print their card as JSON.
-PRINTERS: dict[str, Callable[[dict, argparse.Namespace], None]] = {
+# How a step's result is shown (``--json``: the whole card or result as JSON instead).
+PRINTERS: dict[str, Callable[[Any, argparse.Namespace], None]] = {
+    "prep": _print_summary, "teacher": _print_summary, "distill": _print_summary,
     "merge-eval": _print_merge_eval, "register": _print_registered}
 
 
@@ -90,7 +99,10 @@ def cmd_step(args) -> int:
     extra = ({"run_id": args.run_id, "force": args.force} if step.name == "register"
              else {"overwrite": args.overwrite} if step.name == "distill" else {})
     result = step.function(_config(args), *folders, **extra)
-    PRINTERS.get(step.name, lambda card, _args: _print_card(card))(result, args)
+    if args.json:
+        _print_card(result)
+    else:
+        PRINTERS.get(step.name, lambda card, _args: _print_card(card))(result, args)
     return 0
 
 
@@ -139,6 +151,7 @@ def build_parser(extensions: Sequence[Callable[[Any], None]] = (), epilog: str |
         p = add(step.name, cmd_step, f"step {number}: {step.description}")
         for option, what in {**step.inputs, **step.outputs}.items():
             p.add_argument(f"--{option}", required=True, type=Path, help=what)
+        p.add_argument("--json", action="store_true", help="print the step's whole card (result) as JSON")
         if step.name == "register":
             p.add_argument("--run-id", default=None, help="pipeline run id recorded in the lineage")
             p.add_argument("--force", default=None, metavar="REASON",

@@ -30,7 +30,7 @@ from pathlib import Path
 from llmneo import cards
 from llmneo.cards import DatasetCard, DistillCard
 from llmneo.compare_report import markdown, plot, summarize
-from llmneo.config import FINGERPRINT_SECTIONS, Config, apply_overrides, config_from_dict
+from llmneo.config import FINGERPRINT_SECTIONS, Config, apply_overrides, config_from_dict, resolve_config
 from llmneo.errors import UserError
 from llmneo.steps import distill_student, load_teacher, prepare_dataset
 
@@ -118,7 +118,7 @@ def run_config(cfg: Config, spec: RunSpec) -> Config:
     A grid value of ``distill.lr`` replaces the method's own learning rate."""
     overrides = [f"distill.method={spec.method}", f"distill.lr={method_lr(cfg, spec.method)!r}",
                  f"distill.seed={spec.seed}", *(f"{k}={v}" for k, v in spec.point.items())]
-    return config_from_dict(apply_overrides(cfg.to_dict(), overrides))
+    return resolve_config(cfg.to_dict(), overrides)
 
 
 # --------------------------------------------------------------------------------------------
@@ -129,6 +129,11 @@ def run_config(cfg: Config, spec: RunSpec) -> Config:
 def _inputs_key(cfg: Config) -> dict:
     """What the shared dataset/teacher/student folders depend on."""
     return {"fingerprint": cfg.fingerprint(("data", "teacher", "student"))}
+
+
+def _train_rows(card: DatasetCard) -> int:
+    """Rows the trainer sees in the train split (packed rows when packing)."""
+    return (card.packing or {}).get("train_rows", card.counts.get("train", 0))
 
 
 def prepare(cfg: Config, out: Path) -> tuple[Path, Path, Path]:
@@ -256,7 +261,7 @@ def run_compare(cfg: Config, out: str | Path, grid: dict[str, list[str]] | None 
         records.append(run_one(cfg, spec, dataset, teacher, student, out))
     records.append(evaluate_teacher(cfg, dataset, teacher, out))
     result = {"preset": cfg.name, "config_hash": cfg.hash(), "grid": grid or {}, "seeds": cfg.compare.seeds,
-              "steps": cfg.distill.max_steps, "global_batch_size": cfg.distill.global_batch_size,
+              "steps": cfg.distill.total_steps(_train_rows(DatasetCard.read(dataset))), "global_batch_size": cfg.distill.global_batch_size,
               "nproc_per_node": cfg.distill.nproc_per_node, "runs": records,
               "rows": summarize(records), "wall_seconds": round(time.time() - t0, 1)}
     (out / "compare.json").write_text(json.dumps(result, indent=2) + "\n")

@@ -17,6 +17,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import math
 import re
 import types
 import typing
@@ -135,7 +136,12 @@ class DistillConfig:
     lora_alpha: float = _f(16.0, lo=0.0, lo_open=True, doc="LoRA alpha (usually 2*r)")
     lora_dropout: float = _f(0.0, lo=0.0, hi=1.0, hi_open=True, doc="LoRA dropout")
     lora_targets: str = _f("all-linear", doc="'all-linear' or comma-separated module names")
-    max_steps: int = _f(4, lo=1, doc="optimizer steps")
+    max_steps: int = _f(4, lo=0, doc="optimizer steps (0 = distill.epochs decides); see docs/configuration.md "
+                        "'Training length'")
+    epochs: float = _f(0.0, lo=0.0, doc="passes over the train split, rounded up to whole optimizer steps; used "
+                       "when max_steps is 0 (setting one in an override or preset clears the other)")
+    eval_every: int = _f(0, lo=0, mechanics=True, doc="validation loss on the val split every N optimizer steps "
+                         "and after the last one (0 = off); train_log.jsonl key val_loss")
     lr: float = _f(2e-4, lo=0.0, lo_open=True, doc="peak learning rate (paper: 2e-4 LoRA/NEO, 2e-5 full)")
     weight_decay: float = _f(0.0, lo=0.0)
     warmup_ratio: float = _f(0.1, lo=0.0, hi=1.0, hi_open=True, doc="linear warmup share, then cosine")
@@ -169,6 +175,20 @@ class DistillConfig:
     nnodes: int = _f(1, lo=1, mechanics=True, doc="nodes; >1 runs on the distributed engine (see README)")
     seed: int = _f(0)
     log_every: int = _f(1, lo=1, mechanics=True, doc="write every N-th step to train_log.jsonl")
+
+    def total_steps(self, train_rows: int) -> int:
+        """Optimizer steps of the run on a train split of ``train_rows`` rows: ``max_steps`` when set,
+        else ``epochs`` passes rounded up to whole global batches."""
+        if self.max_steps > 0:
+            return self.max_steps
+        return max(1, math.ceil(self.epochs * train_rows / self.global_batch_size - 1e-9))
+
+    def length_line(self, train_rows: int) -> str:
+        """What the run amounts to, e.g. ``8 steps x 16 sequences = 0.46 epochs of 276 rows``."""
+        steps = self.total_steps(train_rows)
+        epochs = steps * self.global_batch_size / max(1, train_rows)
+        return (f"{steps} steps × {self.global_batch_size} sequences = {epochs:.2f} epochs of "
+                f"{train_rows} train rows")
 
 
 @dataclass
@@ -303,6 +323,11 @@ class Config:
     def check(self) -> Config:
         """Cross-field checks that a single field's type/range cannot express."""
         d = self.distill
+        if d.max_steps > 0 and d.epochs > 0:
+            raise ConfigError(f"distill.epochs: set either distill.max_steps ({d.max_steps}) or distill.epochs "
+                              f"({d.epochs:g}), not both; set the other to 0")
+        if d.max_steps == 0 and d.epochs == 0:
+            raise ConfigError("distill.max_steps: set distill.max_steps or distill.epochs (both are 0)")
         if d.global_batch_size % d.micro_batch_size:
             raise ConfigError(
                 f"distill.global_batch_size: must be a multiple of distill.micro_batch_size "
@@ -545,11 +570,39 @@ def config_from_dict(data: dict) -> Config:
     return _build(Config, data).check()
 
 
+LENGTH_KEYS = ("max_steps", "epochs")  # distill: one choice, two ways to say it
+
+
+def _set_length_keys(layer: dict) -> set[str]:
+    """Which of :data:`LENGTH_KEYS` a preset (or an override layer as a dict) sets under distill."""
+    distill = layer.get("distill")
+    return {k for k in LENGTH_KEYS if isinstance(distill, dict) and k in distill}
+
+
+def _one_training_length(data: dict, written: set[str]) -> dict:
+    """``distill.max_steps`` and ``distill.epochs`` are one choice: the layer written last that sets
+    exactly one of them (overrides after the preset, the preset after the defaults) clears the other,
+    so ``distill.epochs=2`` on a preset with ``max_steps: 30`` trains 2 epochs. A layer that sets both
+    keeps both, and :meth:`Config.check` refuses two non-zero values."""
+    if len(written) == 1:
+        (other,) = set(LENGTH_KEYS) - written
+        data.setdefault("distill", {})[other] = 0
+    return data
+
+
+def resolve_config(data: dict, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """A preset's (or a resolved configuration's) raw dict plus ``key=value`` overrides, validated."""
+    data = _one_training_length(copy.deepcopy(data), _set_length_keys(data))
+    overrides = list(overrides)
+    data = apply_overrides(data, overrides)
+    written = {keys[1] for keys, _ in map(parse_override, overrides)
+               if len(keys) == 2 and keys[0] == "distill" and keys[1] in LENGTH_KEYS}
+    return config_from_dict(_one_training_length(data, written))
+
+
 def load_config(preset: str = "tiny", overrides: list[str] | tuple[str, ...] | None = None) -> Config:
     """Resolve a preset and ``key=value`` overrides into a validated :class:`Config`."""
-    data = read_preset(preset)
-    data = apply_overrides(data, list(overrides or []))
-    return config_from_dict(data)
+    return resolve_config(read_preset(preset), list(overrides or []))
 
 
 def describe_fields(cls: type = Config, prefix: str = "") -> list[tuple[str, str, Any, str]]:

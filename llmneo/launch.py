@@ -46,6 +46,9 @@ TRAINER_MODULE = "llmneo.trainer"
 LOCK_FILE = ".llmneo-distill.lock"
 _PR_SET_PDEATHSIG = 1
 _LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
+# "3/5 distill": which step of the pipeline the trainer runs in, for its progress bar (set by the
+# step's launcher; the trainer alone shows "distill[<method>]")
+STEP_LABEL_ENV = "LLMNEO_STEP_LABEL"
 
 
 @dataclass(frozen=True)
@@ -107,11 +110,14 @@ def torchrun_command(cfg: Config, workdir: str | Path, rendezvous: Rendezvous | 
     return cmd + ["-m", TRAINER_MODULE, "--workdir", str(workdir)]
 
 
-def launch_env(cfg: Config, base: dict | None = None) -> dict:
+def launch_env(cfg: Config, base: dict | None = None, step_label: str | None = None) -> dict:
     """The trainer's environment: ``base`` (default: this process's) plus an ``OMP_NUM_THREADS`` that
-    shares this machine's cores among the node's processes, unless one is set already."""
+    shares this machine's cores among the node's processes, unless one is set already, and
+    ``step_label`` (e.g. ``3/5 distill``) for its progress bar."""
     env = dict(os.environ if base is None else base)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // cfg.distill.nproc_per_node)))
+    if step_label:
+        env[STEP_LABEL_ENV] = step_label
     return env
 
 

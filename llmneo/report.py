@@ -119,6 +119,10 @@ def plot_loss(log: list[dict], out_png: Path) -> Path | None:
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
     for key in ("loss", "ce", "kd"):
         ax.plot(steps, [r[key] for r in log], label=key, marker="o" if len(steps) < 30 else None)
+    val = [r for r in log if r.get("val_loss") is not None]  # distill.eval_every
+    if val:
+        ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], label="val_loss", marker="s",
+                linestyle="--")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("per-token loss")
     ax.set_title("distillation loss")
@@ -220,7 +224,7 @@ def write_model_card(out_dir: Path, result: dict, cfg: Config) -> Path:
     headers, rows = comparison(result)
     hyper = [["method", d.method], ["alpha (KD weight)", d.alpha], ["temperature", d.temperature],
              ["divergence", d.divergence], ["LoRA rank / alpha / dropout", f"{d.lora_rank} / {d.lora_alpha} / {d.lora_dropout}"],
-             ["LoRA targets", d.lora_targets], ["optimizer steps", d.max_steps],
+             ["LoRA targets", d.lora_targets], ["optimizer steps", d.max_steps or f"{d.epochs:g} epochs"],
              ["global batch (sequences)", d.global_batch_size], ["learning rate", d.lr],
              ["warmup ratio", d.warmup_ratio], ["max length", cfg.data.max_length],
              ["processes × nodes", f"{d.nproc_per_node} × {d.nnodes}"], ["seed", d.seed]]

@@ -106,7 +106,7 @@ def _distill_local(cfg: Config, dataset_dir, teacher_dir, student_dir, out_dir, 
     cmd = torchrun_command(cfg, out)
     print("+ " + " ".join(cmd), file=sys.stderr, flush=True)
     t0 = time.time()
-    returncode = run_forwarding_signals(cmd, launch_env(cfg), hold=lock)
+    returncode = run_forwarding_signals(cmd, launch_env(cfg, step_label=step_label("distill")), hold=lock)
     if returncode != 0:
         checkpoint = latest(checkpoint_root(cfg, out))
         hint = (f"; checkpoint {checkpoint} kept: re-running the step resumes from it" if checkpoint
@@ -156,6 +156,12 @@ def register_model(cfg: Config, model_dir: str | Path, run_id: str | None = None
         manifest = registry.register(cfg.registry.name, model_dir, lineage, card.metrics, cfg.registry.aliases)
     kubeflow = mirror(cfg.registry, manifest)
     return {**manifest, **({"kubeflow_model_registry": kubeflow} if kubeflow else {})}
+
+
+def step_label(name: str) -> str:
+    """``3/5 distill``: a step's place in the pipeline, as progress output shows it."""
+    (number,) = [i for i, step in enumerate(STEPS, 1) if step.name == name]
+    return f"{number}/{len(STEPS)} {name}"
 
 
 # --------------------------------------------------------------------------------------------

@@ -22,6 +22,15 @@ number of target tokens in the whole global batch, so 1 process and N processes 
 gradient (up to float summation order). The data order is a pure function of (seed, step), so the
 data position of a checkpoint is just its step.
 
+Training length: ``distill.max_steps`` optimizer steps, or ``distill.epochs`` passes over the train
+split rounded up to whole steps (:meth:`llmneo.config.DistillConfig.total_steps`); rank 0 prints what
+the run amounts to at start. ``distill.eval_every``: the training loss on the val split every N steps
+and after the last (:meth:`DistillTrainer.validation_loss`, all ranks), logged as ``val_loss``.
+
+Progress: one tqdm bar on rank 0, described ``[3/5 distill] neo`` when the step launcher sets
+``LLMNEO_STEP_LABEL`` (:func:`llmneo.launch.launch_env`), with the terms that exist, lr and tokens/s
+(:func:`progress_postfix`).
+
 Preemption: SIGTERM/SIGINT set a flag; at the end of the current optimizer step all ranks agree,
 save a checkpoint and exit with 128+signal. Re-running the same command resumes exactly.
 """
@@ -51,7 +60,7 @@ from llmneo.config import FINGERPRINT_SECTIONS, Config
 from llmneo.data import IGNORE_INDEX, collate, read_split
 from llmneo.errors import UserError
 from llmneo.heads import logits_head
-from llmneo.launch import TrainerInputs, checkpoint_root, die_with_parent, read_workdir
+from llmneo.launch import STEP_LABEL_ENV, TrainerInputs, checkpoint_root, die_with_parent, read_workdir
 from llmneo.lora import apply_lora, base_model, save_adapter
 from llmneo.losses import LossSpec, chunked_distill_loss, selected_loss, shift_mask
 from llmneo.models import load_causal_lm, torch_dtype
@@ -160,6 +169,19 @@ def peak_memory_mb(device: torch.device) -> float:
     return peak_rss_mb()
 
 
+def progress_postfix(record: dict, with_teacher: bool) -> dict[str, str]:
+    """The progress bar's postfix for a step's log record: the loss, its CE and KD terms only when
+    there is a KD term (``with_teacher``: sft/lora, or alpha 0, have loss = CE), the learning rate the
+    step used, tokens/s, and the latest validation loss when the step has one."""
+    postfix = {"loss": f"{record['loss']:.3f}"}
+    if with_teacher:
+        postfix.update(ce=f"{record['ce']:.3f}", kd=f"{record['kd']:.3f}")
+    if "val_loss" in record:
+        postfix["val"] = f"{record['val_loss']:.3f}"
+    postfix.update({"lr": f"{record['lr']:.2e}", "tok/s": f"{record['tokens_per_s']:.0f}"})
+    return postfix
+
+
 def training_hash(cfg: Config, dataset_hash: str | None) -> str:
     """What a checkpoint's numbers depend on: :meth:`Config.fingerprint` of the data/teacher/student/
     distill sections and the prepared dataset. Resuming under a different hash is refused."""
@@ -230,6 +252,10 @@ class DistillTrainer:
             self.device = torch.device("cpu")
         if self.world > 1 and not dist.is_initialized():
             dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+        if self.rank != 0:  # one weight-loading bar per run (rank 0's), not one per process
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()
         d = self.d
         if d.global_batch_size % (self.world * d.micro_batch_size):
             raise UserError(f"distill.global_batch_size={d.global_batch_size} must be a multiple of "
@@ -246,6 +272,12 @@ class DistillTrainer:
         if not self.train_rows:
             raise UserError(f"dataset {self.inputs.dataset}: train split is empty")
         self.targets_per_row = [count_targets([r]) for r in self.train_rows]
+        self.max_steps = self.d.total_steps(len(self.train_rows))
+        self.val_rows = read_split(self.inputs.dataset, "val") if self.d.eval_every else []
+        self.val_targets = [count_targets([r]) for r in self.val_rows]
+        if self.rank == 0:
+            note = "" if self.val_rows or not self.d.eval_every else "; distill.eval_every: the val split is empty"
+            print(f"distill: {self.d.length_line(len(self.train_rows))}{note}", file=sys.stderr, flush=True)
         self.tokenizer = self.load_tokenizer()
         pad = self.tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else (self.tokenizer.eos_token_id or 0)
@@ -347,7 +379,7 @@ class DistillTrainer:
         self.optimizer = torch.optim.AdamW(self.trainable, lr=d.lr, weight_decay=d.weight_decay,
                                            fused=self.device.type == "cuda")
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: lr_lambda(s, d.max_steps, d.warmup_ratio))
+            self.optimizer, lambda s: lr_lambda(s, self.max_steps, d.warmup_ratio))
 
     def _choose_checkpoint(self, skip: set[str]) -> Path | None:
         """Rank 0 picks the newest checkpoint that verifies (:func:`checkpointing.select`) and tells
@@ -390,7 +422,7 @@ class DistillTrainer:
             self.history = state["history"]
             self.nonfinite_steps = sum(1 for r in self.history if r.get("skipped"))
             if self.rank == 0:
-                print(f"distill: resuming from {path} (step {self.start_step}/{self.d.max_steps})",
+                print(f"distill: resuming from {path} (step {self.start_step}/{self.max_steps})",
                       file=sys.stderr, flush=True)
             return
 
@@ -489,6 +521,55 @@ class DistillTrainer:
             print(f"distill: warning: step {step + 1} skipped, non-finite ({what}); "
                   f"{self.nonfinite_steps}/{self.d.max_nonfinite_steps} allowed", file=sys.stderr, flush=True)
 
+    def validation_loss(self) -> dict[str, float]:
+        """The training loss on the val split, per target token: ``val_loss``, ``val_ce`` and, with an
+        online teacher, ``val_kd`` (the top-k cache of ``teacher.mode=offline`` holds the train split
+        only, so there val_loss is the CE). Collective: each rank takes every world-th micro-batch and
+        the sums are all-reduced, so 1 and N processes give the same value."""
+        module, rows, mb = self.distill_module, self.val_rows, self.d.micro_batch_size
+        batches = [list(range(i, min(i + mb, len(rows)))) for i in range(0, len(rows), mb)]
+        mine = batches[self.rank::self.world]
+        signal = module.signal
+        online = isinstance(signal, OnlineTeacher)
+        if not online:
+            module.set_signal(None)
+        spec = module.spec
+        sums = torch.zeros(3, dtype=torch.float64, device=self.device)  # ce, kd, target tokens
+        self.student.eval()
+        try:
+            with torch.no_grad():
+                # every rank runs the same number of forwards: FSDP all-gathers in each one
+                for i in range(math.ceil(len(batches) / self.world)):
+                    indices = mine[i] if i < len(mine) else batches[0]
+                    batch = collate([rows[j] for j in indices], self.pad_id)
+                    with self.autocast:
+                        _, ce, kd = module(**{k: v.to(self.device) for k, v in batch.items()})
+                    if i < len(mine):
+                        sums += torch.stack([torch.as_tensor(ce, dtype=torch.float64, device=self.device),
+                                             torch.as_tensor(kd, dtype=torch.float64, device=self.device),
+                                             torch.tensor(float(sum(self.val_targets[j] for j in indices)),
+                                                          dtype=torch.float64, device=self.device)])
+        finally:
+            self.student.train()
+            if not online:
+                module.set_signal(signal)
+        if self.world > 1:
+            dist.all_reduce(sums)
+        tokens = max(1.0, float(sums[2]))
+        ce, kd = float(sums[0]) / tokens, float(sums[1]) / tokens
+        out = {"val_loss": spec.combine(ce, kd), "val_ce": ce}
+        if online:
+            out["val_kd"] = kd
+        return out
+
+    def _logged(self, record: dict) -> bool:
+        """Records written to train_log.jsonl: every log_every-th step, the last and every validation."""
+        return record["step"] % self.d.log_every == 0 or record["step"] == self.max_steps or "val_loss" in record
+
+    def _validates(self, step: int) -> bool:
+        d = self.d
+        return bool(d.eval_every and self.val_rows and (step % d.eval_every == 0 or step == self.max_steps))
+
     def _on_signal(self, signum, _frame) -> None:
         self._stop_signal = signum
 
@@ -508,25 +589,33 @@ class DistillTrainer:
         if self.rank == 0:
             log_f = open(self.workdir / "train_log.jsonl", "w")  # rewritten: a resumed run drops later lines
             for record in self.history:
-                if record["step"] % d.log_every == 0:
+                if self._logged(record):
                     log_f.write(json.dumps(record) + "\n")
             tb = self._tensorboard()
-        bar = tqdm(total=d.max_steps, initial=self.start_step, desc=f"distill[{self.method}]",
+        label = os.environ.get(STEP_LABEL_ENV)
+        bar = tqdm(total=self.max_steps, initial=self.start_step,
+                   desc=f"[{label}] {self.method}" if label else f"distill[{self.method}]",
                    disable=self.rank != 0, file=sys.stderr, dynamic_ncols=True)
+        with_teacher = self.distill_module.spec.alpha > 0
         try:
-            for step in range(self.start_step, d.max_steps):
+            for step in range(self.start_step, self.max_steps):
                 record = self.train_step(step)
+                if self._validates(record["step"]):
+                    record.update(self.validation_loss())
                 self.history.append(record)
-                if log_f and (record["step"] % d.log_every == 0 or record["step"] == d.max_steps):
+                if log_f and self._logged(record):
                     log_f.write(json.dumps(record) + "\n")
                     log_f.flush()
                 if tb:
                     for key in ("loss", "ce", "kd", "lr", "grad_norm", "tokens_per_s", "peak_mem_mb"):
                         tb.add_scalar(f"train/{key}", record[key], record["step"])
-                bar.set_postfix(loss=f"{record['loss']:.3f}", ce=f"{record['ce']:.3f}", kd=f"{record['kd']:.3f}")
+                    for key in ("val_loss", "val_ce", "val_kd"):
+                        if key in record:
+                            tb.add_scalar(f"val/{key.removeprefix('val_')}", record[key], record["step"])
+                bar.set_postfix(progress_postfix(record, with_teacher))
                 bar.update(1)
                 stop = self._stop_requested()
-                periodic = d.save_every and record["step"] % d.save_every == 0 and record["step"] < d.max_steps
+                periodic = d.save_every and record["step"] % d.save_every == 0 and record["step"] < self.max_steps
                 if stop or periodic:
                     self.save_checkpoint(record["step"])
                 if stop:
@@ -587,6 +676,8 @@ class DistillTrainer:
         png = plot_loss(history, self.workdir / "loss_curve.png")
         last = next((h for h in reversed(history) if not h.get("skipped")), history[-1])
         seconds = sum(h["seconds"] for h in history)
+        val_history = [{k: h[k] for k in ("step", "val_loss", "val_ce", "val_kd") if k in h}
+                       for h in history if "val_loss" in h]
         card = DistillCard(
             kind="adapter" if self.method in LORA_METHODS else "model",
             status="complete", method=self.method, steps=len(history), world_size=self.world,
@@ -603,6 +694,7 @@ class DistillTrainer:
             seconds=round(seconds, 2), resumed_from_step=self.resumed_from,
             nonfinite_steps_skipped=self.nonfinite_steps,
             loss_curve=png.name if png else None,
+            val_loss=val_history[-1]["val_loss"] if val_history else None, val_history=val_history,
             dataset_hash=self.dataset_card.dataset_hash, config_hash=self.config_hash,
         )
         return card.write(self.workdir)

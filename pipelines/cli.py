@@ -25,7 +25,8 @@ from llmneo_pipelines import kfp_client, local_run, schedules
 
 
 def cmd_run(args) -> int:
-    return local_run.run_local(args.preset, args.overrides, pipeline_root=args.pipeline_root, runner=args.runner)
+    return local_run.run_local(args.preset, args.overrides, pipeline_root=args.pipeline_root, runner=args.runner,
+                               verbose=args.verbose)
 
 
 def add_commands(sub) -> None:
@@ -40,6 +41,9 @@ def add_commands(sub) -> None:
     p.add_argument("--runner", choices=["subprocess", "containers"], default="subprocess",
                    help="subprocess: this Python; containers: the project's images via Docker or podman "
                         "(data and registry in S3; see docs/containers.md)")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="stream every step's full output (default: a line per step; the output goes to "
+                        "<run folder>/logs/<task>.log)")
     p.set_defaults(fn=cmd_run)
 
     def connection(p: argparse.ArgumentParser) -> None:

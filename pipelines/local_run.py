@@ -6,6 +6,10 @@ kfp.local runs the same compiled components as a cluster (If and retries include
 kfp-kubernetes and resource settings, and its task cache is left off, so every step runs). Artifacts
 land under ``--pipeline-root``; at the end a summary table names each step's time and key metrics,
 and where the registered model is.
+
+Output (:mod:`llmneo_pipelines.local_console`): a line when each step starts and ends, its progress
+bar, then the summary; each step's full output is in ``<run folder>/logs/<task>.log``.
+``--verbose`` streams all of it instead.
 """
 
 import json
@@ -20,6 +24,7 @@ from llmneo.errors import UserError
 from llmneo.preflight import preflight
 from llmneo.report import table
 from llmneo.steps import STEPS as PIPELINE_STEPS
+from llmneo_pipelines import local_console
 
 STEPS = [(step.task, step.label) for step in PIPELINE_STEPS]  # (KFP task name, summary label)
 
@@ -45,6 +50,32 @@ def _card(artifact: tuple[str, dict] | None, read):
         return None
 
 
+# The card of each step's output (the register step has none: its result is the output parameter)
+CARD_OF = {"prep-data": ("dataset", DatasetCard.read), "distill": ("adapter", DistillCard.read),
+           "merge-eval": ("model", EvalCard.read)}
+
+
+def step_card(run_dir: Path, task: str, outs: tuple[dict, dict] | None = None):
+    """The card of a finished step of the first four (the teacher step's pair of cards), or None."""
+    _, artifacts = outs if outs is not None else executor_outputs(run_dir, task)
+    if task == "load-teacher":
+        teacher, student = (_card(artifacts.get(role), ModelCard.read) for role in ("teacher", "student"))
+        return ModelCards(teacher, student) if teacher and student else None
+    if task not in CARD_OF:
+        return None
+    name, read = CARD_OF[task]
+    return _card(artifacts.get(name), read)
+
+
+def step_result(run_dir: Path, task: str) -> str:
+    """A finished step's key result in one line (its card's summary line; register: what it registered)."""
+    if task == "register":
+        registered = executor_outputs(run_dir, task)[0].get("Output")
+        return f"registered {registered.split('@', 1)[0]}" if registered else ""
+    card = step_card(run_dir, task)
+    return card.summary_line() if card else ""
+
+
 def summarize(run_dir: Path, wall: float) -> tuple[str, dict]:
     """The end-of-run summary table (and the facts it shows) from the outputs of one run: each step's
     line comes from its card (:mod:`llmneo.cards`, the same metrics its component logged)."""
@@ -53,13 +84,7 @@ def summarize(run_dir: Path, wall: float) -> tuple[str, dict]:
     def artifact(task: str, name: str):
         return outs[task][1].get(name)
 
-    teacher, student = (_card(artifact("load-teacher", role), ModelCard.read) for role in ("teacher", "student"))
-    done = {
-        "prep-data": _card(artifact("prep-data", "dataset"), DatasetCard.read),
-        "load-teacher": ModelCards(teacher, student) if teacher and student else None,
-        "distill": _card(artifact("distill", "adapter"), DistillCard.read),
-        "merge-eval": _card(artifact("merge-eval", "model"), EvalCard.read),
-    }
+    done = {task: step_card(run_dir, task, outs[task]) for task, _ in STEPS[:4]}
     registered = outs["register"][0].get("Output")
     model_uri = (artifact("merge-eval", "model") or (None, {}))[0]
     evaluation = {}
@@ -78,7 +103,31 @@ def summarize(run_dir: Path, wall: float) -> tuple[str, dict]:
     return text, {"registered": registered, "eval": evaluation, "model_dir": model_uri}
 
 
-def run_local(preset: str, overrides: list[str], pipeline_root: str = "runs/kfp", runner: str = "subprocess") -> int:
+def step_console(cfg, interval: float = 30.0) -> local_console.StepConsole:
+    """The quiet console of a local run: steps labelled ``[3/5] NEO distill``; the distill step's start
+    line says what its length amounts to (``distill.max_steps``/``epochs``, from the prepared rows)."""
+    number = {task: i for i, (task, _) in enumerate(STEPS, 1)}
+    width = max(len(label) for _, label in STEPS)
+
+    def label(task: str) -> str:
+        name = dict(STEPS).get(task, task)
+        return f"[{number.get(task, '?')}/{len(STEPS)}] {name:<{width}}"
+
+    def started(task: str) -> str:
+        if task != "distill" or console.logs_dir is None:
+            return ""
+        dataset = step_card(console.logs_dir.parent, "prep-data")
+        if dataset is None:
+            return ""
+        rows = (dataset.packing or {}).get("train_rows", dataset.counts.get("train"))
+        return cfg.distill.length_line(rows) if rows else ""
+
+    console = local_console.StepConsole(sys.stdout, label, started, step_result, interval=interval)
+    return console
+
+
+def run_local(preset: str, overrides: list[str], pipeline_root: str = "runs/kfp", runner: str = "subprocess",
+              verbose: bool = False) -> int:
     from kfp import local
 
     from llmneo_pipelines import local_oneof
@@ -109,10 +158,12 @@ def run_local(preset: str, overrides: list[str], pipeline_root: str = "runs/kfp"
         local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root), raise_on_error=True)
     before = {p.name for p in root.iterdir()} | {".cache"}
     t0 = time.time()
+    output = local_console.streamed() if verbose else local_console.routed(step_console(cfg))
     try:
-        # distill_gpus="0": torchrun processes from the preset (no GPUs here); kfp.local ignores the rest
-        llm_neo(preset=preset, overrides=overrides, max_kl_to_teacher=cfg.eval.max_kl_to_teacher,
-                distill_gpus="0", eval_gpus="0", distill_nodes=cfg.distill.nnodes)
+        with output:
+            # distill_gpus="0": torchrun processes from the preset (no GPUs here); kfp.local ignores the rest
+            llm_neo(preset=preset, overrides=overrides, max_kl_to_teacher=cfg.eval.max_kl_to_teacher,
+                    distill_gpus="0", eval_gpus="0", distill_nodes=cfg.distill.nnodes)
     except RuntimeError as e:
         print(f"error: pipeline failed: {str(e).splitlines()[0]}", file=sys.stderr)
         return 1
@@ -122,5 +173,7 @@ def run_local(preset: str, overrides: list[str], pipeline_root: str = "runs/kfp"
         print("error: kfp.local produced no run folder", file=sys.stderr)
         return 1
     text, _ = summarize(new[-1], wall)
+    if not verbose:
+        text += f"\nstep logs:        {local_console.shown_path(new[-1] / 'logs')}"
     print("\n" + text)
     return 0

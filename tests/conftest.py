@@ -16,15 +16,23 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 REPO = Path(__file__).resolve().parents[1]
 
 
-def llmneo_run(root: Path, preset: str, *overrides: str, timeout: int = 600) -> tuple[Path, str]:
-    """`llmneo run` (the whole DAG through kfp.local) in ``root``, registry under ``root/registry``:
-    (the run's pipeline folder, its stdout). Fails the test with the run's output tail."""
+def llmneo_run_process(root: Path, preset: str, *overrides: str, args: tuple[str, ...] = (),
+                       timeout: int = 600) -> tuple[Path, subprocess.CompletedProcess]:
+    """`llmneo run [args]` (the whole DAG through kfp.local) in ``root``, registry under
+    ``root/registry``: (the run's pipeline folder, the finished process with its stdout and stderr).
+    Fails the test with the run's output tail."""
     proc = subprocess.run(
         [sys.executable, "-m", "llmneo_pipelines.cli", "run", "--preset", preset, "--pipeline-root", str(root / "kfp"),
-         f"registry.uri={root / 'registry'}", *overrides],
+         *args, f"registry.uri={root / 'registry'}", *overrides],
         capture_output=True, text=True, cwd=root, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     (run_dir,) = list((root / "kfp").iterdir())
+    return run_dir, proc
+
+
+def llmneo_run(root: Path, preset: str, *overrides: str, timeout: int = 600) -> tuple[Path, str]:
+    """:func:`llmneo_run_process`: (the run's pipeline folder, its stdout)."""
+    run_dir, proc = llmneo_run_process(root, preset, *overrides, timeout=timeout)
     return run_dir, proc.stdout
 
 

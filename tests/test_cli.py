@@ -1,5 +1,6 @@
 """User mistakes print one line and exit 2, never a traceback."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -85,9 +86,31 @@ def test_step_subcommand_calls_the_step_function_with_folders_in_order(monkeypat
                        {"name": "m", "version": "v1", "uri": "u", "ok": 1}, s.inputs, s.outputs, s.description)
             for s in steps.STEPS]
     monkeypatch.setattr(library_cli, "STEPS", tuple(rows))
-    assert library_cli.main(["teacher", "--dataset", "d", "--teacher-out", "t", "--student-out", "s"]) == 0
+    assert library_cli.main(["teacher", "--dataset", "d", "--teacher-out", "t", "--student-out", "s", "--json"]) == 0
     assert seen[-1] == ((Path("d"), Path("t"), Path("s")), {})
     assert '"ok": 1' in capsys.readouterr().out
     assert library_cli.main(["register", "--model", "m", "--run-id", "r1"]) == 0
     assert seen[-1] == ((Path("m"),), {"run_id": "r1", "force": None})
     assert capsys.readouterr().out.strip() == "registered m:v1 at u"
+
+
+def test_a_step_alone_prints_its_summary_line_and_json_on_request(monkeypatch, capsys):
+    from llmneo import cli as library_cli
+    from llmneo import steps
+    from llmneo.cards import DatasetCard
+
+    card = DatasetCard(counts={"train": 57, "val": 11, "rejected": 0}, dataset_hash="abc")
+    rows = [steps.Step(s.name, s.task, s.label, lambda cfg, *folders, **kw: card, s.inputs, s.outputs,
+                       s.description) for s in steps.STEPS]
+    monkeypatch.setattr(library_cli, "STEPS", tuple(rows))
+    assert library_cli.main(["prep", "--out", "runs/x/dataset"]) == 0
+    assert capsys.readouterr().out.splitlines() == ["57 train / 11 val rows, 0 rejected", "output: runs/x/dataset"]
+    assert library_cli.main(["prep", "--out", "runs/x/dataset", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == card.to_dict()
+
+
+def test_run_takes_verbose():
+    from llmneo_pipelines.cli import build_parser
+
+    assert build_parser().parse_args(["run", "--verbose"]).verbose is True
+    assert build_parser().parse_args(["run", "--preset", "tiny"]).verbose is False

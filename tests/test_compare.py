@@ -238,3 +238,10 @@ def test_a_changed_configuration_trains_again(tiny_compare, capsys):
     assert runs["neo"]["lr"] == 3e-3 and runs["sft"] == {r["method"]: r for r in first["runs"]}["sft"]
     steps = [json.loads(x) for x in (folder / "distill" / "train_log.jsonl").read_text().splitlines()]
     assert steps[0]["lr"] == pytest.approx(3e-3) and not ckpt.exists()
+
+
+def test_a_grid_over_epochs_replaces_the_presets_max_steps():
+    cfg = load_config("tiny")
+    (spec,) = [s for s in plan(cfg, parse_grid(["distill.epochs=2"])) if s.method == "neo"]
+    d = run_config(cfg, spec).distill
+    assert (d.max_steps, d.epochs) == (0, 2.0)

@@ -38,7 +38,9 @@ def test_int_accepted_for_float():
     (["distill.alpah=0.5"], "distill.alpah: unknown key (did you mean distill.alpha?)"),
     (["distill.alpha=1.5"], "distill.alpha: must be <= 1.0, got 1.5"),
     (["distill.alpha=abc"], "distill.alpha: must be a number, got 'abc'"),
-    (["distill.max_steps=0"], "distill.max_steps: must be >= 1, got 0"),
+    (["distill.max_steps=-1"], "distill.max_steps: must be >= 0, got -1"),
+    (["distill.max_steps=0"], "distill.max_steps: set distill.max_steps or distill.epochs (both are 0)"),
+    (["distill.epochs=1", "distill.max_steps=3"], "set either distill.max_steps (3) or distill.epochs (1), not both"),
     (["distill.max_steps=2.5"], "distill.max_steps: must be an integer, got 2.5"),
     (["distill.method=dpo"], "distill.method: must be one of 'sft', 'lora', 'kd', 'neo', got 'dpo'"),
     (["data.dedup=maybe"], "data.dedup: must be true or false, got 'maybe'"),
@@ -110,3 +112,50 @@ def test_every_key_documented_type():
     keys = [r[0] for r in rows]
     assert "distill.alpha" in keys and "teacher.tiny.hidden_size" in keys
     assert len(keys) == len(set(keys))
+
+
+# ---------------------------------------------------------------------------- training length
+
+
+@pytest.mark.parametrize("overrides, max_steps, epochs", [
+    ([], 30, 0.0),                                             # the preset's max_steps
+    (["distill.epochs=2"], 0, 2.0),                            # an override of one clears the other
+    (["distill.max_steps=0", "distill.epochs=0.5"], 0, 0.5),
+    (["distill.epochs=2", "distill.max_steps=12"], None, None),  # both in one layer: an error
+])
+def test_max_steps_and_epochs_are_one_choice(overrides, max_steps, epochs):
+    if max_steps is None:
+        with pytest.raises(ConfigError, match="not both"):
+            load_config("smollm2-demo", overrides)
+        return
+    d = load_config("smollm2-demo", overrides).distill
+    assert (d.max_steps, d.epochs) == (max_steps, epochs)
+
+
+def test_a_preset_with_epochs_clears_the_default_max_steps(tmp_path):
+    path = tmp_path / "mine.yaml"
+    path.write_text("distill: {epochs: 1.5}\n")
+    d = load_config(str(path)).distill
+    assert (d.max_steps, d.epochs) == (0, 1.5)
+    assert load_config(str(path), ["distill.max_steps=7"]).distill.epochs == 0
+
+
+@pytest.mark.parametrize("max_steps, epochs, rows, steps", [
+    (8, 0.0, 276, 8), (0, 1.0, 276, 18), (0, 0.5, 276, 9), (0, 10.0, 276, 173), (0, 0.01, 276, 1), (0, 1.0, 16, 1)])
+def test_total_steps_from_epochs_round_up_to_whole_global_batches(max_steps, epochs, rows, steps):
+    d = load_config("tiny", [f"distill.max_steps={max_steps}", f"distill.epochs={epochs}",
+                             "distill.global_batch_size=16", "distill.micro_batch_size=2"]).distill
+    assert d.total_steps(rows) == steps
+
+
+def test_length_line_says_how_many_epochs_a_run_is():
+    d = load_config("tiny", ["distill.max_steps=8", "distill.global_batch_size=16"]).distill
+    assert d.length_line(276) == "8 steps × 16 sequences = 0.46 epochs of 276 train rows"
+
+
+def test_the_resolved_config_of_a_component_follows_the_same_rule():
+    """components/params.py resolves preset + overrides in the pod through the same function."""
+    from llmneo_components.params import load_run_config
+
+    cfg = load_run_config("smollm2-demo", ["distill.epochs=1"])
+    assert (cfg.distill.max_steps, cfg.distill.epochs) == (0, 1.0)

@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import llmneo_run
+from conftest import llmneo_run_process
 from llmneo.registry import verify
 
 pytestmark = pytest.mark.integration
@@ -16,8 +16,26 @@ pytestmark = pytest.mark.integration
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("run")
-    run_dir, out = llmneo_run(root, "tiny", "distill.max_steps=3")
-    return root, run_dir, out
+    run_dir, proc = llmneo_run_process(root, "tiny", "distill.max_steps=3")
+    return root, run_dir, proc.stdout + proc.stderr
+
+
+def test_default_output_is_a_line_per_step_and_the_summary(tiny_run):
+    root, run, out = tiny_run
+    lines = out.splitlines()
+    assert len(lines) <= 40, out
+    assert "\x1b[" not in out  # not a terminal: no colour codes
+    assert "executor_input" not in out and "Warning" not in out and "fatal:" not in out
+    for number, (task, label) in enumerate([("prep-data", "data prep"), ("load-teacher", "teacher loading"),
+                                            ("distill", "NEO distill"), ("merge-eval", "merge and eval"),
+                                            ("register", "register")], 1):
+        log = run / "logs" / f"{task}.log"
+        start, end = [line for line in lines if line.startswith(f"[{number}/5] {label}")]
+        assert start.endswith(f"(log: {log.relative_to(root)})") and " done in " in end
+        assert "Got executor_input" in log.read_text() and "\x1b[" not in log.read_text()
+    assert "3 steps × 8 sequences = 0.42 epochs of 57 train rows" in out  # the distill start line
+    distill_log = (run / "logs" / "distill.log").read_text()
+    assert "distill: 3 steps × 8 sequences" in distill_log and "[3/5 distill] neo: 100%" in distill_log
 
 
 def test_artifacts_exist(tiny_run):
@@ -70,3 +88,5 @@ def test_metrics_finite(tiny_run):
     log = [json.loads(x) for x in (run / "distill/adapter/train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2, 3]
     assert all(math.isfinite(r[k]) for r in log for k in ("loss", "ce", "kd", "grad_norm"))
+    assert [r["step"] for r in log if "val_loss" in r] == [2, 3]  # the tiny preset: eval_every 2, and the last
+    assert all(math.isfinite(r["val_loss"]) for r in log if "val_loss" in r)

@@ -17,7 +17,7 @@ from llmneo.cards import DistillCard
 from llmneo.config import load_config
 from llmneo.errors import UserError
 from llmneo.launch import TrainerInputs, write_workdir
-from llmneo.trainer import DistillTrainer, Preempted, lr_lambda, main
+from llmneo.trainer import DistillTrainer, Preempted, count_targets, lr_lambda, main, progress_postfix
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -203,6 +203,10 @@ def test_offline_topk_cache_with_k_equal_vocab_trains_like_the_online_teacher(ne
         assert a["ce"] == pytest.approx(b["ce"], rel=1e-4)
     card = DistillCard.read(workdir)
     assert card.teacher_mode == "offline" and card.topk_tail == "tail"
+    # the cache holds the train split only: the validation loss is the CE alone
+    (val,) = card.val_history
+    assert val["val_loss"] == val["val_ce"] and "val_kd" not in val
+    assert val["val_ce"] == pytest.approx(log(ref_dir)[-1]["val_ce"], rel=1e-4)
 
 
 def test_offline_without_a_cache_is_a_one_line_user_error(tiny_workspace, tmp_path):
@@ -345,6 +349,80 @@ def test_log_tensorboard_plot_and_card(neo_run):
     card = DistillCard.read(workdir)
     assert card.status == "complete" and card.method == "neo" and card.steps == 2
     assert card.final["loss"] == records[-1]["loss"]
+
+
+def test_validation_loss_is_the_training_loss_on_the_val_rows(tiny_workspace, tmp_path):
+    """eval_every=1 on a 1-step run: the logged val_loss equals the reference loss (naive, full logits)
+    of the trained student and the teacher on all val rows in one batch."""
+    from llmneo.data import collate, read_split
+    from llmneo.losses import LossSpec, distill_loss
+
+    workdir = make_workdir(tmp_path, tiny_workspace, "distill.max_steps=1", "distill.eval_every=1")
+    trainer = run(workdir)
+    (record,) = log(workdir)
+    rows = read_split(tiny_workspace / "dataset", "val")
+    batch = collate(rows, trainer.pad_id)
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    trainer.student.eval()
+    with torch.no_grad():
+        sums = distill_loss(trainer.student(**inputs).logits, batch["labels"], trainer.teacher(**inputs).logits,
+                            LossSpec.from_config(trainer.d))
+    n = count_targets(rows)
+    assert n > 0 and len(rows) > trainer.d.micro_batch_size  # several micro-batches were summed
+    assert record["val_loss"] == pytest.approx(float(sums.loss) / n, rel=1e-5)
+    assert record["val_ce"] == pytest.approx(float(sums.ce) / n, rel=1e-5)
+    assert record["val_kd"] == pytest.approx(float(sums.kd) / n, rel=1e-4)
+    card = DistillCard.read(workdir)
+    assert card.val_loss == record["val_loss"]
+    assert card.val_history == [{k: record[k] for k in ("step", "val_loss", "val_ce", "val_kd")}]
+    assert "val loss" in card.summary_line()
+
+
+def test_eval_every_validates_at_its_steps_and_the_last(tiny_workspace, tmp_path):
+    workdir = make_workdir(tmp_path, tiny_workspace, "distill.method=lora", "distill.max_steps=5",
+                           "distill.eval_every=2", "distill.log_every=4")
+    run(workdir)
+    records = log(workdir)
+    assert [r["step"] for r in records if "val_loss" in r] == [2, 4, 5]
+    assert [r["step"] for r in records] == [2, 4, 5]  # log_every=4, plus validations and the last
+    assert all(r["val_loss"] == r["val_ce"] and "val_kd" not in r for r in records)  # lora: no teacher
+    assert [v["step"] for v in DistillCard.read(workdir).val_history] == [2, 4, 5]
+
+
+def test_epochs_decide_the_number_of_steps(tiny_workspace, tmp_path, capsys):
+    workdir = make_workdir(tmp_path, tiny_workspace, "distill.max_steps=0", "distill.epochs=0.3",
+                           "distill.eval_every=0")
+    trainer = DistillTrainer.from_workdir(workdir)
+    trainer.setup()
+    rows = len(trainer.train_rows)
+    assert trainer.max_steps == math.ceil(0.3 * rows / 8)
+    assert f"{trainer.max_steps} steps × 8 sequences = {trainer.max_steps * 8 / rows:.2f} epochs of {rows} " \
+           "train rows" in capsys.readouterr().err
+    trainer.save(trainer.train())
+    trainer.cleanup()
+    assert len(log(workdir)) == trainer.max_steps == DistillCard.read(workdir).steps
+    assert log(workdir)[0]["lr"] == pytest.approx(1e-3 * lr_lambda(0, trainer.max_steps, 0.1))
+
+
+def test_progress_postfix_shows_only_the_terms_that_exist():
+    record = {"loss": 3.14159, "ce": 6.25, "kd": 0.0312, "lr": 2e-4, "tokens_per_s": 1234.5}
+    assert progress_postfix(record, with_teacher=False) == {"loss": "3.142", "lr": "2.00e-04", "tok/s": "1234"}
+    assert progress_postfix({**record, "val_loss": 2.5}, with_teacher=True) == {
+        "loss": "3.142", "ce": "6.250", "kd": "0.031", "val": "2.500", "lr": "2.00e-04", "tok/s": "1234"}
+
+
+@pytest.mark.parametrize("method, terms", [("lora", ["loss", "lr", "tok/s"]),
+                                           ("neo", ["loss", "ce", "kd", "lr", "tok/s"])])
+def test_progress_bar_names_the_pipeline_step(method, terms, tiny_workspace, tmp_path, monkeypatch, capsys):
+    from llmneo.launch import STEP_LABEL_ENV
+
+    monkeypatch.setenv(STEP_LABEL_ENV, "3/5 distill")
+    run(make_workdir(tmp_path, tiny_workspace, f"distill.method={method}", "distill.max_steps=1",
+                     "distill.eval_every=0"))
+    last = capsys.readouterr().err.replace("\r", "\n").strip().splitlines()[-1]
+    assert last.startswith(f"[3/5 distill] {method}: 100%")
+    postfix = last.rsplit(", ", len(terms))[1:]
+    assert [item.split("=")[0] for item in postfix] == terms
 
 
 def test_cosine_schedule_with_warmup():

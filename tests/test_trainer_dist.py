@@ -55,6 +55,10 @@ def test_ddp_two_processes_equal_one_process(ddp_neo, tiny_workspace, tmp_path):
     single = in_process(tiny_workspace, tmp_path, NEO)
     for a, b in zip(log(out), log(single), strict=True):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-6) and a["tokens"] == b["tokens"]
+        assert ("val_loss" in a) == ("val_loss" in b)
+        if "val_loss" in b:  # the validation loss, summed over both ranks' micro-batches
+            assert a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-6)
+    assert [r["step"] for r in log(out) if "val_loss" in r] == [2, 4, 6, 8, 10]  # tiny: eval_every 2
     two, one = (load_file(d / "adapter" / "adapter_model.safetensors") for d in (out, single))
     assert set(two) == set(one)
     for key in one:
@@ -86,6 +90,16 @@ def test_fsdp2_trains_shards_checkpoints_and_resumes(tiny_workspace, tmp_path):
     resumed = load_file(out / "model" / "model.safetensors")
     for key, value in fsdp_weights.items():
         assert torch.equal(resumed[key], value), key
+
+
+def test_fsdp_validation_with_micro_batches_that_do_not_split_evenly_equals_one_process(tiny_workspace, tmp_path):
+    """11 val rows in micro-batches of 4: 3 batches over 2 ranks. The rank with fewer runs a dummy
+    forward (FSDP all-gathers in every forward: unequal counts would hang) and does not count it."""
+    overrides = ["distill.method=kd", "distill.max_steps=1", "distill.eval_every=1", "distill.micro_batch_size=4"]
+    distill(tiny_workspace, tmp_path / "fsdp", overrides + ["distill.strategy=fsdp"])
+    single = in_process(tiny_workspace, tmp_path / "one", overrides)
+    ((two,), (one,)) = (log(tmp_path / "fsdp"), log(single))
+    assert two["val_loss"] == pytest.approx(one["val_loss"], rel=1e-5) and two["val_kd"] > 0
 
 
 def test_sigterm_through_the_cli_then_rerun_resumes_to_the_same_weights(ddp_neo, tiny_workspace, tmp_path):
