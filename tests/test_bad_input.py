@@ -215,9 +215,10 @@ def test_submit_checks_uris_before_connecting():
     from llmneo_pipelines.kfp_client import run_parameters
 
     with pytest.raises(UserError, match=r"^data.source: s3://Bad_Bucket!/x: 'Bad_Bucket!' is not a valid S3 bucket"):
-        run_parameters("tiny", ["data.source=s3://Bad_Bucket!/x"])
-    args = run_parameters("tiny", ["data.source=/data/in-the-image.jsonl"])  # a pod path: not checked here
-    assert args["overrides"] == ["data.source=/data/in-the-image.jsonl"]
+        run_parameters("tiny", ["data.source=s3://Bad_Bucket!/x", "registry.uri=s3://models/registry"])
+    # a pod path: not checked here
+    args = run_parameters("tiny", ["data.source=/data/in-the-image.jsonl", "registry.uri=s3://models/registry"])
+    assert args["overrides"] == ["data.source=/data/in-the-image.jsonl", "registry.uri=s3://models/registry"]
 
 
 def test_llmneo_run_with_a_missing_input_fails_in_seconds(tmp_path):
