@@ -17,6 +17,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import os
 import re
 import types
 import typing
@@ -172,6 +173,9 @@ class EvalConfig:
     lm_eval_limit: int = _f(0, lo=0, doc="lm-eval: at most this many documents per task (0 = all)")
     lm_eval_num_fewshot: int = _f(-1, lo=-1, doc="lm-eval few-shot examples (-1 = each task's default)")
     lm_eval_batch_size: int = _f(32, lo=1, doc="lm-eval batch size (requests per forward pass)")
+    # sample generations in the report
+    samples: int = _f(4, lo=0, doc="report: greedy generations of every model on the first N val prompts (0 = none)")
+    sample_new_tokens: int = _f(48, lo=1, doc="report: new tokens per sample generation")
     # gate: every threshold must hold for the DAG to register the model
     max_kl_to_teacher: float = _f(1e6, lo=0.0, doc="gate: register only if KL(teacher||student) <= this")
     max_perplexity: float = _f(1e9, lo=0.0, lo_open=True, doc="gate: register only if val perplexity <= this")
@@ -364,8 +368,10 @@ def _build(cls: type, data: dict, prefix: str = "") -> Any:
     kwargs = {}
     for key, value in data.items():
         if key not in fields:
-            close = difflib.get_close_matches(str(key), fields, n=1)
-            hint = f" (did you mean {prefix}{close[0]}?)" if close else ""
+            close = [prefix + c for c in difflib.get_close_matches(str(key), fields, n=1)]
+            # a bare leaf name (alpha=0.9) names a key of some section: suggest the full key
+            close = close or _leaf_matches(str(key), cls, prefix)
+            hint = f" (did you mean {' or '.join(close)}?)" if close else ""
             raise ConfigError(f"{prefix}{key}: unknown key{hint}")
         default = getattr(defaults, key)
         if dataclasses.is_dataclass(default) and isinstance(value, dict):
@@ -373,6 +379,16 @@ def _build(cls: type, data: dict, prefix: str = "") -> Any:
             value = _deep_merge(dataclasses.asdict(default), value)
         kwargs[key] = _coerce(prefix + key, hints[key], value, dict(fields[key].metadata))
     return cls(**kwargs)
+
+
+def _leaf_matches(name: str, cls: type, prefix: str) -> list[str]:
+    """Full keys under ``cls`` whose last part is ``name`` (or, failing that, close to it)."""
+    keys = [k for k, *_ in describe_fields(cls, prefix)]
+    exact = [k for k in keys if k.rsplit(".", 1)[-1] == name]
+    if exact:
+        return exact[:3]
+    leaves = {k.rsplit(".", 1)[-1]: k for k in keys}
+    return [leaves[c] for c in difflib.get_close_matches(name, leaves, n=1)]
 
 
 def _deep_merge(base: dict, update: dict) -> dict:
@@ -417,32 +433,69 @@ def preset_names() -> list[str]:
     return sorted(p.name[:-5] for p in resources.files("llmneo_presets").iterdir() if p.name.endswith(".yaml"))
 
 
-def read_preset(preset: str) -> dict:
-    """Raw dict of a preset (by name, or a path to a YAML file)."""
-    path = Path(preset)
-    if preset.endswith((".yaml", ".yml")) and path.is_file():
-        text = path.read_text()
+def _is_path(preset: str) -> bool:
+    return preset.endswith((".yaml", ".yml")) or "/" in preset or "\\" in preset
+
+
+def _preset_file(preset: str, relative_to: Path | None = None) -> Path:
+    """The YAML file a path-like preset names (relative paths: to ``relative_to`` first, then the cwd)."""
+    path = Path(preset).expanduser()
+    if not path.is_absolute() and relative_to is not None and (relative_to / path).is_file():
+        path = relative_to / path
+    if not path.is_file():
+        raise ConfigError(f"preset {preset}: file does not exist "
+                          f"(give a YAML path or a shipped preset: {', '.join(preset_names())})")
+    return path.resolve()
+
+
+def read_preset(preset: str, _chain: tuple[str, ...] = (), _relative_to: Path | None = None) -> dict:
+    """Raw dict of a preset (by name, or a path to a YAML file).
+
+    A preset may extend another: ``base: smollm2-demo`` (a shipped name, or a YAML path resolved
+    relative to the extending file's folder) is read first and the preset's own keys are merged over
+    it, section by section (a list replaces the base's list). Cycles are an error.
+    """
+    if _is_path(preset):
+        path = _preset_file(preset, _relative_to)
+        identity, folder, text = str(path), path.parent, path.read_text()
     else:
         res = resources.files("llmneo_presets").joinpath(f"{preset}.yaml")
         if not res.is_file():
             raise ConfigError(f"preset: unknown preset {preset!r}; known: {', '.join(preset_names())}")
-        text = res.read_text()
+        identity, folder, text = preset, None, res.read_text()
+    if identity in _chain:
+        names = [Path(c).name for c in (*_chain, identity)]
+        raise ConfigError(f"preset {preset}: base: cycle {' -> '.join(names)}")
     try:
         data = yaml.safe_load(text) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"preset {preset}: not valid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"preset {preset}: must be a mapping")
-    return data
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    if not isinstance(base, str) or not base:
+        raise ConfigError(f"preset {preset}: base: must be a preset name or YAML path, got {base!r}")
+    return _deep_merge(read_preset(base, (*_chain, identity), folder), data)
 
 
 def config_from_dict(data: dict) -> Config:
     return _build(Config, data).check()
 
 
+REGISTRY_ENV = "LLMNEO_REGISTRY"
+
+
 def load_config(preset: str = "tiny", overrides: list[str] | tuple[str, ...] | None = None) -> Config:
-    """Resolve a preset and ``key=value`` overrides into a validated :class:`Config`."""
+    """Resolve a preset and ``key=value`` overrides into a validated :class:`Config`.
+
+    ``registry.uri``: an explicit ``registry.uri=…`` override, else ``$LLMNEO_REGISTRY``, else the
+    preset's value, else the default ``runs/registry``.
+    """
     data = read_preset(preset)
+    if os.environ.get(REGISTRY_ENV):
+        data = _deep_merge(data, {"registry": {"uri": os.environ[REGISTRY_ENV]}})
     data = apply_overrides(data, list(overrides or []))
     return config_from_dict(data)
 

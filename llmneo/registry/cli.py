@@ -8,7 +8,7 @@
     llmneo registry lineage smollm2-neo:v3               # run id, git commit, config/dataset hash, …
     llmneo registry history smollm2-neo [ALIAS]          # every alias move
 
-The registry is ``--registry URI``, else ``$LLMNEO_REGISTRY``, else ``registry.uri`` of ``--preset``.
+The registry is --registry URI, else $LLMNEO_REGISTRY, else registry.uri of --preset.
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ import json
 import sys
 
 from llmneo.config import load_config
-from llmneo.registry import open_registry, registry_uri
+from llmneo.errors import UserError
+from llmneo.registry import ENV_URI, LocalRegistry, open_registry, registry_uri
 from llmneo.registry.core import _size
 from llmneo.report import table
 
@@ -46,6 +47,10 @@ def _table(headers, rows) -> str:
 
 def cmd_ls(args) -> int:
     reg = _registry(args)
+    if isinstance(reg, LocalRegistry) and not reg.root.is_dir():
+        # a typo in the path must not look like a registry with nothing in it
+        raise UserError(f"registry {reg.uri}: no such folder (nothing registered there yet; "
+                        f"--registry URI or ${ENV_URI} names another)")
     headers, rows = reg.version_rows(args.name) if args.name else reg.model_rows()
     print(f"registry {reg.uri}")
     print(_table(headers, rows) if rows else "(empty)")
