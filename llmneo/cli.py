@@ -62,10 +62,11 @@ def _print_card(card) -> None:
 
 def cmd_config(args) -> int:
     if args.keys:
-        width = shutil.get_terminal_size((120, 24)).columns  # $COLUMNS, the terminal, else 120
+        # wrapped to $COLUMNS or the terminal's width; piped into grep/less: one line per key
+        width = shutil.get_terminal_size((0, 0)).columns
         print(table(["key", "type", "default", "description"],
                     [[k, t, json.dumps(v), d] for k, t, v, d in describe_fields()], align_right=False,
-                    max_width=width))
+                    max_width=width or None))
         return 0
     if args.list:
         print("\n".join(preset_names()))

@@ -30,10 +30,12 @@ def table(headers: list[str], rows: list[list], align_right: bool = True, max_wi
     align = ["left"] + ["right" if align_right else "left"] * (len(headers) - 1)
     widths = None
     if max_width and cells:
-        # the first column at its natural width, the middle ones at most 24 characters, the last
-        # one gets what is left (at least 20); wrapped cells continue on the next lines
+        # the first column at its natural width, the middle ones share what the last one (at least
+        # 20 characters) leaves, at most 24 each; wrapped cells continue on the next lines
         natural = [max(len(str(h)), *(len(r[i]) for r in cells)) for i, h in enumerate(headers)]
-        fixed = [natural[0]] + [min(w, 24) for w in natural[1:-1]]
+        middle = len(headers) - 2
+        share = (max_width - natural[0] - 2 * (len(headers) - 1) - 20) // middle if middle > 0 else 0
+        fixed = [natural[0]] + [min(w, 24, max(8, share)) for w in natural[1:-1]]
         last = max(20, max_width - sum(fixed) - 2 * len(fixed))
         widths = [None, *fixed[1:], last]
     return tabulate(cells, [str(h) for h in headers], tablefmt="simple", disable_numparse=True,
