@@ -61,7 +61,7 @@ class DataConfig:
     max_length: int = _f(256, lo=8, doc="max tokens per example (prompt + response)")
     truncation: Literal["truncate", "drop"] = _f("truncate", doc="what to do with longer examples")
     assistant_only_labels: bool = _f(True, doc="train only on assistant tokens (labels -100 elsewhere)")
-    packing: bool = _f(False, doc="pack train examples into max_length rows (adds position_ids; see README)")
+    packing: bool = _f(False, doc="pack train examples into max_length rows (adds position_ids; see docs/data.md)")
     val_fraction: float = _f(0.1, lo=0.0, hi=1.0, lo_open=True, hi_open=True, doc="share of rows for validation")
     limit: int = _f(0, lo=0, doc="keep at most this many rows of the shuffled data (0 = all); "
                     "the same seed gives nested subsets")
@@ -109,7 +109,7 @@ class StudentConfig:
 
 @dataclass
 class DistillConfig:
-    """The trainer (llmneo/trainer.py). See README "Distillation engine" for what each knob trades."""
+    """The trainer (llmneo/trainer.py). See docs/distillation.md for what each knob trades."""
 
     method: Literal["sft", "lora", "kd", "neo"] = _f(
         "neo", doc="sft: full CE; lora: LoRA CE; kd: full CE+KD; neo: LoRA CE+KD (base frozen)")
@@ -149,7 +149,7 @@ class DistillConfig:
     resume: bool = _f(True, mechanics=True, doc="resume from checkpoint/ in the output folder (or skip a run already complete "
                       "there); false: train from scratch")
     nproc_per_node: int = _f(2, lo=1, mechanics=True, doc="torchrun processes per node (GPUs per node on a cluster)")
-    nnodes: int = _f(1, lo=1, mechanics=True, doc="nodes; >1 runs on the distributed engine (see README)")
+    nnodes: int = _f(1, lo=1, mechanics=True, doc="nodes; >1 runs on the distributed engine (see docs/pipeline.md)")
     seed: int = _f(0)
     log_every: int = _f(1, lo=1, mechanics=True, doc="write every N-th step to train_log.jsonl")
 

@@ -29,8 +29,7 @@ def cmd_run(args) -> int:
 
 
 def add_commands(sub) -> None:
-    """``run`` (the DAG through kfp.local), ``upload``, ``submit`` and ``schedule sync`` (README
-    "Run on Kubeflow")."""
+    """``run`` (the DAG through kfp.local), ``upload``, ``submit`` and ``schedule sync`` (docs/pipeline.md)."""
 
     p = sub.add_parser("run", help="run the whole DAG locally through kfp.local",
                        description="run the whole DAG locally through kfp.local")
