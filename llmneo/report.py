@@ -6,6 +6,8 @@ from __future__ import annotations
 import base64
 import html
 import json
+import re
+import textwrap
 from pathlib import Path
 
 from tabulate import tabulate
@@ -45,7 +47,9 @@ def table(headers: list[str], rows: list[list], align_right: bool = True, max_wi
 def markdown_table(headers: list[str], rows: list[list]) -> str:
     """A GitHub-flavoured Markdown table (``|`` in a cell escaped, newlines folded)."""
     def cell(value) -> str:
-        return _fmt(value).replace("|", "\\|").replace("\n", " ")
+        # _ and * would start emphasis (kl_to_teacher → "kltoteacher" in the KFP UI's viewer)
+        text = _fmt(value).replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ")
+        return text.replace("_", "\\_").replace("*", "\\*")
 
     return tabulate([[cell(c) for c in r] for r in rows], [cell(h) for h in headers], tablefmt="github",
                     disable_numparse=True)
@@ -265,12 +269,20 @@ def distill_rows(result: dict) -> list[list]:
     return [r for r in rows if r[1] is not None]
 
 
-def _fence(text: str) -> list[str]:
-    """A fenced code block whose fence cannot be closed by the text inside."""
+def _fence(text: str, width: int = 100) -> list[str]:
+    """A fenced code block whose fence cannot be closed by the text inside; long lines wrapped (a
+    code block does not wrap in the KFP UI's Markdown viewer)."""
     fence = "```"
     while fence in text:
         fence += "`"
-    return [fence, text or "(nothing)", fence]
+    lines = [piece for line in (text or "(nothing)").splitlines()
+             for piece in (textwrap.wrap(line, width, replace_whitespace=False, drop_whitespace=False) or [""])]
+    return [fence, *lines, fence]
+
+
+def _md_text(text: str) -> str:
+    """Running text for Markdown: characters that would start emphasis or a link are escaped."""
+    return re.sub(r"([\\_*\[\]<>`])", r"\\\1", text)
 
 
 # --------------------------------------------------------------------------------------------
@@ -302,17 +314,17 @@ def write_report(out_dir: Path, result: dict, log_path: Path | None, cfg: Config
              f"Dataset hash {result.get('dataset_hash')}, config hash {result.get('config_hash')}.")
     fidelity_note = ("Fidelity columns are measured on the val split against the teacher "
                      "(KL(teacher‖model) per token, top-1 agreement, perplexity on the labels); task columns "
-                     "come from lm-eval; - = not evaluated (eval.lm_eval_models).")
+                     "come from lm-eval; - = not evaluated (see {}).")
     sample_note = (f"Greedy decoding, at most {cfg.eval.sample_new_tokens} new tokens, on the first "
                    f"{len(samples)} prompts of the val split (held out from training).")
     names = _ordered(samples[0]["outputs"]) if samples else []
 
-    md = [f"# {title}", "", intro, ""]
+    md = [f"# {title}", "", _md_text(intro), ""]
     if model_rows:
         md += ["## Models", "", markdown_table(model_headers, model_rows), ""]
-    md += ["## Base student, distilled student and teacher", "", fidelity_note, "",
+    md += ["## Base student, distilled student and teacher", "", fidelity_note.format("`eval.lm_eval_models`"), "",
            markdown_table(headers, rows), "",
-           f"**Gate: {gate_line(gate)}** (thresholds: {thresholds_text})", ""]
+           f"**Gate: {_md_text(gate_line(gate))}** (thresholds: `{thresholds_text}`)", ""]
     if samples:
         md += ["## Sample generations", "", sample_note, ""]
         for i, sample in enumerate(samples, 1):
@@ -337,7 +349,8 @@ def write_report(out_dir: Path, result: dict, log_path: Path | None, cfg: Config
     body = [f"<h1>{html.escape(title)}</h1>", f"<p>{html.escape(intro)}</p>"]
     if model_rows:
         body += ["<h2>Models</h2>", html_table(model_headers, model_rows)]
-    body += ["<h2>Base student, distilled student and teacher</h2>", f"<p>{html.escape(fidelity_note)}</p>",
+    body += ["<h2>Base student, distilled student and teacher</h2>",
+             f"<p>{html.escape(fidelity_note.format('eval.lm_eval_models'))}</p>",
              html_table(headers, rows),
              f'<p class="gate {badge}">Gate: {html.escape(gate_line(gate))}</p>',
              f"<p>thresholds: {html.escape(thresholds_text)}</p>"]
@@ -360,7 +373,8 @@ def write_report(out_dir: Path, result: dict, log_path: Path | None, cfg: Config
     style = ("body{font-family:system-ui,sans-serif;margin:2em;max-width:75em}table{border-collapse:collapse;"
              "margin:1em 0}td,th{border:1px solid #ccc;padding:.3em .6em;text-align:right}"
              "td:first-child,th{text-align:left}.gate{font-weight:bold;padding:.4em}.pass{background:#dfd}"
-             ".fail{background:#fdd}table.samples td{text-align:left;vertical-align:top;width:22%}"
+             ".fail{background:#fdd}table.samples{table-layout:fixed;width:100%}"
+             "table.samples td{text-align:left;vertical-align:top;overflow-wrap:anywhere}"
              "table.samples pre{white-space:pre-wrap;margin:0;font-size:.85em}td.prompt{background:#f4f4f8}"
              "td.ref{color:#555}img{max-width:100%}")
     html_path = out_dir / "report.html"

@@ -71,8 +71,8 @@ def test_report_sections_samples_and_embedded_curves(tmp_path):
     md_path, html_path = write_report(tmp_path, result(), log, load_config("tiny"))
     md, page = md_path.read_text(), html_path.read_text()
     for text in ("## Models", "pruned to 8 of 32 layers (0-3, 28-31)", "## Sample generations",
-                 "The capital of France is Paris.", "## Distillation run", "812 tokens/s", "| val_loss ",
-                 "| teacher   | llmneo_mc | acc      | 0.625   | 0.05     |"):
+                 "The capital of France is Paris.", "## Distillation run", "812 tokens/s", "| val\\_loss ",
+                 "| teacher   | llmneo\\_mc | acc      | 0.625   | 0.05     |"):
         assert text in md, text
     # a generation holding ``` cannot close its fence early
     assert "````\nA | B ```\n````" in md
@@ -88,7 +88,8 @@ def test_training_table_has_only_the_terms_that_exist(tmp_path):
     log.write_text("".join(json.dumps(r) + "\n" for r in log_rows(kd=0.0, val=False)))
     md = write_report(tmp_path, result(method="sft", samples=False), log, load_config("tiny"))[0].read_text()
     header = next(line for line in md.splitlines() if line.startswith("| step"))
-    assert [c.strip() for c in header.strip("|").split("|")] == ["step", "loss", "ce", "lr", "tokens_per_s"]
+    assert [c.strip().replace("\\_", "_") for c in header.strip("|").split("|")] == [
+        "step", "loss", "ce", "lr", "tokens_per_s"]
     assert "## Sample generations" not in md
 
 
@@ -127,3 +128,6 @@ def test_tables_use_tabulate_and_fit_a_width():
     assert table(["a", "b"], [["x", 1.23456], ["yy", None]]).splitlines() == ["a        b", "---  -----",
                                                                               "x    1.235", "yy       -"]
     assert markdown_table(["a"], [["x|y\nz"]]).splitlines()[2] == "| x\\|y z |"
+    # _ and * would start emphasis in the KFP UI's Markdown viewer: kl_to_teacher → "kltoteacher"
+    assert markdown_table(["kl_to_teacher"], [["a*b"]]).splitlines()[::2] == ["| kl\\_to\\_teacher   |",
+                                                                             "| a\\*b              |"]
