@@ -149,3 +149,24 @@ def test_preset_and_key_mistakes_point_at_the_fix(tmp_path, args, message):
     proc = llmneo(*args, cwd=tmp_path)
     assert proc.returncode == 2 and proc.stderr.strip().startswith(message), proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_local_summary_names_the_run_id_recorded_in_the_lineage(tmp_path):
+    """kfp.local names the run folder after the time; the summary prints the id the registry lineage
+    recorded, so a registered version can be traced back to its run folder."""
+    import json
+
+    from llmneo_pipelines.local_run import registered_run_id, summarize
+
+    version = tmp_path / "registry" / "demo" / "v1"
+    version.mkdir(parents=True)
+    (version / "manifest.json").write_text(json.dumps({"lineage": {"pipeline_run_id": "81279140"}}))
+    assert registered_run_id(f"demo:v1@{version}") == "81279140"
+    assert registered_run_id(f"demo:v2@{tmp_path / 'nowhere'}") is None and registered_run_id(None) is None
+    run = tmp_path / "kfp" / "llm-neo-2026-11-29-00-50-27-130521"
+    (run / "register").mkdir(parents=True)
+    (run / "register" / "executor_output.json").write_text(
+        json.dumps({"parameterValues": {"Output": f"demo:v1@{version}"}}))
+    text, facts = summarize(run, 12.0)
+    assert facts["run_id"] == "81279140"
+    assert f"run folder:       {run}" in text and "run id:           81279140" in text
