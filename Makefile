@@ -1,4 +1,4 @@
-# llmneo — the two commands a new user needs are `make run` and `make test` (see README).
+# llmneo — the two commands a new user needs are `make run` and `make test` (see README.md).
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv

@@ -20,11 +20,13 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import shutil
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from llmneo import __version__
 from llmneo.compare import parse_grid, run_compare
 from llmneo.compare_report import print_summary
 from llmneo.config import describe_fields, dump_yaml, load_config, preset_names
@@ -32,6 +34,16 @@ from llmneo.errors import UserError, guarded, quiet_broken_pipe
 from llmneo.registry.cli import add_parser as add_registry_parser
 from llmneo.report import comparison, gate_line, table
 from llmneo.steps import STEPS
+
+EXAMPLES = """examples:
+  llmneo prep --preset tiny --out runs/dbg/dataset       one step alone, on local folders
+  llmneo config --preset smollm2-demo distill.alpha=0.9  print the resolved configuration
+  llmneo config --keys                                   every key, type, default, description
+  llmneo compare --preset smollm2-demo                   untouched / SFT / LoRA / KD / NEO side by side
+  llmneo registry ls [NAME]                              registered models (llmneo registry -h)
+
+Every command takes --preset (a shipped name or a YAML file) and trailing key=value overrides.
+A mistake prints one line "error: ..." and exits with code 2."""
 
 
 def _config(args):
@@ -50,8 +62,11 @@ def _print_card(card) -> None:
 
 def cmd_config(args) -> int:
     if args.keys:
+        # wrapped to $COLUMNS or the terminal's width; piped into grep/less: one line per key
+        width = shutil.get_terminal_size((0, 0)).columns
         print(table(["key", "type", "default", "description"],
-                    [[k, t, json.dumps(v), d] for k, t, v, d in describe_fields()], align_right=False))
+                    [[k, t, json.dumps(v), d] for k, t, v, d in describe_fields()], align_right=False,
+                    max_width=width or None))
         return 0
     if args.list:
         print("\n".join(preset_names()))
@@ -84,6 +99,9 @@ def _print_registered(manifest: dict, _args) -> None:
 PRINTERS: dict[str, Callable[[Any, argparse.Namespace], None]] = {
     "prep": _print_summary, "teacher": _print_summary, "distill": _print_summary,
     "merge-eval": _print_merge_eval, "register": _print_registered}
+
+
+PRESET_HELP = "a shipped preset name (llmneo config --list) or a YAML file (default: tiny)"
 
 
 def _dest(option: str) -> str:
@@ -133,12 +151,13 @@ def build_parser(extensions: Sequence[Callable[[Any], None]] = (), epilog: str |
     """The library's commands; each of ``extensions`` is called with the subparsers to add its own."""
     parser = argparse.ArgumentParser(prog="llmneo", description="LLM-NEO distillation pipeline",
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog=epilog or __doc__)
+                                     epilog=epilog or EXAMPLES)
+    parser.add_argument("--version", action="version", version=f"llmneo {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add(name: str, fn: Callable, help_: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_, description=help_)
-        p.add_argument("--preset", default="tiny", help="preset name or YAML path (default: tiny)")
+        p.add_argument("--preset", default="tiny", help=PRESET_HELP)
         p.add_argument("overrides", nargs="*", metavar="key=value", help="configuration overrides")
         p.set_defaults(fn=fn)
         return p
@@ -161,8 +180,8 @@ def build_parser(extensions: Sequence[Callable[[Any], None]] = (), epilog: str |
                            help="replace a completed run of another configuration in --out")
         p.set_defaults(step=step)
 
-    p = add("compare", cmd_compare, "the seed's comparison: untouched student, SFT, LoRA, KD, NEO on the "
-            "same data, steps and seeds; a table and a plot")
+    p = add("compare", cmd_compare, "untouched student, SFT, LoRA, KD and NEO on the same data, steps and "
+            "seeds; a table and a plot")
     p.add_argument("--out", type=Path, default=None, help="output folder (default: runs/compare/<preset name>)")
     p.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
                    help="sweep a key over values for every trained method (repeatable: cartesian product)")

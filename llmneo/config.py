@@ -18,6 +18,7 @@ import difflib
 import hashlib
 import json
 import math
+import os
 import re
 import types
 import typing
@@ -71,7 +72,7 @@ class DataConfig:
     max_length: int = _f(256, lo=8, hi=MAX_LENGTH, doc="max tokens per example (prompt + response)")
     truncation: Literal["truncate", "drop"] = _f("truncate", doc="what to do with longer examples")
     assistant_only_labels: bool = _f(True, doc="train only on assistant tokens (labels -100 elsewhere)")
-    packing: bool = _f(False, doc="pack train examples into max_length rows (adds position_ids; see README)")
+    packing: bool = _f(False, doc="pack train examples into max_length rows (adds position_ids; see docs/data.md)")
     val_fraction: float = _f(0.1, lo=0.0, hi=1.0, lo_open=True, hi_open=True, doc="share of rows for validation")
     limit: int = _f(0, lo=0, doc="keep at most this many rows of the shuffled data (0 = all); "
                     "the same seed gives nested subsets")
@@ -119,7 +120,7 @@ class StudentConfig:
 
 @dataclass
 class DistillConfig:
-    """The trainer (llmneo/trainer.py). See README "Distillation engine" for what each knob trades."""
+    """The trainer (llmneo/trainer.py). See docs/distillation.md for what each knob trades."""
 
     method: Literal["sft", "lora", "kd", "neo"] = _f(
         "neo", doc="sft: full CE; lora: LoRA CE; kd: full CE+KD; neo: LoRA CE+KD (base frozen)")
@@ -172,7 +173,7 @@ class DistillConfig:
     resume: bool = _f(True, mechanics=True, doc="resume from checkpoint/ in the output folder (or skip a run already complete "
                       "there); false: train from scratch")
     nproc_per_node: int = _f(2, lo=1, mechanics=True, doc="torchrun processes per node (GPUs per node on a cluster)")
-    nnodes: int = _f(1, lo=1, mechanics=True, doc="nodes; >1 runs on the distributed engine (see README)")
+    nnodes: int = _f(1, lo=1, mechanics=True, doc="nodes; >1 runs on the distributed engine (see docs/pipeline.md)")
     seed: int = _f(0)
     log_every: int = _f(1, lo=1, mechanics=True, doc="write every N-th step to train_log.jsonl")
 
@@ -216,6 +217,9 @@ class EvalConfig:
     lm_eval_limit: int = _f(0, lo=0, doc="lm-eval: at most this many documents per task (0 = all)")
     lm_eval_num_fewshot: int = _f(-1, lo=-1, doc="lm-eval few-shot examples (-1 = each task's default)")
     lm_eval_batch_size: int = _f(32, lo=1, doc="lm-eval batch size (requests per forward pass)")
+    # sample generations in the report
+    samples: int = _f(4, lo=0, doc="report: greedy generations of every model on the first N val prompts (0 = none)")
+    sample_new_tokens: int = _f(48, lo=1, doc="report: new tokens per sample generation")
     # gate: every threshold must hold for the DAG to register the model
     max_kl_to_teacher: float = _f(1e6, lo=0.0, doc="gate: register only if KL(teacher||student) <= this")
     max_perplexity: float = _f(1e9, lo=0.0, lo_open=True, doc="gate: register only if val perplexity <= this")
@@ -453,8 +457,10 @@ def _build(cls: type, data: dict, prefix: str = "") -> Any:
     kwargs = {}
     for key, value in data.items():
         if key not in fields:
-            close = difflib.get_close_matches(str(key), fields, n=1)
-            hint = f" (did you mean {prefix}{close[0]}?)" if close else ""
+            close = [prefix + c for c in difflib.get_close_matches(str(key), fields, n=1)]
+            # a bare leaf name (alpha=0.9) names a key of some section: suggest the full key
+            close = close or _leaf_matches(str(key), cls, prefix)
+            hint = f" (did you mean {' or '.join(close)}?)" if close else ""
             raise ConfigError(f"{prefix}{key}: unknown key{hint}")
         default = getattr(defaults, key)
         if dataclasses.is_dataclass(default) and isinstance(value, dict):
@@ -462,6 +468,16 @@ def _build(cls: type, data: dict, prefix: str = "") -> Any:
             value = _deep_merge(dataclasses.asdict(default), value)
         kwargs[key] = _coerce(prefix + key, hints[key], value, dict(fields[key].metadata))
     return cls(**kwargs)
+
+
+def _leaf_matches(name: str, cls: type, prefix: str) -> list[str]:
+    """Full keys under ``cls`` whose last part is ``name`` (or, failing that, close to it)."""
+    keys = [k for k, *_ in describe_fields(cls, prefix)]
+    exact = [k for k in keys if k.rsplit(".", 1)[-1] == name]
+    if exact:
+        return exact[:3]
+    leaves = {k.rsplit(".", 1)[-1]: k for k in keys}
+    return [leaves[c] for c in difflib.get_close_matches(name, leaves, n=1)]
 
 
 def _deep_merge(base: dict, update: dict) -> dict:
@@ -538,10 +554,31 @@ def _yaml_error(e: yaml.YAMLError) -> str:
     return str(e).splitlines()[0]
 
 
-def read_preset(preset: str) -> dict:
-    """Raw dict of a preset (by name, or a path to a YAML file): UTF-8, no duplicate keys."""
-    path = Path(preset)
-    if preset.endswith((".yaml", ".yml")) and path.exists():
+def _is_path(preset: str) -> bool:
+    return preset.endswith((".yaml", ".yml")) or "/" in preset or "\\" in preset
+
+
+def _preset_file(preset: str, relative_to: Path | None = None) -> Path:
+    """The YAML file a path-like preset names (relative paths: to ``relative_to`` first, then the cwd)."""
+    path = Path(preset).expanduser()
+    if not path.is_absolute() and relative_to is not None and (relative_to / path).is_file():
+        path = relative_to / path
+    if not path.is_file():
+        raise ConfigError(f"preset {preset}: file does not exist "
+                          f"(give a YAML path or a shipped preset: {', '.join(preset_names())})")
+    return path.resolve()
+
+
+def read_preset(preset: str, _chain: tuple[str, ...] = (), _relative_to: Path | None = None) -> dict:
+    """Raw dict of a preset (by name, or a path to a YAML file).
+
+    A preset may extend another: ``base: smollm2-demo`` (a shipped name, or a YAML path resolved
+    relative to the extending file's folder) is read first and the preset's own keys are merged over
+    it, section by section (a list replaces the base's list). Cycles are an error.
+    """
+    if _is_path(preset):
+        path = _preset_file(preset, _relative_to)
+        identity, folder = str(path), path.parent
         try:
             raw = path.read_bytes()
         except OSError as e:
@@ -550,7 +587,10 @@ def read_preset(preset: str) -> dict:
         res = resources.files("llmneo_presets").joinpath(f"{preset}.yaml")
         if not res.is_file():
             raise ConfigError(f"preset: unknown preset {preset!r}; known: {', '.join(preset_names())}")
-        raw = res.read_bytes()
+        identity, folder, raw = preset, None, res.read_bytes()
+    if identity in _chain:
+        names = [Path(c).name for c in (*_chain, identity)]
+        raise ConfigError(f"preset {preset}: base: cycle {' -> '.join(names)}")
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
@@ -563,7 +603,16 @@ def read_preset(preset: str) -> dict:
         raise ConfigError(f"preset {preset}: not valid YAML ({_yaml_error(e)})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"preset {preset}: must be a mapping")
-    return data
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    if not isinstance(base, str) or not base:
+        raise ConfigError(f"preset {preset}: base: must be a preset name or YAML path, got {base!r}")
+    inherited = read_preset(base, (*_chain, identity), folder)
+    written = _set_length_keys(data)
+    if len(written) == 1:  # the extending preset's training length replaces the base's (one choice)
+        inherited = _one_training_length(inherited, written)
+    return _deep_merge(inherited, data)
 
 
 def config_from_dict(data: dict) -> Config:
@@ -600,9 +649,19 @@ def resolve_config(data: dict, overrides: list[str] | tuple[str, ...] = ()) -> C
     return config_from_dict(_one_training_length(data, written))
 
 
+REGISTRY_ENV = "LLMNEO_REGISTRY"
+
+
 def load_config(preset: str = "tiny", overrides: list[str] | tuple[str, ...] | None = None) -> Config:
-    """Resolve a preset and ``key=value`` overrides into a validated :class:`Config`."""
-    return resolve_config(read_preset(preset), list(overrides or []))
+    """Resolve a preset and ``key=value`` overrides into a validated :class:`Config`.
+
+    ``registry.uri``: an explicit ``registry.uri=…`` override, else ``$LLMNEO_REGISTRY``, else the
+    preset's value, else the default ``runs/registry``.
+    """
+    data = read_preset(preset)
+    if os.environ.get(REGISTRY_ENV):
+        data = _deep_merge(data, {"registry": {"uri": os.environ[REGISTRY_ENV]}})
+    return resolve_config(data, list(overrides or []))
 
 
 def describe_fields(cls: type = Config, prefix: str = "") -> list[tuple[str, str, Any, str]]:

@@ -309,8 +309,8 @@ def collate(rows: list[dict], pad_id: int) -> dict:
     """Right-padded batch ``[B, max_len]`` of ``input_ids`` and ``labels`` (-100 on padding) — the one
     batching used by the trainer, the top-k pass and evaluation.
 
-    Plain rows get an ``attention_mask``. Packed rows (a ``position_ids`` column, see README
-    "Packing") get their ``position_ids`` and no mask, the padding continuing as a segment of its own
+    Plain rows get an ``attention_mask``. Packed rows (a ``position_ids`` column, see
+    docs/data.md, "Packing") get their ``position_ids`` and no mask, the padding continuing as a segment of its own
     (positions from 0): from restarting positions transformers builds a block-diagonal causal mask, so
     no token attends across examples.
     """

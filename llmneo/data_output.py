@@ -67,7 +67,7 @@ class Packer:
     Each packed row carries ``position_ids`` restarting at 0 for every example (the sequence
     boundaries) and ``rows`` (source rows, in order). The first label of every example is set to
     -100, so no position predicts across a boundary; the loss over a packed row equals the sum of
-    the losses over its examples when attention does not cross boundaries (README, "Packing").
+    the losses over its examples when attention does not cross boundaries (docs/data.md, "Packing").
     """
 
     def __init__(self, sink: ParquetRows, max_length: int):

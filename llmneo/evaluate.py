@@ -36,6 +36,7 @@ from llmneo import cards
 from llmneo.cards import DatasetCard, DistillCard, EvalCard, ModelCard
 from llmneo.config import Config, parse_threshold
 from llmneo.data import collate, read_split
+from llmneo.data_output import IGNORE_INDEX
 from llmneo.errors import UserError
 from llmneo.heads import logits_head
 from llmneo.lora import merge_adapter  # the one place adapters are merged (peft LoRA variants, MoSLoRA)
@@ -248,6 +249,59 @@ def fidelity(models: dict[str, torch.nn.Module], teacher: torch.nn.Module, rows:
 
 
 # --------------------------------------------------------------------------------------------
+# Sample generations
+# --------------------------------------------------------------------------------------------
+
+
+def sample_prompts(rows: list[dict], n: int) -> list[dict]:
+    """The first ``n`` val rows that have a prompt and an answer: the tokens before the first label
+    (the prompt, chat template included) and the labelled tokens after it (the reference answer)."""
+    prompts = []
+    for row in rows:
+        labels = row["labels"]
+        first = next((i for i, t in enumerate(labels) if t != IGNORE_INDEX), None)
+        if not first:  # no target, or nothing before it to condition on
+            continue
+        end = next((i for i in range(first, len(labels)) if labels[i] == IGNORE_INDEX), len(labels))
+        prompts.append({"prompt_ids": list(row["input_ids"][:first]), "reference_ids": list(labels[first:end])})
+        if len(prompts) == n:
+            break
+    return prompts
+
+
+@torch.no_grad()
+def generate_samples(models: dict[str, tuple], rows: list[dict], n: int, new_tokens: int) -> list[dict]:
+    """Greedy continuations of the first ``n`` val prompts by every model, side by side.
+
+    Args:
+        models: name → (model, tokenizer); all share the tokenizer (the teacher's vocabulary may be
+            wider: it generates with its own).
+        rows: tokenized val rows (``input_ids``, ``labels``).
+    Returns:
+        one dict per prompt: ``prompt`` and ``reference`` (decoded, special tokens dropped) and
+        ``outputs`` {name: generated text}.
+    """
+    if n <= 0 or not models:
+        return []
+    tokenizer = next(iter(models.values()))[1]
+    samples = []
+    for p in sample_prompts(rows, n):
+        sample = {"prompt": tokenizer.decode(p["prompt_ids"], skip_special_tokens=True).strip(),
+                  "reference": tokenizer.decode(p["reference_ids"], skip_special_tokens=True).strip(),
+                  "outputs": {}}
+        for name, (model, tok) in models.items():
+            device = next(model.parameters()).device
+            ids = torch.tensor([p["prompt_ids"]], device=device)
+            pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+            # one prompt at a time: no padding, so every model sees exactly the tokens of training
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                                 do_sample=False, pad_token_id=pad, temperature=None, top_p=None, top_k=None)
+            sample["outputs"][name] = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+        samples.append(sample)
+    return samples
+
+
+# --------------------------------------------------------------------------------------------
 # lm-eval
 # --------------------------------------------------------------------------------------------
 
@@ -383,7 +437,8 @@ def evaluate_models(models: dict[str, ModelSpec], teacher: ModelSpec, dataset_di
         lm_eval_on: names (from ``models`` or ``"teacher"``) to run lm-eval on; default all.
     Returns:
         {"fidelity": name → metrics (teacher included), "lm_eval": name → task → metrics,
-         "summary": name → flat metrics (see :func:`summary`), "seconds": …}
+         "summary": name → flat metrics (see :func:`summary`), "samples": greedy generations of
+         every model on the first ``cfg.eval.samples`` val prompts (:func:`generate_samples`), "seconds": …}
     """
     t0 = time.time()
     device = eval_device()
@@ -395,6 +450,7 @@ def evaluate_models(models: dict[str, ModelSpec], teacher: ModelSpec, dataset_di
     table = fidelity({n: m for n, (m, _) in loaded.items()}, teacher_model, rows, pad_id, e.batch_size,
                      e.max_batches, e.chunk_tokens)
     everything = {**loaded, "teacher": (teacher_model, teacher_tok)}
+    samples = generate_samples({"teacher": everything["teacher"], **loaded}, rows, e.samples, e.sample_new_tokens)
     lm_eval_on = list(everything) if lm_eval_on is None else [n for n in lm_eval_on if n in everything]
     scores: dict[str, dict] = {}
     if e.lm_eval_tasks:
@@ -408,7 +464,7 @@ def evaluate_models(models: dict[str, ModelSpec], teacher: ModelSpec, dataset_di
                                               batch_size=e.lm_eval_batch_size)
     return {"fidelity": table, "lm_eval": scores,
             "summary": {name: summary(table[name], scores.get(name, {})) for name in table},
-            "seconds": round(time.time() - t0, 2)}
+            "samples": samples, "seconds": round(time.time() - t0, 2)}
 
 
 # --------------------------------------------------------------------------------------------
@@ -445,6 +501,22 @@ def gate(cfg: Config, metrics: dict[str, float]) -> tuple[bool, list[str]]:
 # --------------------------------------------------------------------------------------------
 # Step 4
 # --------------------------------------------------------------------------------------------
+
+
+MODEL_FACTS = ("source", "ref", "revision", "architecture", "parameters", "layers", "hidden_size", "vocab_size",
+               "dtype", "pruned_from", "kept_layers")
+DISTILL_FACTS = ("method", "steps", "world_size", "strategy", "global_batch_size", "trainable_parameters",
+                 "tokens_per_s", "peak_mem_mb", "seconds", "wall_seconds", "final")
+
+
+def model_facts(card: ModelCard) -> dict:
+    """What a model is (source, architecture, size, how it was pruned), for the report."""
+    return {k: getattr(card, k) for k in MODEL_FACTS if getattr(card, k) is not None}
+
+
+def distill_facts(card: DistillCard) -> dict:
+    """How the training ran (steps, time, throughput, peak memory), for the report."""
+    return {k: getattr(card, k) for k in DISTILL_FACTS if getattr(card, k) is not None}
 
 
 def run_merge_eval(cfg: Config, dataset_dir: str | Path, teacher_artifact: str | Path,
@@ -501,6 +573,9 @@ def run_merge_eval(cfg: Config, dataset_dir: str | Path, teacher_artifact: str |
         "teacher": teacher_card.source,
         "student": student_card.source,
         "dataset": {"source": dataset_card.source, "counts": dataset_card.counts},
+        "samples": evaluation["samples"],
+        "models": {"teacher": model_facts(teacher_card), "base_student": model_facts(student_card)},
+        "distill": distill_facts(distill_card),
         "dataset_hash": dataset_card.dataset_hash,
         "config_hash": cfg.hash(),
         "git_commit": git_commit(),

@@ -6,7 +6,11 @@ from __future__ import annotations
 import base64
 import html
 import json
+import re
+import textwrap
 from pathlib import Path
+
+from tabulate import tabulate
 
 from llmneo.config import Config
 
@@ -21,25 +25,38 @@ HEADLINE_METRICS = ("acc", "acc_norm", "exact_match", "bits_per_byte", "word_per
 # --------------------------------------------------------------------------------------------
 
 
-def table(headers: list[str], rows: list[list], align_right: bool = True) -> str:
-    """A plain-text table for terminals (monospace)."""
-    cells = [[str(h) for h in headers]] + [[_fmt(c) for c in r] for r in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    line = "  ".join("-" * w for w in widths)
-    out = ["  ".join(c.ljust(w) for c, w in zip(cells[0], widths, strict=True)), line]
-    for r in cells[1:]:
-        out.append("  ".join((c.rjust(w) if align_right and i else c.ljust(w))
-                             for i, (c, w) in enumerate(zip(r, widths, strict=True))))
-    return "\n".join(out)
+def table(headers: list[str], rows: list[list], align_right: bool = True, max_width: int | None = None) -> str:
+    """A plain-text table for terminals (monospace): numbers right-aligned unless ``align_right`` is
+    off; with ``max_width`` the last column wraps so that every line fits in that many characters."""
+    cells = [[_fmt(c) for c in r] for r in rows]
+    align = ["left"] + ["right" if align_right else "left"] * (len(headers) - 1)
+    widths = None
+    if max_width and cells:
+        # the first column at its natural width, the middle ones share what the last one (at least
+        # 20 characters) leaves, at most 24 each; wrapped cells continue on the next lines
+        natural = [max(len(str(h)), *(len(r[i]) for r in cells)) for i, h in enumerate(headers)]
+        middle = len(headers) - 2
+        share = (max_width - natural[0] - 2 * (len(headers) - 1) - 20) // middle if middle > 0 else 0
+        fixed = [natural[0]] + [min(w, 24, max(8, share)) for w in natural[1:-1]]
+        last = max(20, max_width - sum(fixed) - 2 * len(fixed))
+        widths = [None, *fixed[1:], last]
+    return tabulate(cells, [str(h) for h in headers], tablefmt="simple", disable_numparse=True,
+                    colalign=align if cells else None, maxcolwidths=widths)
 
 
 def markdown_table(headers: list[str], rows: list[list]) -> str:
-    out = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    out += ["| " + " | ".join(_fmt(c) for c in r) + " |" for r in rows]
-    return "\n".join(out)
+    """A GitHub-flavoured Markdown table (``|`` in a cell escaped, newlines folded)."""
+    def cell(value) -> str:
+        # _ and * would start emphasis (kl_to_teacher → "kltoteacher" in the KFP UI's viewer)
+        text = _fmt(value).replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ")
+        return text.replace("_", "\\_").replace("*", "\\*")
+
+    return tabulate([[cell(c) for c in r] for r in rows], [cell(h) for h in headers], tablefmt="github",
+                    disable_numparse=True)
 
 
 def html_table(headers: list[str], rows: list[list]) -> str:
+    """An HTML table, every cell escaped (unpadded: tabulate's html pads cells to a common width)."""
     head = "".join(f"<th>{html.escape(str(h))}</th>" for h in headers)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(c))}</td>" for c in r) + "</tr>" for r in rows)
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
@@ -106,39 +123,166 @@ def read_log(log_path: Path | None) -> list[dict]:
     return [json.loads(line) for line in Path(log_path).read_text().splitlines() if line.strip()]
 
 
+def _series(log: list[dict], key: str) -> tuple[list[int], list[float]]:
+    points = [(r["step"], r[key]) for r in log if r.get(key) is not None and "step" in r]
+    return [p[0] for p in points], [p[1] for p in points]
+
+
 def plot_loss(log: list[dict], out_png: Path) -> Path | None:
-    """Loss / CE / KD per step as a PNG (matplotlib, headless)."""
-    if not log:
+    """The training curves as one PNG (matplotlib, headless), one panel per quantity so that none is
+    flattened by another's scale: loss and CE; KD (log scale); learning rate; validation loss (when
+    the log has ``val_loss``; else tokens/s)."""
+    steps, _ = _series(log, "loss")
+    if not steps:
         return None
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    steps = [r["step"] for r in log]
-    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
-    for key in ("loss", "ce", "kd"):
-        ax.plot(steps, [r[key] for r in log], label=key, marker="o" if len(steps) < 30 else None)
-    val = [r for r in log if r.get("val_loss") is not None]  # distill.eval_every
+    marker = "o" if len(steps) < 30 else None
+    fig, axes = plt.subplots(2, 2, figsize=(9, 5.5), dpi=90)
+    (ax_loss, ax_kd), (ax_lr, ax_val) = axes
+
+    for key in ("loss", "ce"):
+        ax_loss.plot(*_series(log, key), label=key, marker=marker)
+    ax_loss.set_title("training loss and CE (labels)")
+    ax_loss.legend()
+
+    kd_steps, kd = _series(log, "kd")
+    if kd and max(kd) > 0:
+        ax_kd.plot(kd_steps, kd, color="tab:green", marker=marker)
+        if min(kd) > 0:
+            ax_kd.set_yscale("log")
+    else:  # sft / lora: the loss has no KD term, a line at 0 would only mislead
+        ax_kd.text(0.5, 0.5, "no KD term in this method's loss", ha="center", va="center",
+                   transform=ax_kd.transAxes, color="grey")
+    ax_kd.set_title("KD: divergence to the teacher")
+
+    ax_lr.plot(*_series(log, "lr"), color="tab:purple", marker=marker)
+    ax_lr.set_title("learning rate")
+    ax_lr.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
+
+    val_steps, val = _series(log, "val_loss")
     if val:
-        ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], label="val_loss", marker="s",
-                linestyle="--")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("per-token loss")
-    ax.set_title("distillation loss")
-    ax.grid(alpha=0.3)
-    ax.legend()
+        ax_val.plot(val_steps, val, color="tab:red", marker="o", label="val loss")
+        ax_val.plot(*_series(log, "loss"), color="tab:blue", alpha=0.4, label="train loss")
+        ax_val.legend()
+        ax_val.set_title("validation loss (val split)")
+    else:
+        ax_val.plot(*_series(log, "tokens_per_s"), color="tab:orange", marker=marker)
+        ax_val.set_title("throughput (tokens/s)")
+    for ax in axes.flat:
+        ax.set_xlabel("optimizer step")
+        ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(out_png)
     plt.close(fig)
     return out_png
 
 
-TRAIN_COLUMNS = ("step", "loss", "ce", "kd", "lr", "tokens_per_s")
+TRAIN_COLUMNS = ("step", "loss", "ce", "kd", "val_loss", "lr", "tokens_per_s")
+KD_METHODS = ("kd", "neo")
+# the KFP UI's Markdown viewer renders at most 400,000 characters (MarkdownViewer.tsx) and lets
+# data:image URLs through its sanitizer (markdown-to-jsx): the curves are embedded below this size
+MD_IMAGE_BUDGET = 250_000
 
 
-def _train_rows(log: list[dict], last: int = 10) -> list[list]:
-    return [[r.get(c) for c in TRAIN_COLUMNS] for r in log[-last:]]
+def _train_columns(log: list[dict], method: str | None) -> list[str]:
+    """The columns that exist: no KD for sft/lora, no val_loss unless it was logged."""
+    return [c for c in TRAIN_COLUMNS if any(r.get(c) is not None for r in log)
+            and not (c == "kd" and method not in KD_METHODS)]
+
+
+def _train_rows(log: list[dict], columns: list[str], last: int = 10) -> list[list]:
+    rows = [r for r in log if r.get("loss") is not None or r.get("val_loss") is not None]
+    return [[r.get(c) for c in columns] for r in rows[-last:]]
+
+
+# --------------------------------------------------------------------------------------------
+# What the models are, how the training ran
+# --------------------------------------------------------------------------------------------
+
+KNOWN_SOURCES = {"smollm2": "SmolLM2-135M-Instruct (packaged GGUF, bf16)",
+                 "tiny": "tiny random-init Llama (seeded)"}
+
+
+def _layer_ranges(layers: list[int]) -> str:
+    """[0, 1, 2, 5, 6] → "0-2, 5-6"."""
+    out, start = [], None
+    for i, n in enumerate(layers):
+        if start is None:
+            start = n
+        if i + 1 == len(layers) or layers[i + 1] != n + 1:
+            out.append(f"{start}-{n}" if n != start else str(n))
+            start = None
+    return ", ".join(out)
+
+
+def model_name(facts: dict, teacher: dict | None = None) -> str:
+    """A readable name for a model from its card facts: the hub id, the packaged model, a pruned copy."""
+    source = str(facts.get("source") or "?")
+    if source.startswith("hf:"):
+        name = source[3:].split("@")[0]
+        revision = facts.get("revision")
+        return f"{name} @ {revision[:10]}" if revision else name
+    if facts.get("kept_layers") is not None and teacher:
+        kept = facts["kept_layers"]
+        return (f"{model_name(teacher)}, pruned to {len(kept)} of {teacher.get('layers', '?')} layers "
+                f"({_layer_ranges(kept)})")
+    return KNOWN_SOURCES.get(source, source)
+
+
+def models_rows(result: dict) -> tuple[list[str], list[list]]:
+    """Teacher and base student: name, architecture, parameters, layers, dtype."""
+    models = result.get("models") or {}
+    teacher = models.get("teacher")
+    rows = []
+    for role, label in (("teacher", "teacher"), ("base_student", "student (base)")):
+        facts = models.get(role)
+        if facts:
+            params = facts.get("parameters")
+            rows.append([label, model_name(facts, teacher), facts.get("architecture"),
+                         f"{params / 1e6:.1f}M" if params else None, facts.get("layers"), facts.get("dtype")])
+    return ["role", "model", "architecture", "parameters", "layers", "dtype"], rows
+
+
+def _mb(value) -> str | None:
+    return None if value is None else (f"{value / 1024:.2f} GiB" if value >= 1024 else f"{value:.0f} MiB")
+
+
+def distill_rows(result: dict) -> list[list]:
+    """The distillation's cost: steps, wall time, training time, throughput, peak memory."""
+    d = result.get("distill") or {}
+    if not d:
+        return []
+    final = d.get("final") or {}
+    rows = [["method", d.get("method")], ["optimizer steps", d.get("steps")],
+            ["processes", f"{d.get('world_size', 1)} ({d.get('strategy') or '-'})"],
+            ["global batch (sequences)", d.get("global_batch_size")],
+            ["trainable parameters", f"{d['trainable_parameters'] / 1e6:.2f}M" if d.get("trainable_parameters") else None],
+            ["wall time of the step", f"{d['wall_seconds']:.1f} s" if d.get("wall_seconds") is not None else None],
+            ["training time", f"{d['seconds']:.1f} s" if d.get("seconds") is not None else None],
+            ["throughput", f"{d['tokens_per_s']:.0f} tokens/s" if d.get("tokens_per_s") else None],
+            ["peak memory (per process)", _mb(d.get("peak_mem_mb"))],
+            ["final loss / CE / KD", " / ".join(f"{final[k]:.4f}" for k in ("loss", "ce", "kd") if k in final) or None]]
+    return [r for r in rows if r[1] is not None]
+
+
+def _fence(text: str, width: int = 100) -> list[str]:
+    """A fenced code block whose fence cannot be closed by the text inside; long lines wrapped (a
+    code block does not wrap in the KFP UI's Markdown viewer)."""
+    fence = "```"
+    while fence in text:
+        fence += "`"
+    lines = [piece for line in (text or "(nothing)").splitlines()
+             for piece in (textwrap.wrap(line, width, replace_whitespace=False, drop_whitespace=False) or [""])]
+    return [fence, *lines, fence]
+
+
+def _md_text(text: str) -> str:
+    """Running text for Markdown: characters that would start emphasis or a link are escaped."""
+    return re.sub(r"([\\_*\[\]<>`])", r"\\\1", text)
 
 
 # --------------------------------------------------------------------------------------------
@@ -163,55 +307,96 @@ def merge_line(record: dict) -> str:
 
 
 def write_report(out_dir: Path, result: dict, log_path: Path | None, cfg: Config) -> tuple[Path, Path]:
-    """report.md and report.html (PNG embedded, so the HTML is one self-contained file) in ``out_dir``."""
+    """report.md and report.html (curves embedded, so each is one self-contained file) in ``out_dir``."""
     out_dir = Path(out_dir)
     log = read_log(log_path)
     png = plot_loss(log, out_dir / "loss_curve.png")
+    image = base64.b64encode(png.read_bytes()).decode() if png else ""
     headers, rows = comparison(result)
     lm_headers, lm_rows = lm_eval_rows(result.get("lm_eval", {}))
+    model_headers, model_rows = models_rows(result)
+    cost = distill_rows(result)
+    train_columns = _train_columns(log, result.get("method"))
+    samples = result.get("samples") or []
     gate = result["gate"]
+    thresholds_text = ", ".join(gate.get("thresholds", [])) or "none"
     title = f"llmneo evaluation — {cfg.name}"
-    intro = (f"Method {result.get('method')}, teacher {result.get('teacher')}, student {result.get('student')}; "
-             f"dataset hash {result.get('dataset_hash')}, config hash {result.get('config_hash')}.")
-    md = [f"# {title}", "", intro, "",
-          "## Base student, distilled student and teacher",
-          "", "Fidelity columns are measured on the val split against the teacher "
-          "(KL(teacher‖model) per token, top-1 agreement, perplexity on the labels); task columns come "
-          "from lm-eval.", "", markdown_table(headers, rows), "",
-          f"**Gate: {gate_line(gate)}** (thresholds: {', '.join(gate.get('thresholds', [])) or 'none'})", ""]
+    models = result.get("models") or {}
+    teacher_name = model_name(models["teacher"]) if models.get("teacher") else result.get("teacher")
+    student_name = (model_name(models["base_student"], models.get("teacher")) if models.get("base_student")
+                    else result.get("student"))
+    intro = (f"Method {result.get('method')}: the student ({student_name}) learns from the teacher "
+             f"({teacher_name}) on {(result.get('dataset') or {}).get('source') or 'the dataset'}. "
+             f"Dataset hash {result.get('dataset_hash')}, config hash {result.get('config_hash')}.")
+    fidelity_note = ("Fidelity columns are measured on the val split against the teacher "
+                     "(KL(teacher‖model) per token, top-1 agreement, perplexity on the labels); task columns "
+                     "come from lm-eval; - = not evaluated (see {}).")
+    sample_note = (f"Greedy decoding, at most {cfg.eval.sample_new_tokens} new tokens, on the first "
+                   f"{len(samples)} prompts of the val split (held out from training).")
+    names = _ordered(samples[0]["outputs"]) if samples else []
+
+    md = [f"# {title}", "", _md_text(intro), ""]
+    if model_rows:
+        md += ["## Models", "", markdown_table(model_headers, model_rows), ""]
+    md += ["## Base student, distilled student and teacher", "", fidelity_note.format("`eval.lm_eval_models`"), "",
+           markdown_table(headers, rows), "",
+           f"**Gate: {_md_text(gate_line(gate))}** (thresholds: `{thresholds_text}`)", ""]
+    if samples:
+        md += ["## Sample generations", "", sample_note, ""]
+        for i, sample in enumerate(samples, 1):
+            md += [f"### Prompt {i}", "", *_fence(sample["prompt"]), ""]
+            for name in names:
+                md += [f"**{name}**", "", *_fence(sample["outputs"][name]), ""]
+            md += ["*reference answer*", "", *_fence(sample["reference"]), ""]
+    if cost:
+        md += ["## Distillation run", "", markdown_table(["what", "value"], cost), ""]
     if result.get("merge"):
-        md += [f"Merge: {merge_line(result['merge'])}.", ""]
+        md += [f"Merge: {_md_text(merge_line(result['merge']))}.", ""]
     if lm_rows:
         md += ["## lm-eval, every metric", "", markdown_table(lm_headers, lm_rows), ""]
     if log:
-        md += ["## Training (last steps)", "", markdown_table(list(TRAIN_COLUMNS), _train_rows(log)), ""]
-    if png:
-        md += [f"![loss curve]({png.name})", ""]
+        md += ["## Training (last steps)", "", markdown_table(train_columns, _train_rows(log, train_columns)), ""]
+    if image and len(image) <= MD_IMAGE_BUDGET:
+        md += ["## Training curves", "", f"![training curves](data:image/png;base64,{image})", ""]
+    elif image:
+        md += ["## Training curves", "", "In report.html and loss_curve.png next to this file.", ""]
     md_path = out_dir / "report.md"
     md_path.write_text("\n".join(md))
 
-    image = ""
-    if png:
-        data = base64.b64encode(png.read_bytes()).decode()
-        image = f'<h2>Loss curves</h2><img alt="loss curve" src="data:image/png;base64,{data}">'
     badge = "pass" if gate["passed"] else "fail"
-    body = [
-        f"<h1>{html.escape(title)}</h1>", f"<p>{html.escape(intro)}</p>",
-        "<h2>Base student, distilled student and teacher</h2>", html_table(headers, rows),
-        f'<p class="gate {badge}">Gate: {html.escape(gate_line(gate))}</p>',
-        f"<p>thresholds: {html.escape(', '.join(gate.get('thresholds', [])) or 'none')}</p>",
-    ]
+    body = [f"<h1>{html.escape(title)}</h1>", f"<p>{html.escape(intro)}</p>"]
+    if model_rows:
+        body += ["<h2>Models</h2>", html_table(model_headers, model_rows)]
+    body += ["<h2>Base student, distilled student and teacher</h2>",
+             f"<p>{html.escape(fidelity_note.format('eval.lm_eval_models'))}</p>",
+             html_table(headers, rows),
+             f'<p class="gate {badge}">Gate: {html.escape(gate_line(gate))}</p>',
+             f"<p>thresholds: {html.escape(thresholds_text)}</p>"]
     if result.get("merge"):
         body.append(f'<p class="merge">Merge: {html.escape(merge_line(result["merge"]))}.</p>')
+    if samples:
+        head = "".join(f"<th>{html.escape(n)}</th>" for n in [*names, "reference answer"])
+        trs = "".join(
+            f'<tr><td colspan="{len(names) + 1}" class="prompt"><pre>{html.escape(s["prompt"])}</pre></td></tr>'
+            "<tr>" + "".join(f"<td><pre>{html.escape(s['outputs'][n])}</pre></td>" for n in names)
+            + f'<td class="ref"><pre>{html.escape(s["reference"])}</pre></td></tr>' for s in samples)
+        body += ["<h2>Sample generations</h2>", f"<p>{html.escape(sample_note)}</p>",
+                 f'<table class="samples"><thead><tr>{head}</tr></thead><tbody>{trs}</tbody></table>']
+    if cost:
+        body += ["<h2>Distillation run</h2>", html_table(["what", "value"], cost)]
+    if image:
+        body.append(f'<h2>Training curves</h2><img alt="training curves" src="data:image/png;base64,{image}">')
     if lm_rows:
         body += ["<h2>lm-eval, every metric</h2>", html_table(lm_headers, lm_rows)]
     if log:
-        body += ["<h2>Training (last steps)</h2>", html_table(list(TRAIN_COLUMNS), _train_rows(log))]
-    body.append(image)
-    style = ("body{font-family:system-ui,sans-serif;margin:2em;max-width:70em}table{border-collapse:collapse;"
+        body += ["<h2>Training (last steps)</h2>", html_table(train_columns, _train_rows(log, train_columns))]
+    style = ("body{font-family:system-ui,sans-serif;margin:2em;max-width:75em}table{border-collapse:collapse;"
              "margin:1em 0}td,th{border:1px solid #ccc;padding:.3em .6em;text-align:right}"
              "td:first-child,th{text-align:left}.gate{font-weight:bold;padding:.4em}.pass{background:#dfd}"
-             ".fail{background:#fdd}")
+             ".fail{background:#fdd}table.samples{table-layout:fixed;width:100%}"
+             "table.samples td{text-align:left;vertical-align:top;overflow-wrap:anywhere}"
+             "table.samples pre{white-space:pre-wrap;margin:0;font-size:.85em}td.prompt{background:#f4f4f8}"
+             "td.ref{color:#555}img{max-width:100%}")
     html_path = out_dir / "report.html"
     html_path.write_text(f"<!doctype html><html><head><meta charset=\"utf-8\"><title>{html.escape(title)}"
                          f"</title><style>{style}</style></head><body>{''.join(body)}</body></html>\n")

@@ -16,7 +16,7 @@ larger than the student's, over the first ``vocab_size`` (= student) logits only
 
 Written by :func:`build_topk_cache` (the teacher step with ``teacher.mode=offline``): one batched,
 no-grad teacher pass over ``train.parquet``. Packed rows (``position_ids`` column) are run with those
-position ids and no attention mask, so attention stays inside each example (README, "Packing").
+position ids and no attention mask, so attention stays inside each example (docs/data.md, "Packing").
 
 Reading for a micro-batch: ``cache.rows(indices)`` concatenates the rows' entries in order, which is
 the order of ``hidden[:, :-1][shift_mask(labels)[0]]`` for the same rows — no re-alignment needed.

@@ -30,12 +30,11 @@ def cmd_run(args) -> int:
 
 
 def add_commands(sub) -> None:
-    """``run`` (the DAG through kfp.local), ``upload``, ``submit`` and ``schedule sync`` (README
-    "Run on Kubeflow")."""
+    """``run`` (the DAG through kfp.local), ``upload``, ``submit`` and ``schedule sync`` (docs/pipeline.md)."""
 
     p = sub.add_parser("run", help="run the whole DAG locally through kfp.local",
                        description="run the whole DAG locally through kfp.local")
-    p.add_argument("--preset", default="tiny", help="preset name or YAML path (default: tiny)")
+    p.add_argument("--preset", default="tiny", help=library_cli.PRESET_HELP)
     p.add_argument("overrides", nargs="*", metavar="key=value", help="configuration overrides")
     p.add_argument("--pipeline-root", default="runs/kfp", help="where kfp.local keeps artifacts")
     p.add_argument("--runner", choices=["subprocess", "containers"], default="subprocess",
@@ -61,14 +60,14 @@ def add_commands(sub) -> None:
     p = sub.add_parser("submit", help="create a Kubeflow Pipelines run and print its URL",
                        description="validate the configuration locally, then create a run with kfp.Client")
     connection(p)
-    p.add_argument("--preset", default="tiny", help="preset name or YAML path (default: tiny)")
+    p.add_argument("--preset", default="tiny", help=library_cli.PRESET_HELP)
     p.add_argument("overrides", nargs="*", metavar="key=value", help="configuration overrides")
     p.add_argument("--pool-file", default=None, help="pipeline parameters of the GPU pool (k8s/overlays/*/pool.yaml)")
     p.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
                    help="a pipeline parameter, e.g. distill_nodes=2 (repeatable)")
     p.add_argument("--version", default=None, help="run an uploaded version (default: the local compiled package)")
-    p.add_argument("--experiment", default="llmneo")
-    p.add_argument("--run-name", default=None)
+    p.add_argument("--experiment", default="llmneo", help="KFP experiment the run is filed under (default: llmneo)")
+    p.add_argument("--run-name", default=None, help="run name shown in the UI (default: preset name and time)")
     p.add_argument("--service-account", default="llmneo-pipeline", help="runs' service account ('' = KFP default)")
     p.add_argument("--no-cache", action="store_true", help="disable KFP caching for this run")
     p.set_defaults(fn=kfp_client.cmd_submit)
@@ -86,12 +85,20 @@ def add_commands(sub) -> None:
     p.set_defaults(fn=schedules.cmd_schedule_sync)
 
 
+EXAMPLES = """examples:
+  llmneo run --preset tiny distill.max_steps=8           the whole pipeline on this machine
+  llmneo upload --host URL [--version NAME]              the compiled pipeline into Kubeflow Pipelines
+  llmneo submit --host URL --preset NAME [key=value ...] a Kubeflow Pipelines run; prints its URL
+  llmneo schedule sync --dir k8s/schedules [--dry-run]   recurring runs declared in YAML files
+""" + library_cli.EXAMPLES.removeprefix("examples:\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    return library_cli.build_parser([add_commands], epilog=__doc__)
+    return library_cli.build_parser([add_commands], epilog=EXAMPLES)
 
 
 def main(argv: list[str] | None = None) -> int:
-    return library_cli.main(argv, [add_commands], epilog=__doc__)
+    return library_cli.main(argv, [add_commands], epilog=EXAMPLES)
 
 
 if __name__ == "__main__":

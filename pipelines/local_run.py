@@ -22,8 +22,10 @@ from llmneo.cards import DatasetCard, DistillCard, EvalCard, ModelCard, ModelCar
 from llmneo.config import load_config
 from llmneo.errors import UserError
 from llmneo.preflight import preflight
+from llmneo.registry import MANIFEST
 from llmneo.report import table
 from llmneo.steps import STEPS as PIPELINE_STEPS
+from llmneo.storage import open_store
 from llmneo_pipelines import local_console
 
 STEPS = [(step.task, step.label) for step in PIPELINE_STEPS]  # (KFP task name, summary label)
@@ -98,9 +100,25 @@ def summarize(run_dir: Path, wall: float) -> tuple[str, dict]:
     text += f"\n\ntotal wall time {wall:.1f} s"
     if model_uri:
         text += f"\nreport:           {Path(model_uri) / 'report.md'}"
+    run_id = registered_run_id(registered)
+    text += f"\nrun folder:       {run_dir}"
+    if run_id:
+        text += f"\nrun id:           {run_id} (the registry lineage's pipeline_run_id)"
     if registered:
         text += f"\nregistered model: {registered.split('@', 1)[1]}"
-    return text, {"registered": registered, "eval": evaluation, "model_dir": model_uri}
+    return text, {"registered": registered, "eval": evaluation, "model_dir": model_uri, "run_id": run_id}
+
+
+def registered_run_id(registered: str | None) -> str | None:
+    """The run id kfp.local gave the run, as the registered version's lineage records it (kfp.local
+    names the run folder after the time, not after this id)."""
+    if not registered or "@" not in registered:
+        return None
+    try:
+        data = open_store(registered.split("@", 1)[1]).get_bytes(MANIFEST)
+        return json.loads(data)["lineage"]["pipeline_run_id"] if data else None
+    except (UserError, OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def step_console(cfg, interval: float = 30.0) -> local_console.StepConsole:
@@ -138,10 +156,11 @@ def run_local(preset: str, overrides: list[str], pipeline_root: str = "runs/kfp"
     cfg = load_config(preset, overrides)  # validate before anything runs
     preflight(cfg)  # every input exists and is readable: a missing file fails now, not after retries
     overrides = list(overrides)
-    registry = cfg.registry.uri
-    if not registry.startswith("s3://") and not Path(registry).is_absolute():
-        # components run in their own processes: pin the registry to this directory
-        overrides.append(f"registry.uri={Path(registry).resolve()}")
+    registry = cfg.registry.uri  # the override, else $LLMNEO_REGISTRY, else the preset's
+    # components run in their own processes (and read the preset again): pin the registry that this
+    # command resolved, a local one to this directory
+    is_local = "://" not in registry or registry.startswith("file://")
+    overrides.append(f"registry.uri={Path(registry.removeprefix('file://')).resolve() if is_local else registry}")
     root = Path(pipeline_root).resolve()
     root.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -114,3 +114,82 @@ def test_run_takes_verbose():
 
     assert build_parser().parse_args(["run", "--verbose"]).verbose is True
     assert build_parser().parse_args(["run", "--preset", "tiny"]).verbose is False
+
+
+def test_version():
+    from llmneo import __version__
+
+    proc = llmneo("--version")
+    assert proc.returncode == 0 and proc.stdout.strip() == f"llmneo {__version__}"
+
+
+def _parsers(parser):
+    """Every parser reachable from ``parser`` (subcommands, their subcommands, ...)."""
+    yield parser
+    for action in parser._actions:
+        for sub in (getattr(action, "choices", None) or {}).values():
+            if hasattr(sub, "_actions"):
+                yield from _parsers(sub)
+
+
+def test_every_option_has_plain_help():
+    """Every option and argument of every command says what it is, in plain text (no RST markup)."""
+    from llmneo_pipelines import cli as console
+
+    parser = console.build_parser()
+    missing = [f"{p.prog} {a.option_strings or a.dest}" for p in _parsers(parser) for a in p._actions
+               if a.help is None and not a.choices]
+    assert missing == []
+    for p in _parsers(parser):
+        text = p.format_help()
+        assert "``" not in text and ":mod:" not in text, p.prog
+
+
+def test_keys_table_fits_the_terminal():
+    import os
+
+    env = {**os.environ, "COLUMNS": "90"}
+    proc = subprocess.run([sys.executable, "-m", "llmneo.cli", "config", "--keys"], capture_output=True,
+                          text=True, env=env)
+    lines = proc.stdout.splitlines()
+    assert proc.returncode == 0 and max(len(line) for line in lines) <= 90
+    assert "distill.alpha" in proc.stdout
+    # not a terminal and no $COLUMNS: one line per key, for grep
+    env.pop("COLUMNS")
+    proc = subprocess.run([sys.executable, "-m", "llmneo.cli", "config", "--keys"], capture_output=True,
+                          text=True, env=env)
+    from llmneo.config import describe_fields
+
+    assert len(proc.stdout.splitlines()) == len(describe_fields()) + 2
+
+
+@pytest.mark.parametrize("args, message", [
+    (["config", "--preset", "/nope.yaml"], "error: preset /nope.yaml: file does not exist"),
+    (["config", "alpha=0.9"], "error: alpha: unknown key (did you mean distill.alpha?)"),
+    (["config", "lora_rnk=8"], "error: lora_rnk: unknown key (did you mean distill.lora_rank?)"),
+])
+def test_preset_and_key_mistakes_point_at_the_fix(tmp_path, args, message):
+    proc = llmneo(*args, cwd=tmp_path)
+    assert proc.returncode == 2 and proc.stderr.strip().startswith(message), proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_local_summary_names_the_run_id_recorded_in_the_lineage(tmp_path):
+    """kfp.local names the run folder after the time; the summary prints the id the registry lineage
+    recorded, so a registered version can be traced back to its run folder."""
+    import json
+
+    from llmneo_pipelines.local_run import registered_run_id, summarize
+
+    version = tmp_path / "registry" / "demo" / "v1"
+    version.mkdir(parents=True)
+    (version / "manifest.json").write_text(json.dumps({"lineage": {"pipeline_run_id": "81279140"}}))
+    assert registered_run_id(f"demo:v1@{version}") == "81279140"
+    assert registered_run_id(f"demo:v2@{tmp_path / 'nowhere'}") is None and registered_run_id(None) is None
+    run = tmp_path / "kfp" / "llm-neo-2026-11-29-00-50-27-130521"
+    (run / "register").mkdir(parents=True)
+    (run / "register" / "executor_output.json").write_text(
+        json.dumps({"parameterValues": {"Output": f"demo:v1@{version}"}}))
+    text, facts = summarize(run, 12.0)
+    assert facts["run_id"] == "81279140"
+    assert f"run folder:       {run}" in text and "run id:           81279140" in text

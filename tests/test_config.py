@@ -159,3 +159,69 @@ def test_the_resolved_config_of_a_component_follows_the_same_rule():
 
     cfg = load_run_config("smollm2-demo", ["distill.epochs=1"])
     assert (cfg.distill.max_steps, cfg.distill.epochs) == (0, 1.0)
+
+
+def test_preset_extends_a_shipped_preset_and_a_relative_file(tmp_path):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "mid.yaml").write_text("base: smollm2-demo\nname: mid\ndistill: {max_steps: 5}\n")
+    (tmp_path / "sub" / "top.yaml").write_text("base: mid.yaml\nname: top\ndistill: {alpha: 0.25}\n"
+                                              "eval: {lm_eval_tasks: [llmneo_mc]}\n")
+    demo = load_config("smollm2-demo")
+    cfg = load_config(str(tmp_path / "sub" / "top.yaml"), ["distill.lr=1e-4"])
+    assert (cfg.name, cfg.distill.alpha, cfg.distill.max_steps, cfg.distill.lr) == ("top", 0.25, 5, 1e-4)
+    # everything else comes from smollm2-demo, section by section; a list replaces the base's list
+    assert cfg.distill.lora_rank == demo.distill.lora_rank == 64
+    assert cfg.student.prune_layers == demo.student.prune_layers
+    assert cfg.eval.lm_eval_tasks == ["llmneo_mc"] and cfg.eval.lm_eval_models == demo.eval.lm_eval_models
+
+
+def test_preset_base_cycle_and_missing_base_are_errors(tmp_path):
+    (tmp_path / "a.yaml").write_text("base: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\n")
+    (tmp_path / "self.yaml").write_text(f"base: {tmp_path / 'self.yaml'}\n")
+    (tmp_path / "lost.yaml").write_text("base: nowhere.yaml\n")
+    (tmp_path / "typo.yaml").write_text("base: smolm2-demo\n")
+    with pytest.raises(ConfigError, match=r"base: cycle a.yaml -> b.yaml -> a.yaml"):
+        load_config(str(tmp_path / "a.yaml"))
+    with pytest.raises(ConfigError, match=r"base: cycle self.yaml -> self.yaml"):
+        load_config(str(tmp_path / "self.yaml"))
+    with pytest.raises(ConfigError, match="preset nowhere.yaml: file does not exist"):
+        load_config(str(tmp_path / "lost.yaml"))
+    with pytest.raises(ConfigError, match="unknown preset 'smolm2-demo'"):
+        load_config(str(tmp_path / "typo.yaml"))
+
+
+def test_missing_preset_file_says_so():
+    with pytest.raises(ConfigError, match=r"^preset /nope.yaml: file does not exist"):
+        load_config("/nope.yaml")
+    with pytest.raises(ConfigError, match=r"^preset configs/nope.yml: file does not exist"):
+        load_config("configs/nope.yml")
+
+
+@pytest.mark.parametrize("override, hint", [
+    ("alpha=0.9", "alpha: unknown key (did you mean distill.alpha?)"),
+    ("lora_rnk=8", "lora_rnk: unknown key (did you mean distill.lora_rank?)"),
+    ("distill.alpah=0.9", "distill.alpah: unknown key (did you mean distill.alpha?)"),
+])
+def test_bare_or_misspelt_key_suggests_the_full_key(override, hint):
+    with pytest.raises(ConfigError) as info:
+        load_config("tiny", [override])
+    assert str(info.value) == hint
+
+
+def test_registry_from_environment_between_preset_and_override(monkeypatch):
+    """registry.uri: an explicit override, else $LLMNEO_REGISTRY, else the preset's value."""
+    monkeypatch.delenv("LLMNEO_REGISTRY", raising=False)
+    assert load_config("tiny").registry.uri == "runs/registry"
+    monkeypatch.setenv("LLMNEO_REGISTRY", "s3://models/llmneo")
+    assert load_config("tiny").registry.uri == "s3://models/llmneo"
+    assert load_config("tiny", ["registry.uri=/srv/registry"]).registry.uri == "/srv/registry"
+    monkeypatch.setenv("LLMNEO_REGISTRY", "")
+    assert load_config("tiny").registry.uri == "runs/registry"
+
+
+def test_a_preset_extending_another_chooses_its_own_training_length(tmp_path):
+    """smollm2-demo sets max_steps; a preset extending it with epochs trains epochs (one choice)."""
+    (tmp_path / "mine.yaml").write_text("base: smollm2-demo\ndistill: {epochs: 2}\n")
+    d = load_config(str(tmp_path / "mine.yaml")).distill
+    assert (d.max_steps, d.epochs) == (0, 2.0)

@@ -3,6 +3,7 @@ lm-eval tasks score what a hand computation scores, the gate, the reports and th
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -199,10 +200,20 @@ def test_run_merge_eval_writes_model_reports_and_card(tiny_workspace, adapter_ru
     assert not result["gate"]["passed"] and result["gate"]["reasons"][0].startswith("llmneo_mc/acc ")
     assert json.loads((out / "eval.json").read_text())["gate"] == result["gate"]
     md, page, card = (out / "report.md").read_text(), (out / "report.html").read_text(), (out / "README.md").read_text()
-    assert "| distilled |" in md and "![loss curve](loss_curve.png)" in md and "Gate: FAIL" in md
+    assert "| distilled " in md and "Gate: FAIL" in md
+    # the KFP UI cannot reach a file next to the Markdown: the curves are a data URI or absent
+    assert "](data:image/png;base64," in md and "](loss_curve.png)" not in md
     assert 'src="data:image/png;base64,' in page and "<td>distilled</td>" in page
-    for section in ("## Hyper-parameters", "## Evaluation", "## Lineage", "| dataset hash |", "| teacher |"):
+    for section in ("## Models", "## Sample generations", "## Distillation run", "tiny random-init Llama"):
+        assert section in md, section
+    assert len(result["samples"]) == cfg.eval.samples
+    assert set(result["samples"][0]["outputs"]) == {"teacher", "base_student", "distilled"}
+    assert result["models"]["teacher"]["layers"] == 4 and result["models"]["base_student"]["layers"] == 2
+    assert "lm-eval" in md and "| teacher " in md
+    for section in ("## Hyper-parameters", "## Evaluation", "## Lineage"):
         assert section in card, section
+    for row in ("dataset hash", "teacher"):  # Markdown table rows (tabulate pads the cells)
+        assert re.search(rf"^\| {row} +\|", card, re.MULTILINE), row
     assert Path(out / "loss_curve.png").read_bytes()[:4] == b"\x89PNG"
 
 
@@ -218,3 +229,41 @@ def test_merge_eval_component_outputs_reports_metrics_and_gate():
     assert types == {"model": "system.Model", "metrics": "system.Metrics", "report": "system.Markdown",
                      "report_html": "system.HTML"}
     assert outputs["parameters"]["Output"]["parameterType"] == "STRING"  # "pass" / "fail"
+
+
+def test_sample_prompts_split_prompt_and_reference():
+    from llmneo.evaluate import sample_prompts
+
+    rows = [{"input_ids": [1, 2, 3], "labels": [-100, -100, -100]},   # no target: skipped
+            {"input_ids": [4, 5, 6], "labels": [4, 5, 6]},            # nothing before the target: skipped
+            {"input_ids": [7, 8, 9, 10, 11], "labels": [-100, -100, 9, 10, -100]},
+            {"input_ids": [12, 13, 14], "labels": [-100, 13, 14]}]
+    assert sample_prompts(rows, 5) == [{"prompt_ids": [7, 8], "reference_ids": [9, 10]},
+                                       {"prompt_ids": [12], "reference_ids": [13, 14]}]
+    assert len(sample_prompts(rows, 1)) == 1
+
+
+def test_samples_are_the_greedy_continuations(tiny_workspace):
+    """Every model's sample is its own argmax continuation of the val prompt, token by token."""
+    from llmneo.evaluate import generate_samples, sample_prompts
+
+    rows = read_split(tiny_workspace / "dataset", "val")
+    tok = load_tokenizer(tiny_workspace / "teacher")
+    models = {name: (load_causal_lm(tiny_workspace / name, dtype=torch.float32).eval(), tok)
+              for name in ("teacher", "student")}
+    samples = generate_samples(models, rows, 2, 6)
+    prompts = sample_prompts(rows, 2)
+    assert len(samples) == 2
+    for sample, p in zip(samples, prompts, strict=True):
+        assert sample["prompt"] == tok.decode(p["prompt_ids"], skip_special_tokens=True).strip()
+        assert sample["reference"] == tok.decode(p["reference_ids"], skip_special_tokens=True).strip()
+        for name, (model, _) in models.items():
+            ids = list(p["prompt_ids"])
+            with torch.no_grad():
+                for _ in range(6):
+                    ids.append(int(model(input_ids=torch.tensor([ids])).logits[0, -1].argmax()))
+                    if ids[-1] == tok.eos_token_id:
+                        break
+            expected = tok.decode(ids[len(p["prompt_ids"]):], skip_special_tokens=True).strip()
+            assert sample["outputs"][name] == expected, name
+    assert generate_samples(models, rows, 0, 6) == []

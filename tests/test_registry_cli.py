@@ -169,3 +169,12 @@ def test_cli_promote_that_changes_nothing_adds_no_history_row(tmp_path):
         [["latest", "-", "v1"], ["latest", "v1", "v2"], ["production", "-", "v1"]]
     assert sorted(p.name for p in (tmp_path / "reg" / "demo" / "_aliases").rglob("*.json")) == \
         ["00000001.json", "00000001.json", "00000002.json"]
+
+
+def test_ls_on_a_missing_registry_is_an_error(tmp_path):
+    proc = llmneo("registry", "ls", "--registry", str(tmp_path / "nowhere"))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().startswith(f"error: registry {tmp_path / 'nowhere'}: no such folder"), proc.stderr
+    (tmp_path / "empty").mkdir()
+    proc = llmneo("registry", "ls", "--registry", str(tmp_path / "empty"))
+    assert proc.returncode == 0 and proc.stdout.splitlines()[-1] == "(empty)"

@@ -1,4 +1,4 @@
-"""``llmneo registry …``: find models by name, version or alias, see where they came from, pull them.
+"""llmneo registry: find models by name, version or alias, see where they came from, pull them.
 
     llmneo registry ls                                   # every model: versions, newest, aliases
     llmneo registry ls smollm2-neo                       # its versions, sizes, aliases, key metrics
@@ -8,7 +8,7 @@
     llmneo registry lineage smollm2-neo:v3               # run id, git commit, config/dataset hash, …
     llmneo registry history smollm2-neo [ALIAS]          # every alias move
 
-The registry is ``--registry URI``, else ``$LLMNEO_REGISTRY``, else ``registry.uri`` of ``--preset``.
+The registry is --registry URI, else $LLMNEO_REGISTRY, else registry.uri of --preset.
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ import json
 import sys
 
 from llmneo.config import load_config
-from llmneo.registry import open_registry, registry_uri
+from llmneo.errors import UserError
+from llmneo.registry import ENV_URI, LocalRegistry, open_registry, registry_uri
 from llmneo.registry.core import _size
 from llmneo.report import table
 
@@ -46,6 +47,10 @@ def _table(headers, rows) -> str:
 
 def cmd_ls(args) -> int:
     reg = _registry(args)
+    if isinstance(reg, LocalRegistry) and not reg.root.is_dir():
+        # a typo in the path must not look like a registry with nothing in it
+        raise UserError(f"registry {reg.uri}: no such folder (nothing registered there yet; "
+                        f"--registry URI or ${ENV_URI} names another)")
     headers, rows = reg.version_rows(args.name) if args.name else reg.model_rows()
     print(f"registry {reg.uri}")
     print(_table(headers, rows) if rows else "(empty)")
@@ -137,26 +142,26 @@ def add_parser(sub) -> None:
     cmds = group.add_subparsers(dest="registry_command", required=True, metavar="ACTION")
 
     p = cmds.add_parser("ls", parents=[common], help="list models, or the versions of NAME")
-    p.add_argument("name", nargs="?", metavar="NAME")
+    p.add_argument("name", nargs="?", metavar="NAME", help="a model name: list its versions")
     p.set_defaults(fn=cmd_ls)
     p = cmds.add_parser("show", parents=[common], help="show NAME[:VERSION|@ALIAS]")
-    p.add_argument("ref", metavar="NAME[:VERSION|@ALIAS]")
+    p.add_argument("ref", metavar="NAME[:VERSION|@ALIAS]", help="a model: NAME (newest version), NAME:VERSION (e.g. demo:v3) or NAME@ALIAS")
     p.add_argument("--files", action="store_true", help="also list every file with its sha256")
     p.add_argument("--json", action="store_true", help="print the manifest as JSON")
     p.set_defaults(fn=cmd_show)
     p = cmds.add_parser("pull", parents=[common], help="download NAME[:VERSION|@ALIAS] into DIR, verified")
-    p.add_argument("ref", metavar="NAME[:VERSION|@ALIAS]")
-    p.add_argument("dir", metavar="DIR")
+    p.add_argument("ref", metavar="NAME[:VERSION|@ALIAS]", help="a model: NAME (newest version), NAME:VERSION (e.g. demo:v3) or NAME@ALIAS")
+    p.add_argument("dir", metavar="DIR", help="folder to download into (created)")
     p.set_defaults(fn=cmd_pull)
     p = cmds.add_parser("promote", parents=[common], help="point ALIAS at NAME:VERSION")
-    p.add_argument("ref", metavar="NAME:VERSION")
-    p.add_argument("alias", metavar="ALIAS")
+    p.add_argument("ref", metavar="NAME:VERSION", help="the version the alias should point at, e.g. demo:v3")
+    p.add_argument("alias", metavar="ALIAS", help="the alias to move, e.g. production")
     p.set_defaults(fn=cmd_promote)
     p = cmds.add_parser("lineage", parents=[common], help="where NAME[:VERSION|@ALIAS] came from")
-    p.add_argument("ref", metavar="NAME[:VERSION|@ALIAS]")
+    p.add_argument("ref", metavar="NAME[:VERSION|@ALIAS]", help="a model: NAME (newest version), NAME:VERSION (e.g. demo:v3) or NAME@ALIAS")
     p.add_argument("--json", action="store_true", help="print as JSON (includes the full configuration)")
     p.set_defaults(fn=cmd_lineage)
     p = cmds.add_parser("history", parents=[common], help="alias moves of NAME (optionally one ALIAS)")
-    p.add_argument("name", metavar="NAME")
-    p.add_argument("alias", nargs="?", metavar="ALIAS")
+    p.add_argument("name", metavar="NAME", help="a model name")
+    p.add_argument("alias", nargs="?", metavar="ALIAS", help="only the moves of this alias")
     p.set_defaults(fn=cmd_history)
