@@ -127,7 +127,8 @@ def _parsers(parser):
     """Every parser reachable from ``parser`` (subcommands, their subcommands, ...)."""
     yield parser
     for action in parser._actions:
-        for sub in (getattr(action, "choices", None) or {}).values():
+        choices = getattr(action, "choices", None)
+        for sub in (choices.values() if isinstance(choices, dict) else ()):
             if hasattr(sub, "_actions"):
                 yield from _parsers(sub)
 
