@@ -144,3 +144,13 @@ def test_component_python_funcs_are_thin():
         assert len(imported) == 1 and imported[0] in functions, (path.name, imported)
         called.add(imported[0])
     assert called == functions
+
+
+def test_every_library_package_is_in_the_distribution():
+    """pyproject.toml lists packages explicitly: a new subpackage missing there installs fine in
+    editable mode and breaks every image (``pip install .``)."""
+    import tomllib
+
+    packages = set(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(p.parent.relative_to(REPO).parts) for p in (REPO / "llmneo").rglob("__init__.py")}
+    assert found <= packages, f"add to pyproject.toml [tool.setuptools] packages: {sorted(found - packages)}"
