@@ -45,7 +45,7 @@ def engine():
 
 
 def s3_objects(bucket: str, prefix: str) -> dict[str, bytes]:
-    from llmneo.s3 import client
+    from llmneo.storage.s3 import client
 
     s3 = client()
     keys = [o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
@@ -57,7 +57,7 @@ def test_tiny_dag_in_containers(engine, s3_bucket, tmp_path):
     import hashlib
 
     from llmneo.models import builtin_path
-    from llmneo.s3 import client
+    from llmneo.storage.s3 import client
 
     client().upload_file(str(builtin_path("tiny_instruct")), s3_bucket, "data/tiny_instruct.jsonl")
     root = tmp_path / "kfp"
