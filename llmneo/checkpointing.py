@@ -26,7 +26,6 @@ location the pipeline owns).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 import re
@@ -44,6 +43,7 @@ from safetensors.torch import save_file
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from llmneo.errors import UserError, first_line
+from llmneo.storage import sha256_file
 
 LATEST = "latest"
 TRAINER_STATE = "trainer_state.json"
@@ -53,7 +53,6 @@ _STEP_DIR = re.compile(r"step-(\d+)")
 _OPTIONS = StateDictOptions(ignore_frozen_params=True)
 # loading leaves the frozen base alone; dcp.load itself fails if a trainable tensor is missing
 _LOAD_OPTIONS = StateDictOptions(ignore_frozen_params=True, strict=False)
-_HASH_CHUNK = 1 << 20
 
 
 class CheckpointInvalid(UserError):
@@ -118,18 +117,10 @@ def set_rng(tensors: dict[str, torch.Tensor], python: tuple, device: torch.devic
 # --------------------------------------------------------------------------------------------
 
 
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_HASH_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def write_manifest(folder: str | Path) -> Path:
     """SHA-256 and size of every file in ``folder`` (but the manifest), as ``manifest.json``."""
     folder = Path(folder)
-    files = {p.relative_to(folder).as_posix(): {"sha256": sha256(p), "size": p.stat().st_size}
+    files = {p.relative_to(folder).as_posix(): {"sha256": sha256_file(p), "size": p.stat().st_size}
              for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MANIFEST}
     tmp = folder / (MANIFEST + ".tmp")
     tmp.write_text(json.dumps({"files": files}, indent=1) + "\n")
@@ -153,7 +144,7 @@ def verify(folder: str | Path) -> dict:
             raise CheckpointInvalid(f"{path}: missing")
         if path.stat().st_size != size:
             raise CheckpointInvalid(f"{path}: {path.stat().st_size} bytes, the manifest says {size} (truncated?)")
-        if sha256(path) != digest:
+        if sha256_file(path) != digest:
             raise CheckpointInvalid(f"{path}: SHA-256 differs from the manifest (corrupted)")
     return verify_state(folder)
 
