@@ -90,3 +90,15 @@ def s3_bucket(s3_env):
     name = f"t-{uuid.uuid4().hex[:12]}"
     client().create_bucket(Bucket=name)
     return name
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny matmuls: intra-op threads only contend on a shared 2-core CI machine (modules that train
+    tiny models in process use it: ``pytestmark = pytest.mark.usefixtures("one_thread")``)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -29,12 +29,7 @@ from llmneo.trainer import DistillTrainer, NonFiniteTraining, Preempted, main
 R = ("distill.max_steps=4", "distill.save_every=1", "distill.lora_dropout=0.1")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

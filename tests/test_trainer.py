@@ -19,14 +19,7 @@ from llmneo.errors import UserError
 from llmneo.launch import TrainerInputs, write_workdir
 from llmneo.trainer import DistillTrainer, Preempted, count_targets, lr_lambda, main, progress_postfix
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matmuls: intra-op threads only contend on a shared 2-core CI machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def make_workdir(path: Path, ws: Path, *overrides: str, teacher: Path | None = None) -> Path:
