@@ -61,8 +61,9 @@ PATCH_MANAGER = "llmneo.io/launcher"
 INPUTS = ("dataset", "teacher", "student")
 DONE_MARKER = "adapter.done.json"
 
-# Kubernetes secrets (templates in k8s/base/secrets.yaml) → environment variables; used by the
-# pipeline (kfp-kubernetes use_secret_as_env) and by the TrainJob's nodes (secretKeyRef).
+# Kubernetes secrets (created with `kubectl create secret`, docs/pipeline.md; never part of k8s/) →
+# environment variables; used by the pipeline (kfp-kubernetes use_secret_as_env) and by the TrainJob's
+# nodes (secretKeyRef).
 S3_SECRET, HUB_SECRET = "llmneo-s3", "llmneo-hub"
 SECRET_ENV = {
     S3_SECRET: ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION"],

@@ -98,7 +98,7 @@ def test_three_overlays_exist():
 def test_overlay_builds_and_passes_strict_validation(name, builds, tmp_path):
     objects = builds[name]
     kinds = {o["kind"] for o in objects}
-    assert {"ServiceAccount", "Role", "RoleBinding", "PersistentVolumeClaim", "Secret", "ConfigMap", "CronJob"} <= kinds
+    assert {"ServiceAccount", "Role", "RoleBinding", "PersistentVolumeClaim", "ConfigMap", "CronJob"} <= kinds
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump_all(objects))
     for version in ("1.29.0", "1.37.0"):
@@ -183,14 +183,28 @@ def test_launcher_role_grants_exactly_what_the_launcher_calls(builds):
                for o in builds["base"] if o["kind"] == "Role" for rule in o["rules"])
 
 
-def test_secret_templates_hold_no_values(builds):
+@pytest.mark.parametrize("name", ["base", "gke-a100", "eks-a100", "onprem-a100"])
+def test_no_secret_is_built_so_apply_never_wipes_its_values(name, builds):
+    """Upstream rule: client-side ``kubectl apply`` computes a three-way merge of the last-applied
+    annotation, the new file and the live object (kubernetes/kubectl pkg/cmd/apply/patcher.go
+    Patcher.patchSimple → apimachinery strategicpatch.CreateThreeWayMergePatch): a field present in the
+    last-applied configuration and absent from the new file is deleted. A Secret filled with
+    ``create --dry-run -o yaml | kubectl apply`` records its ``data`` there, so applying an overlay
+    that holds the same Secret without ``data`` removed the credentials. No Secret is built at all."""
+    assert [o["metadata"]["name"] for o in builds[name] if o["kind"] == "Secret"] == []
+
+
+def test_docs_create_secrets_without_client_side_apply():
+    """The same rule (strategicpatch.CreateThreeWayMergePatch): the documented way to fill the Secrets
+    is ``kubectl create secret``, which records no last-applied configuration (``--save-config`` is
+    off by default, kubectl pkg/cmd/create/create_secret.go), not ``... | kubectl apply``."""
     from llmneo.cluster import SECRET_ENV
 
-    secrets = {o["metadata"]["name"]: o for o in builds["base"] if o["kind"] == "Secret"}
-    assert set(secrets) == set(SECRET_ENV)
-    for name, secret in secrets.items():
-        assert "data" not in secret and "stringData" not in secret
-        assert secret["metadata"]["annotations"]["llmneo.io/keys"].split(",") == SECRET_ENV[name]
+    text = (REPO / "docs" / "pipeline.md").read_text()
+    for name in SECRET_ENV:
+        assert f"kubectl -n llmneo create secret generic {name} " in text
+    lines = [line for line in text.splitlines() if "create secret" in line or "kubectl apply" in line]
+    assert not any("create secret" in line and "apply" in line for line in lines)
 
 
 def test_pool_files_name_pipeline_parameters():

@@ -55,6 +55,29 @@ def parse_uri(uri: str, label: str | None = None) -> tuple[str, str]:
     return bucket, prefix.strip("/")
 
 
+# In a Kubernetes pod, S3 credentials must come from the pod's own settings: the Secret llmneo-s3 as env
+# (optional in the pipeline: a missing Secret gives no variables), a web identity (EKS IRSA), EKS Pod
+# Identity, or a mounted profile. Without them botocore's chain (botocore/credentials.py
+# create_credential_resolver: env, ..., container provider, InstanceMetadataProvider) ends at the
+# node's instance role — some other principal's rights — or at no credentials, deep into the step.
+POD_CREDENTIAL_ENV = (("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"), ("AWS_WEB_IDENTITY_TOKEN_FILE",),
+                      ("AWS_CONTAINER_CREDENTIALS_FULL_URI",), ("AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",),
+                      ("AWS_PROFILE",), ("AWS_SHARED_CREDENTIALS_FILE",))
+
+
+def check_pod_credentials(what: str, env: dict | None = None) -> None:
+    """Inside a Kubernetes pod (``KUBERNETES_SERVICE_HOST`` is set in every pod), refuse in one line to
+    use S3 without credentials of the pod's own (:data:`POD_CREDENTIAL_ENV`)."""
+    env = os.environ if env is None else env
+    if not env.get("KUBERNETES_SERVICE_HOST"):
+        return
+    if any(all(env.get(k) for k in keys) for keys in POD_CREDENTIAL_ENV):
+        return
+    raise UserError(f"{what}: no S3 credentials in this pod: the Secret llmneo-s3 (keys AWS_ACCESS_KEY_ID, "
+                    f"AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL) is missing in this namespace or lacks the keys "
+                    f"(create it with `kubectl create secret generic llmneo-s3 ...`, docs/pipeline.md)")
+
+
 def client():
     """A boto3 S3 client from the standard environment/profile chain."""
     style = os.environ.get("LLMNEO_S3_ADDRESSING", "path")
@@ -139,6 +162,7 @@ class S3Store:
     def s3(self):
         """The boto3 client; the first use checks that the bucket exists and is readable."""
         if self._client is None:
+            check_pod_credentials(self.label)
             s3 = client()
             check_bucket(s3, self.bucket, self.label)
             self._client = s3
