@@ -9,7 +9,7 @@ from llmneo_components.images import IMAGE
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
 def distill(preset: str, overrides: list, config: str, gpus: str, nodes: int, dataset: Input[Dataset], teacher: Input[Model],
             student: Input[Model], adapter: Output[Model], metrics: Output[Metrics],
-            run_id: str = "", checkpoints: str = "", task_config: dsl.TaskConfig = None):
+            checkpoints: str = "", task_config: dsl.TaskConfig = None):
     """Train the student's LoRA branch on (1-a)*CE + a*T^2*KL(teacher||student) with torchrun.
 
     Args:
@@ -24,14 +24,15 @@ def distill(preset: str, overrides: list, config: str, gpus: str, nodes: int, da
         student: base student model folder.
         adapter: output folder: adapter/ (lora, neo) or model/ (sft, kd), train_log.jsonl, card.json.
         metrics: final losses and throughput.
-        run_id: pipeline run id: with ``checkpoints``, keys where a one-node run checkpoints.
         checkpoints: folder on a volume that outlives the pod (the cache PVC): checkpoints go to
-            <checkpoints>/<run_id>/<config fingerprint>, so a retried task resumes instead of starting
-            over (its output folder is a fresh emptyDir). Unused when the folder's parent is missing.
+            <checkpoints>/<run>/<config fingerprint>, <run> = the run's Argo workflow ($LLMNEO_WORKFLOW,
+            from the pod's label; not an input, which would defeat caching), so a retried task resumes
+            instead of starting over. Unused when the folder's parent is missing.
         task_config: (multi-node) the task's resources, tolerations, node selector and env, forwarded
             by KFP to the TrainJob.
     """
     import dataclasses
+    import os
 
     from llmneo.errors import guarded
     from llmneo.steps import distill_student
@@ -41,7 +42,9 @@ def distill(preset: str, overrides: list, config: str, gpus: str, nodes: int, da
     n_gpus = parse_gpus(gpus, "distill_gpus")
     cluster = [f"distill.nnodes={nodes}"] + ([f"distill.nproc_per_node={n_gpus}"] if n_gpus > 0 else [])
     cfg = load_run_config(preset, overrides, config, cluster)
-    keep = checkpoint_setting(cfg, checkpoints, run_id)
+    from llmneo.cluster import WORKFLOW_ENV
+
+    keep = checkpoint_setting(cfg, checkpoints, os.environ.get(WORKFLOW_ENV, ""))
     if keep:
         cfg = load_run_config(preset, overrides, config, cluster + keep)
         print(f"distill: checkpoints in {cfg.distill.checkpoint_uri}", flush=True)

@@ -80,8 +80,12 @@ REQUIRED_FIELDS = ("spec.runtimePatches", "spec.activeDeadlineSeconds")
 # The launcher pod's identity (downward API; pipelines/llm_neo.py sets them on the launcher task):
 # the TrainJob is owned by that pod, and named after the run's Argo workflow and the configuration so
 # that a retried launcher finds its job again instead of starting a second one.
-POD_IDENTITY_ENV = {"POD_NAME": "metadata.name", "POD_UID": "metadata.uid",
-                    "LLMNEO_WORKFLOW": "metadata.labels['workflows.argoproj.io/workflow']"}
+# The run's Argo workflow (one per KFP run, kept by every retry of it): an env var from the pod's label,
+# not a task input, so that it stays out of KFP's cache key (backend/src/v2/cacheutils/cache.go
+# GenerateCacheKey hashes every input parameter value, not the platform spec's field-path env).
+WORKFLOW_ENV = "LLMNEO_WORKFLOW"
+WORKFLOW_FIELD = "metadata.labels['workflows.argoproj.io/workflow']"
+POD_IDENTITY_ENV = {"POD_NAME": "metadata.name", "POD_UID": "metadata.uid", WORKFLOW_ENV: WORKFLOW_FIELD}
 SA_NAMESPACE_FILE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
 
 
@@ -235,7 +239,7 @@ def trainjob_name(cfg: Config, env: dict | None = None) -> str:
     import hashlib
 
     env = os.environ if env is None else env
-    workflow = env.get("LLMNEO_WORKFLOW", "")
+    workflow = env.get(WORKFLOW_ENV, "")
     if not workflow:
         return f"llmneo-{uuid.uuid4().hex[:8]}"
     return "llmneo-" + hashlib.sha256(f"{workflow}/{cfg.hash()}".encode()).hexdigest()[:12]

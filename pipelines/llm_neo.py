@@ -13,7 +13,9 @@ the preset file inside the image is used: after changing a preset there, bump th
 
 Retries: steps that touch the network or storage (prep, load-teacher, register) retry 2× with
 backoff; distill retries once (preemption) and resumes from its checkpoints under
-``/cache/checkpoints/<run id>/<config fingerprint>`` on the cache volume.
+``/cache/checkpoints/<run's workflow>/<config fingerprint>`` on the cache volume. The run key reaches the
+pod as an env var from its label, not as an input: KFP's cache key hashes every input value, so a
+per-run input would make distill miss the cache on every run.
 
 Registry: register stores into ``registry_uri`` (or the configuration's registry.uri); a folder
 inside the pod would be lost with it, so ``llmneo submit``/``schedule sync`` require an s3:// URI and
@@ -41,7 +43,7 @@ import re
 
 from kfp import compiler, dsl, kubernetes
 
-from llmneo.cluster import HUB_SECRET, POD_IDENTITY_ENV, S3_SECRET, SECRET_ENV
+from llmneo.cluster import HUB_SECRET, POD_IDENTITY_ENV, S3_SECRET, SECRET_ENV, WORKFLOW_ENV, WORKFLOW_FIELD
 from llmneo_components.distill import distill, distill_multinode
 from llmneo_components.images import CPU_IMAGE
 from llmneo_components.merge_eval import merge_eval
@@ -138,10 +140,11 @@ def llm_neo(preset: str = "tiny", overrides: list = [], config: str = "",  # noq
                           dataset=prep_task.outputs["dataset"], teacher=teacher_task.outputs["teacher"],
                           student=teacher_task.outputs["student"])
     with dsl.If(distill_nodes == 1, name="one-node"):  # torchrun in the pod, which holds the GPUs
-        distill_task = distill(**distill_inputs, run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, checkpoints=CHECKPOINTS)
+        distill_task = distill(**distill_inputs, checkpoints=CHECKPOINTS)
         distill_task.set_display_name("NEO distill").set_retry(num_retries=1, backoff_duration="60s")
         _secrets_and_cache(_gpu_pool(distill_task, distill_gpus, gpu_node_selector, gpu_tolerations), "distill")
         kubernetes.empty_dir_mount(distill_task, volume_name="dshm", mount_path="/dev/shm", medium="Memory")
+        kubernetes.use_field_path_as_env(distill_task, WORKFLOW_ENV, WORKFLOW_FIELD)  # the checkpoints' run key
         kubernetes.set_timeout(distill_task, TIMEOUT_S["distill"])
     with dsl.Else(name="several-nodes"):  # a CPU launcher pod; the GPU settings go to the TrainJob
         multinode_task = distill_multinode(**distill_inputs)

@@ -132,6 +132,7 @@ def test_distill_component_passes_gpu_and_node_counts(monkeypatch, tmp_path):
                            trainable_parameters=1, wall_seconds=1.0)
 
     monkeypatch.setattr(llmneo.steps, "distill_student", fake_run_distill)
+    monkeypatch.setenv("LLMNEO_WORKFLOW", "run-7")
     art = {k: dsl.Model(uri=str(tmp_path / k)) for k in ("dataset", "teacher", "student", "adapter", "metrics")}
     for a in art.values():
         a.path = a.uri
@@ -197,17 +198,76 @@ def test_register_takes_the_registry_uri_parameter(compiled):
 
 def test_one_node_distill_checkpoints_on_the_cache_volume_keyed_by_run(compiled):
     """A retried task runs in a new pod whose output folder is a fresh emptyDir (KFP uploads outputs
-    only on success): the one-node distill keeps its checkpoints under /cache/checkpoints/<run id>/…
-    on the cache PVC, and the run id is the pipeline job's uuid, the same for every retry of the run."""
+    only on success): the one-node distill keeps its checkpoints under /cache/checkpoints/<run>/…
+    on the cache PVC; <run> is the run's Argo workflow, read from the pod's label (downward API), the
+    same for every retry of the run, and not an input of the task (see the cache test below)."""
+    from llmneo.cluster import WORKFLOW_ENV, WORKFLOW_FIELD
     from llmneo_pipelines.llm_neo import CACHE_PVC, CHECKPOINTS
 
     spec, executors = compiled
     inputs = dag_tasks(spec)["distill"]["inputs"]["parameters"]
     assert inputs["checkpoints"] == {"runtimeValue": {"constant": CHECKPOINTS}}
-    assert inputs["run_id"] == {"runtimeValue": {"constant": "{{$.pipeline_job_uuid}}"}}
+    assert "run_id" not in inputs
+    assert {"name": WORKFLOW_ENV, "fieldPath": WORKFLOW_FIELD} in executors["exec-distill"]["fieldPathAsEnv"]
     (mount,) = executors["exec-distill"]["pvcMount"]
     assert mount["constant"] == CACHE_PVC and CHECKPOINTS.startswith(mount["mountPath"] + "/")
     assert dag_tasks(spec)["distill"]["retryPolicy"]["maxRetryCount"] == 1
+
+
+# The pipeline-job placeholders the KFP driver replaces per run in a task's runtimeValue constants.
+RUN_PLACEHOLDERS = ("{{$.pipeline_job_uuid}}", "{{$.pipeline_job_name}}", "{{$.pipeline_job_resource_name}}",
+                    "{{$.pipeline_task_uuid}}", "{{$.pipeline_task_name}}", "{{$.pipeline_job_create_time_utc}}",
+                    "{{$.pipeline_job_schedule_time_utc}}")
+
+
+def _cache_relevant_inputs(spec: dict, args: dict, run: str) -> dict:
+    """Each cached task's input parameter values as the driver resolves them in run ``run``: pipeline
+    parameters from ``args`` (else their defaults), constants with the run placeholders replaced."""
+    root = spec["root"]["inputDefinitions"]["parameters"]
+    values = {name: args.get(name, p.get("defaultValue")) for name, p in root.items()}
+    resolved = {}
+    for name, task in dag_tasks(spec).items():
+        if name == "root" or not (task.get("cachingOptions") or {}).get("enableCache"):
+            continue
+        got = {}
+        for pname, pin in task.get("inputs", {}).get("parameters", {}).items():
+            if "componentInputParameter" in pin:
+                got[pname] = values[pin["componentInputParameter"].removeprefix("pipelinechannel--")]
+            elif "runtimeValue" in pin:
+                value = pin["runtimeValue"]["constant"]
+                for placeholder in RUN_PLACEHOLDERS:
+                    if isinstance(value, str):
+                        value = value.replace(placeholder, f"{run}:{placeholder}")
+                got[pname] = value
+            else:
+                got[pname] = pin
+        resolved[name] = got
+    return resolved
+
+
+def test_two_runs_of_the_same_configuration_have_the_same_cache_key_inputs(compiled):
+    """Upstream rule (kubeflow/pipelines backend/src/v2/cacheutils/cache.go GenerateCacheKey, called by
+    driver/cache.go): the fingerprint hashes every resolved input parameter value
+    (``InputParameterValues``) with the container's image, command/args, PVC names and spec env; the
+    driver resolves pipeline-job placeholders such as ``{{$.pipeline_job_uuid}}`` in a task's
+    runtimeValue constants per run (backend/src/v2/driver/resolve.go resolveInputs). So no cached
+    task may take one as an input: distill (72 h) would otherwise miss the cache on every run. The
+    platform spec's field-path env (the run key of the checkpoints) is not part of the key."""
+    spec, _ = compiled
+    args = {"preset": "tiny", "config": "distill:\n  alpha: 0.5\n", "distill_gpus": "6"}
+    first, second = (_cache_relevant_inputs(spec, args, run) for run in ("run-a", "run-b"))
+    assert set(first) == {"prep-data", "load-teacher", "distill", "distill-multinode", "merge-eval"}
+    assert first == second
+    # not vacuous: the run id as an input (as distill once had it) makes two runs differ
+    import copy
+
+    with_run_id = copy.deepcopy(spec)
+    dag_tasks(with_run_id)["distill"]["inputs"]["parameters"]["run_id"] = {
+        "runtimeValue": {"constant": "{{$.pipeline_job_uuid}}"}}
+    assert _cache_relevant_inputs(with_run_id, args, "run-a") != _cache_relevant_inputs(with_run_id, args, "run-b")
+    # register is never cached (it writes to an external registry): it may record the run id
+    register = dag_tasks(spec)["register"]["inputs"]["parameters"]["run_id"]
+    assert register == {"runtimeValue": {"constant": "{{$.pipeline_job_uuid}}"}}
 
 
 def test_checkpoint_setting_is_run_and_configuration_keyed(tmp_path):
@@ -228,6 +288,7 @@ def test_checkpoint_setting_is_run_and_configuration_keyed(tmp_path):
 
 
 def test_distill_component_sets_the_checkpoint_location(monkeypatch, tmp_path):
+    """The run key comes from $LLMNEO_WORKFLOW (the pod's workflow label), not from an input."""
     from kfp import dsl
 
     import llmneo.steps
@@ -243,13 +304,13 @@ def test_distill_component_sets_the_checkpoint_location(monkeypatch, tmp_path):
                            trainable_parameters=1, wall_seconds=1.0)
 
     monkeypatch.setattr(llmneo.steps, "distill_student", fake_run_distill)
+    monkeypatch.setenv("LLMNEO_WORKFLOW", "run-7")
     art = {k: dsl.Model(uri=str(tmp_path / k)) for k in ("dataset", "teacher", "student", "adapter")}
     for a in art.values():
         a.path = a.uri
     distill.python_func(preset="tiny", overrides=[], config="", gpus="2", nodes=1, dataset=art["dataset"],
                         teacher=art["teacher"], student=art["student"], adapter=art["adapter"],
-                        metrics=dsl.Metrics(uri=str(tmp_path / "m")), run_id="run-7",
-                        checkpoints=str(tmp_path / "checkpoints"))
+                        metrics=dsl.Metrics(uri=str(tmp_path / "m")), checkpoints=str(tmp_path / "checkpoints"))
     fp = load_config("tiny", ["distill.nnodes=1", "distill.nproc_per_node=2"]).fingerprint()
     assert seen["uri"] == f"{tmp_path}/checkpoints/run-7/{fp}"
 
