@@ -49,12 +49,18 @@ def add_commands(sub) -> None:
         p.add_argument("--host", default=None, help="Kubeflow Pipelines URL (default: $KFP_HOST)")
         p.add_argument("--namespace", default=None, help="KFP namespace / Kubeflow profile (default: $KFP_NAMESPACE)")
 
+    def image_registry(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--image-registry", default=None, metavar="REGISTRY",
+                       help="where your copies of the llmneo images are, e.g. ghcr.io/team (default: "
+                            "$LLMNEO_IMAGE_REGISTRY); required while the pipeline names the default images")
+
     p = sub.add_parser("upload", help="upload the compiled pipeline (a new version) to Kubeflow Pipelines",
                        description="upload pipelines/llm_neo.yaml as pipeline llm-neo, version --version")
     connection(p)
     p.add_argument("--version", default=None, help="version name (default: package version + content hash)")
     p.add_argument("--description", default=None, help="version description shown in the UI")
     p.add_argument("--package", default=None, help="compiled pipeline YAML (default: the packaged one)")
+    image_registry(p)
     p.set_defaults(fn=kfp_client.cmd_upload)
 
     p = sub.add_parser("submit", help="create a Kubeflow Pipelines run and print its URL",
@@ -70,6 +76,7 @@ def add_commands(sub) -> None:
     p.add_argument("--run-name", default=None, help="run name shown in the UI (default: preset name and time)")
     p.add_argument("--service-account", default="llmneo-pipeline", help="runs' service account ('' = KFP default)")
     p.add_argument("--no-cache", action="store_true", help="disable KFP caching for this run")
+    image_registry(p)
     p.set_defaults(fn=kfp_client.cmd_submit)
 
     p = sub.add_parser("schedule", help="GitOps: recurring runs declared in k8s/schedules/*.yaml")

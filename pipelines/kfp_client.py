@@ -74,6 +74,70 @@ def package_version(package: str | Path | None = None) -> str:
 
 
 # --------------------------------------------------------------------------------------------
+# Images: never the default names, which would be pulled from Docker Hub
+# --------------------------------------------------------------------------------------------
+
+
+def _executor_containers(spec: dict) -> list[dict]:
+    return [ex["container"] for ex in ((spec or {}).get("deploymentSpec") or {}).get("executors", {}).values()
+            if "container" in ex]
+
+
+def spec_images(spec: dict) -> set[str]:
+    """Every image a pipeline spec runs: the executors' images and image-valued env (``LLMNEO_IMAGE``
+    of the multi-node launcher, the TrainJob's image)."""
+    from llmneo_components.images import DEFAULT_IMAGES
+
+    found = set()
+    for container in _executor_containers(spec):
+        found.add(container.get("image", ""))
+        found |= {e.get("value") for e in container.get("env", []) if e.get("value") in DEFAULT_IMAGES}
+    return found - {""}
+
+
+def check_images(spec: dict, where: str) -> None:
+    """Refuse a pipeline spec that runs a default image. Upstream rule (distribution/reference
+    normalize.go ParseNormalizedNamed/splitDockerDomain, which containerd and CRI-O apply): a name whose
+    first component has no ``.`` or ``:`` and is not ``localhost`` is a Docker Hub repository, so
+    ``llmneo/llmneo:0.1.0`` is ``docker.io/llmneo/llmneo:0.1.0`` — not an image this project publishes."""
+    from llmneo_components.images import DEFAULT_IMAGES, REGISTRY_ENV
+
+    default = sorted(spec_images(spec) & set(DEFAULT_IMAGES))
+    if default:
+        image = default[0]
+        raise UserError(f"{where}: runs image {image}, which would be pulled from Docker Hub (docker.io/{image}), "
+                        f"not from your registry: push the images there (make images) and pass --image-registry "
+                        f"REGISTRY (or set {REGISTRY_ENV}), or compile with LLMNEO_IMAGE/LLMNEO_CPU_IMAGE set "
+                        f"(make pipeline)")
+
+
+@contextlib.contextmanager
+def registry_package(package: str | Path, registry: str | None):
+    """``package``, or with ``registry`` a temporary copy whose default images are renamed into it
+    (:func:`llmneo_components.images.in_registry`)."""
+    import tempfile
+
+    from llmneo_components.images import REGISTRY_ENV, in_registry
+
+    registry = registry or os.environ.get(REGISTRY_ENV)
+    if not registry:
+        yield Path(package)
+        return
+    if "://" in registry or not registry.strip("/ ") or any(c.isspace() for c in registry):
+        raise UserError(f"--image-registry: {registry!r} is not a registry path such as ghcr.io/team")
+    docs = list(yaml.safe_load_all(Path(package).read_text()))
+    for container in _executor_containers(docs[0]):
+        container["image"] = in_registry(container.get("image", ""), registry)
+        for env in container.get("env", []):
+            if "value" in env:
+                env["value"] = in_registry(env["value"], registry)
+    with tempfile.TemporaryDirectory(prefix="llmneo-package-") as tmp:
+        path = Path(tmp) / Path(package).name
+        path.write_text(yaml.safe_dump_all(docs, sort_keys=False))
+        yield path
+
+
+# --------------------------------------------------------------------------------------------
 # Run parameters: configuration validated locally, pool file, --param overrides
 # --------------------------------------------------------------------------------------------
 
@@ -274,11 +338,25 @@ def resolve_version(client, version: str | None, pipeline: str = PIPELINE_NAME) 
     return pipeline_id, found
 
 
+def check_version_images(found) -> None:
+    """:func:`check_images` on an uploaded version's spec (the API returns it with the version)."""
+    spec = getattr(found, "pipeline_spec", None)
+    if isinstance(spec, dict):
+        check_images(spec.get("pipeline_spec", spec), f"pipeline version {found.display_name}")
+
+
 def upload(client, version: str | None = None, description: str | None = None,
-           package: str | Path | None = None, pipeline: str = PIPELINE_NAME) -> dict:
+           package: str | Path | None = None, pipeline: str = PIPELINE_NAME, image_registry: str | None = None) -> dict:
     """Upload the compiled pipeline as ``pipeline``/``version`` (created on first use). The same
-    version name twice is a no-op when the content matches (default names are content hashes)."""
-    package = Path(package or package_path())
+    version name twice is a no-op when the content matches (default names are content hashes).
+    ``image_registry``: where the default images are (:func:`registry_package`); the default names
+    themselves are refused (:func:`check_images`)."""
+    with registry_package(package or package_path(), image_registry) as path:
+        return _upload(client, version, description, path, pipeline)
+
+
+def _upload(client, version: str | None, description: str | None, package: Path, pipeline: str) -> dict:
+    check_images(pipeline_spec(package), f"pipeline {package.name}")
     version = version or package_version(package)
     spec = pipeline_spec(package)
     check_server(client)
@@ -311,9 +389,10 @@ def run_url(host: str, run_id: str) -> str:
 def submit(client, host: str, preset: str, overrides: list[str], pool: dict | None = None,
            params: dict | None = None, experiment: str = DEFAULT_EXPERIMENT, version: str | None = None,
            run_name: str | None = None, service_account: str | None = DEFAULT_SERVICE_ACCOUNT,
-           enable_caching: bool | None = None, namespace: str | None = None) -> dict:
+           enable_caching: bool | None = None, namespace: str | None = None, image_registry: str | None = None) -> dict:
     """Create one run (of the local compiled package, or of an uploaded ``version``); returns its id and URL.
-    ``enable_caching`` only with the local package (:func:`check_caching`)."""
+    ``enable_caching`` only with the local package (:func:`check_caching`); ``image_registry`` as for
+    :func:`upload` (an uploaded version keeps the images it was uploaded with)."""
 
     check_caching(version, enable_caching)
     args = run_parameters(preset, overrides, pool, params)
@@ -325,9 +404,12 @@ def submit(client, host: str, preset: str, overrides: list[str], pool: dict | No
                       service_account=service_account or None)
         if version:
             pipeline_id, found = resolve_version(client, version)
+            check_version_images(found)
             run = client.run_pipeline(pipeline_id=pipeline_id, version_id=found.pipeline_version_id, **kwargs)
         else:
-            run = client.run_pipeline(pipeline_package_path=str(package_path()), **kwargs)
+            with registry_package(package_path(), image_registry) as package:
+                check_images(pipeline_spec(package), f"pipeline {package.name}")
+                run = client.run_pipeline(pipeline_package_path=str(package), **kwargs)
     return {"run_id": run.run_id, "name": name, "url": run_url(host, run.run_id), "parameters": args}
 
 
@@ -336,9 +418,17 @@ def submit(client, host: str, preset: str, overrides: list[str], pool: dict | No
 # --------------------------------------------------------------------------------------------
 
 
+def check_package_images(package: str | Path | None, registry: str | None) -> None:
+    """:func:`check_images` of the package as it would be sent: before connecting to anything."""
+    with registry_package(package or package_path(), registry) as path:
+        check_images(pipeline_spec(path), f"pipeline {path.name}")
+
+
 def cmd_upload(args) -> int:
     host = args.host or os.environ.get("KFP_HOST", "")
-    result = upload(connect(host, args.namespace), args.version, args.description, args.package)
+    check_package_images(args.package, args.image_registry)
+    result = upload(connect(host, args.namespace), args.version, args.description, args.package,
+                    image_registry=args.image_registry)
     verb = "uploaded" if result["created"] else "already uploaded"
     print(f"{verb} {PIPELINE_NAME} version {result['version']} (pipeline {result['pipeline_id']}, "
           f"version {result['version_id']})")
@@ -351,9 +441,12 @@ def cmd_submit(args) -> int:
     pool, params = read_pool(args.pool_file), parse_params(args.param)
     run_parameters(args.preset, args.overrides, pool, params)  # validate before connecting
     check_caching(args.version, False if args.no_cache else None)
+    if not args.version:
+        check_package_images(None, args.image_registry)
     result = submit(connect(host, args.namespace), host, args.preset, args.overrides, pool, params,
                     experiment=args.experiment, version=args.version, run_name=args.run_name,
                     service_account=args.service_account, enable_caching=False if args.no_cache else None,
-                    namespace=args.namespace or os.environ.get("KFP_NAMESPACE") or None)
+                    namespace=args.namespace or os.environ.get("KFP_NAMESPACE") or None,
+                    image_registry=args.image_registry)
     print(f"run {result['name']} ({result['run_id']}): {result['url']}")
     return 0

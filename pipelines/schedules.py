@@ -44,6 +44,7 @@ from llmneo_pipelines.kfp_client import (
     _api_errors,
     all_pages,
     check_server,
+    check_version_images,
     read_pool,
     resolve_version,
     run_parameters,
@@ -182,6 +183,7 @@ def plan(client, schedules: list[Schedule], experiment_id: str, namespace: str |
     for s in schedules:
         if s.pipeline_version not in versions:
             versions[s.pipeline_version] = resolve_version(client, s.pipeline_version)
+            check_version_images(versions[s.pipeline_version][1])
         pipeline_id, version = versions[s.pipeline_version]
         fp = fingerprint(s, version.pipeline_version_id, service_account)
         existing = current.pop(s.name, [])

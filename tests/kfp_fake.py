@@ -70,9 +70,11 @@ class FakeKfp:
         return p.pipeline_id if p else None
 
     def _add_version(self, pipeline_id, name, description, path):
-        yaml.safe_load_all(Path(path).read_text())  # a real package must parse
+        spec = next(yaml.safe_load_all(Path(path).read_text()))  # a real package must parse
+        # the API returns the version's spec with it (backend/src/apiserver/server/api_converter.go
+        # toApiPipelineVersion: PipelineSpec)
         v = api.V2beta1PipelineVersion(pipeline_id=pipeline_id, pipeline_version_id=next(self._ids), display_name=name,
-                                       description=description,
+                                       description=description, pipeline_spec=spec,
                                        created_at=datetime.datetime(2026, 1, 1) + datetime.timedelta(seconds=next(self._clock)))
         self.versions[pipeline_id].append(v)
         return v
@@ -122,7 +124,10 @@ class FakeKfp:
     def run_pipeline(self, experiment_id, job_name, pipeline_package_path=None, params=None, pipeline_id=None,
                      version_id=None, pipeline_root=None, enable_caching=None, cache_key=None, service_account=None):
         self._check_params(params or {}, pipeline_package_path, version_id)
+        images = sorted({ex["container"]["image"] for ex in next(yaml.safe_load_all(Path(
+            pipeline_package_path).read_text()))["deploymentSpec"]["executors"].values()}) if pipeline_package_path else None
         run = dict(experiment_id=experiment_id, job_name=job_name, package=pipeline_package_path, params=params,
+                   images=images,
                    pipeline_id=pipeline_id, version_id=version_id, enable_caching=enable_caching,
                    service_account=service_account)
         self.calls.append(("run_pipeline", run))

@@ -228,6 +228,22 @@ def test_cronjob_runs_the_cpu_image_and_the_sync_command(builds):
     assert cron["spec"]["concurrencyPolicy"] == "Forbid"
 
 
+def _docker_hub(image: str) -> bool:
+    """Upstream rule (distribution/reference normalize.go splitDockerDomain, used by containerd and
+    CRI-O): a name whose first component has no "." or ":" and is not "localhost" is on docker.io."""
+    first, _, rest = image.partition("/")
+    return not rest or ("." not in first and ":" not in first and first != "localhost")
+
+
+@pytest.mark.parametrize("name", OVERLAYS)
+def test_overlays_pull_no_image_from_docker_hub(name, builds):
+    """The base names the CronJob's image llmneo/llmneo-cpu, which resolves to docker.io/llmneo (not
+    published by this project): every overlay renames it with kustomize ``images:``."""
+    assert _docker_hub("llmneo/llmneo-cpu:0.1.0") and _docker_hub("busybox") and not _docker_hub("ghcr.io/a/b")
+    images = [c["image"] for _, spec in pod_specs(builds[name]) for c in spec.get("containers", [])]
+    assert images and not [i for i in images if _docker_hub(i)]
+
+
 def _grants(objects, service_account):
     """(apiGroup, resource, resourceName or "*", verb) granted to a service account by Roles bound to it."""
     roles = {o["metadata"]["name"]: o for o in objects if o["kind"] == "Role"}

@@ -14,6 +14,13 @@ from conftest import REPO
 from llmneo.errors import UserError
 from llmneo_pipelines import kfp_client
 
+
+@pytest.fixture(autouse=True)
+def image_registry(monkeypatch):
+    """The packaged pipeline names the default images, refused without a registry of one's own."""
+    monkeypatch.setenv("LLMNEO_IMAGE_REGISTRY", "registry.example.com/team")
+
+
 GKE_POOL = REPO / "k8s" / "overlays" / "gke-a100" / "pool.yaml"
 S3 = "registry.uri=s3://models/registry"  # a run's registry must outlive the register pod
 
@@ -49,7 +56,7 @@ def test_default_version_name_is_a_content_hash(tmp_path):
     fake = FakeKfp()
     a = kfp_client.upload(fake)
     changed = tmp_path / "p.yaml"
-    changed.write_text(kfp_client.package_path().read_text() + "\n# changed\n")
+    changed.write_text(kfp_client.package_path().read_text().replace("llmneo/llmneo:", "registry.example.com/x/llmneo:"))
     b = kfp_client.upload(fake, package=changed)
     assert a["version"].startswith("0.1.0-") and b["version"] != a["version"] and b["created"]
     assert kfp_client.upload(fake)["created"] is False
@@ -70,7 +77,8 @@ def test_submit_sends_validated_parameters_and_returns_the_url():
                              "registry_uri": "s3://models/registry",
                              "gpu_node_selector": {"cloud.google.com/gke-accelerator": "nvidia-tesla-a100"},
                              "gpu_tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]}
-    assert run["package"] == str(kfp_client.package_path()) and run["service_account"] == "llmneo-pipeline"
+    assert run["package"].endswith("/llm_neo.yaml") and run["service_account"] == "llmneo-pipeline"
+    assert run["images"] == ["registry.example.com/team/llmneo-cpu:0.1.0", "registry.example.com/team/llmneo:0.1.0"]
     assert run["experiment_id"] == "exp-llmneo" and run["job_name"] == "r1"
     assert result["url"] == f"http://kfp.example:8080/#/runs/details/{result['run_id']}"
 
@@ -262,3 +270,42 @@ def test_the_real_client_sends_the_token_as_bearer(tmp_path, monkeypatch):
         server.shutdown()
     assert seen and all(auth == "Bearer tok-xyz" for _, auth in seen), seen
     assert {path for path, _ in seen} == {"/apis/v2beta1/healthz"}
+
+
+def test_default_images_are_refused_unless_a_registry_is_given(monkeypatch, tmp_path):
+    """Upstream rule (distribution/reference normalize.go ParseNormalizedNamed → splitDockerDomain, the
+    name resolution of containerd and CRI-O): a reference whose first component has no "." or ":" and
+    is not "localhost" is a Docker Hub repository, so ``llmneo/llmneo:0.1.0`` would be pulled from
+    docker.io/llmneo — ImagePullBackOff at best, someone else's image at worst. upload, submit and
+    schedule sync refuse the default names; --image-registry renames them, env values included."""
+    from llmneo_components.images import DEFAULT_CPU_IMAGE, DEFAULT_IMAGE
+
+    monkeypatch.delenv("LLMNEO_IMAGE_REGISTRY")
+    fake = FakeKfp()
+    refused = r"^pipeline llm_neo.yaml: runs image llmneo/llmneo-cpu:0.1.0, which would be pulled from Docker Hub"
+    with pytest.raises(UserError, match=refused):
+        kfp_client.upload(fake)
+    with pytest.raises(UserError, match=refused):
+        kfp_client.submit(fake, "http://kfp", "smollm2-demo", [S3])
+    assert fake.mutations() == []
+    # a version uploaded with the default names (by hand) is refused by submit and schedule sync too
+    pipeline = fake.upload_pipeline(str(kfp_client.package_path()), pipeline_name="llm-neo")
+    with pytest.raises(UserError, match=r"^pipeline version llm-neo: runs image llmneo/llmneo-cpu"):
+        kfp_client.submit(fake, "http://kfp", "smollm2-demo", [S3], version="llm-neo")
+    assert pipeline.pipeline_id and not fake.runs
+    # with a registry: every default image renamed, nothing else in the package changed
+    with kfp_client.registry_package(kfp_client.package_path(), "ghcr.io/team/") as path:
+        renamed = list(yaml.safe_load_all(path.read_text()))
+    original = list(yaml.safe_load_all(kfp_client.package_path().read_text()))
+    images = kfp_client.spec_images(renamed[0])
+    assert images == {"ghcr.io/team/llmneo:0.1.0", "ghcr.io/team/llmneo-cpu:0.1.0"}
+    assert kfp_client.spec_images(original[0]) == {DEFAULT_IMAGE, DEFAULT_CPU_IMAGE}
+    text = yaml.safe_dump_all(renamed, sort_keys=True)
+    assert text.replace("ghcr.io/team/", "llmneo/") == yaml.safe_dump_all(original, sort_keys=True)
+    assert "value: ghcr.io/team/llmneo:0.1.0" in text  # the TrainJob's image (LLMNEO_IMAGE of the launcher)
+    with pytest.raises(UserError, match=r"^--image-registry: 'https://ghcr.io/x' is not a registry path"):
+        with kfp_client.registry_package(kfp_client.package_path(), "https://ghcr.io/x"):
+            pass
+    proc = subprocess.run([sys.executable, "-m", "llmneo_pipelines.cli", "upload", "--host", "http://127.0.0.1:9"],
+                          capture_output=True, text=True, env={**__import__("os").environ, "LLMNEO_IMAGE_REGISTRY": ""})
+    assert proc.returncode == 2 and proc.stderr.startswith("error: pipeline llm_neo.yaml: runs image llmneo/")

@@ -17,6 +17,13 @@ from llmneo.config import preset_names
 from llmneo.errors import UserError
 from llmneo_pipelines import kfp_client, schedules
 
+
+@pytest.fixture(autouse=True)
+def image_registry(monkeypatch):
+    """The packaged pipeline names the default images, refused without a registry of one's own."""
+    monkeypatch.setenv("LLMNEO_IMAGE_REGISTRY", "registry.example.com/team")
+
+
 POOL = REPO / "k8s" / "overlays" / "gke-a100" / "pool.yaml"
 
 
