@@ -40,6 +40,10 @@ def distill(preset: str, overrides: list, config: str, gpus: str, nodes: int, da
 
     # the pipeline's GPU/node counts win over the preset: the pod has exactly that many GPUs
     n_gpus = parse_gpus(gpus, "distill_gpus")
+    if n_gpus > 0:  # the trainer refuses to run on fewer (llmneo.preflight.check_gpus)
+        from llmneo.preflight import GPUS_ENV
+
+        os.environ[GPUS_ENV] = str(n_gpus)
     cluster = [f"distill.nnodes={nodes}"] + ([f"distill.nproc_per_node={n_gpus}"] if n_gpus > 0 else [])
     cfg = load_run_config(preset, overrides, config, cluster)
     from llmneo.cluster import WORKFLOW_ENV

@@ -94,3 +94,35 @@ def preflight(cfg: Config, local: bool = True) -> None:
         raise UserError(f"registry.uri: {registry} is a file, not a folder")
     if cfg.distill.nnodes > 1 and cfg.cluster.staging_uri.startswith("s3://"):
         _s3(cfg.cluster.staging_uri, "cluster.staging_uri")
+
+
+# The GPUs a step was given (the pipeline's distill_gpus), exported by the distill step to its torchrun.
+GPUS_ENV = "LLMNEO_GPUS"
+DRIVER_DIRS = ("/usr/local/nvidia/lib64", "/usr/local/nvidia/lib")  # GKE's device plugin mount
+
+
+def check_gpus(env: dict | None = None, device_count=None) -> None:
+    """Refuse to train on fewer GPUs than requested, in one line naming what this process sees: with
+    ``$LLMNEO_GPUS`` > 0 (GPUs were requested) the node must show at least that many CUDA devices, and
+    with CUDA devices at all, at least one per local process (``$LOCAL_WORLD_SIZE``). Never a silent
+    CPU/gloo fallback of a GPU job."""
+    env = os.environ if env is None else env
+    wanted = int(env.get(GPUS_ENV) or 0)
+    local = int(env.get("LOCAL_WORLD_SIZE") or 1)
+    if device_count is None:
+        import torch
+
+        device_count = torch.cuda.device_count
+    visible = device_count()
+    if wanted <= 0 and visible == 0:
+        return  # a CPU run, as asked
+    need = max(wanted, local)
+    if visible >= need:
+        return
+    drivers = [d for d in DRIVER_DIRS if os.path.isdir(d)]
+    raise UserError(f"distill: {need} GPUs needed ({GPUS_ENV}={wanted}, {local} processes on this node) but "
+                    f"torch.cuda.device_count() = {visible}; CUDA_VISIBLE_DEVICES="
+                    f"{env.get('CUDA_VISIBLE_DEVICES', '(unset)')}, driver folder "
+                    f"{drivers[0] if drivers else 'none of ' + ', '.join(DRIVER_DIRS)}, LD_LIBRARY_PATH="
+                    f"{env.get('LD_LIBRARY_PATH', '(unset)')}: check the pod's nvidia.com/gpu limit and the "
+                    f"node's NVIDIA device plugin")

@@ -64,6 +64,7 @@ from llmneo.launch import STEP_LABEL_ENV, TrainerInputs, checkpoint_root, die_wi
 from llmneo.lora import apply_lora, base_model, save_adapter
 from llmneo.losses import LossSpec, chunked_distill_loss, selected_loss, shift_mask
 from llmneo.models import load_causal_lm, torch_dtype
+from llmneo.preflight import check_gpus
 from llmneo.signals import CachedTopK, OnlineTeacher, TeacherSignal
 
 LORA_METHODS = ("lora", "neo")
@@ -244,6 +245,7 @@ class DistillTrainer:
         self._setup_resume()
 
     def _setup_distributed(self) -> None:
+        check_gpus()  # GPUs requested but not visible: one line, never a silent CPU fallback
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         if torch.cuda.is_available():
             self.device = torch.device("cuda", local_rank)

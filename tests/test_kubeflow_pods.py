@@ -38,3 +38,57 @@ def test_half_a_key_pair_or_no_pod_is_judged_right():
     with pytest.raises(UserError, match="no S3 credentials in this pod"):
         check_pod_credentials("x", {**POD, "AWS_ACCESS_KEY_ID": "a", "AWS_SECRET_ACCESS_KEY": ""})
     check_pod_credentials("x", {})  # outside Kubernetes: botocore's chain as usual (profiles, SSO...)
+
+
+def test_gpus_requested_but_not_visible_fail_in_one_line():
+    """Upstream rule (GoogleCloudPlatform/container-engine-accelerators, the GKE NVIDIA device plugin
+    cmd/nvidia_gpu/nvidia_gpu.go: host driver dir mounted at container path /usr/local/nvidia): the
+    driver's libcuda is only found through LD_LIBRARY_PATH=/usr/local/nvidia/lib64 (set by the
+    nvidia/cuda images, and by images/Dockerfile); without it torch sees 0 devices and the trainer used
+    to fall back to CPU/gloo. A step given GPUs (distill_gpus > 0 → $LLMNEO_GPUS) refuses instead."""
+    from llmneo.preflight import check_gpus
+
+    with pytest.raises(UserError, match=r"^distill: 6 GPUs needed \(LLMNEO_GPUS=6, 6 processes on this node\) but "
+                                        r"torch.cuda.device_count\(\) = 0; CUDA_VISIBLE_DEVICES=\(unset\), driver "
+                                        r"folder none of /usr/local/nvidia/lib64, /usr/local/nvidia/lib, "
+                                        r"LD_LIBRARY_PATH=\(unset\)"):
+        check_gpus({"LLMNEO_GPUS": "6", "LOCAL_WORLD_SIZE": "6"}, lambda: 0)
+    # more processes than visible GPUs: two ranks would share one, or run on the CPU
+    with pytest.raises(UserError, match=r"^distill: 8 GPUs needed .* = 6;"):
+        check_gpus({"LOCAL_WORLD_SIZE": "8"}, lambda: 6)
+    check_gpus({"LLMNEO_GPUS": "6", "LOCAL_WORLD_SIZE": "6"}, lambda: 8)
+    check_gpus({"LOCAL_WORLD_SIZE": "2"}, lambda: 0)  # a CPU run (gloo) nobody asked GPUs for
+
+
+def test_cuda_image_puts_gkes_driver_folder_on_the_loader_path():
+    from conftest import REPO
+
+    text = (REPO / "images" / "Dockerfile").read_text()
+    assert "ENV LD_LIBRARY_PATH=/usr/local/nvidia/lib64:/usr/local/nvidia/lib" in text
+
+
+def test_distill_step_exports_the_requested_gpus(monkeypatch, tmp_path):
+    from kfp import dsl
+
+    import llmneo.steps
+    from llmneo.cards import DistillCard
+    from llmneo_components.distill import distill
+
+    seen = {}
+
+    def fake(cfg, *args, **kwargs):
+        import os
+
+        seen["gpus"] = os.environ.get("LLMNEO_GPUS")
+        return DistillCard(method="neo", steps=1, final={"loss": 1.0}, tokens_per_s=1.0, trainable_parameters=1,
+                           wall_seconds=1.0)
+
+    monkeypatch.setattr(llmneo.steps, "distill_student", fake)
+    monkeypatch.setenv("LLMNEO_GPUS", "")  # restored (removed) after the test: the step sets os.environ
+    art = {k: dsl.Model(uri=str(tmp_path / k)) for k in ("dataset", "teacher", "student", "adapter")}
+    for a in art.values():
+        a.path = a.uri
+    distill.python_func(preset="tiny", overrides=[], config="", gpus="6", nodes=1, dataset=art["dataset"],
+                        teacher=art["teacher"], student=art["student"], adapter=art["adapter"],
+                        metrics=dsl.Metrics(uri=str(tmp_path / "m")))
+    assert seen["gpus"] == "6"
