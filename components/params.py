@@ -63,6 +63,21 @@ def check_registry_in_pod(uri: str, env: dict | None = None, ismount=None) -> No
     guarded(_check_registry_in_pod, uri, env, ismount)
 
 
+# register's output when it has nowhere lasting to write (a run started from the UI with its defaults)
+REGISTER_SKIPPED = "skipped: no s3 registry"
+
+
+def registry_lasts(uri: str, env: dict | None = None, ismount=None) -> bool:
+    """Whether a registration into ``uri`` outlives this pod (:func:`check_registry_in_pod` passes)."""
+    from llmneo.errors import UserError
+
+    try:
+        _check_registry_in_pod(uri, env, ismount)
+    except UserError:
+        return False
+    return True
+
+
 def _check_registry_in_pod(uri: str, env: dict | None, ismount) -> None:
     import os
     from pathlib import Path

@@ -25,16 +25,24 @@ def register(preset: str, overrides: list, config: str, run_id: str, model: Inpu
         registry_uri: overrides registry.uri when set (an s3:// URI: the pod's own files go with it).
 
     Returns:
-        NAME:VERSION@URI of the registered model.
+        NAME:VERSION@URI of the registered model, or "skipped: no s3 registry" when ``registry_uri`` is
+        empty and registry.uri is a folder inside this pod (a run started with the defaults): the
+        merged model stays in merge-eval's output artifact.
     """
     import time
 
     from llmneo.cards import register_metrics
     from llmneo.errors import guarded
     from llmneo.steps import register_model
-    from llmneo_components.params import check_registry_in_pod, load_run_config
+    from llmneo_components.params import REGISTER_SKIPPED, check_registry_in_pod, load_run_config, registry_lasts
 
     cfg = load_run_config(preset, overrides, config, [f"registry.uri={registry_uri}"] if registry_uri.strip() else [])
+    if not registry_uri.strip() and not registry_lasts(cfg.registry.uri):
+        print(f"register: {REGISTER_SKIPPED}: registry.uri={cfg.registry.uri!r} would be a folder inside this pod; "
+              f"set the pipeline parameter registry_uri=s3://BUCKET/PREFIX to register (the merged model is "
+              f"merge-eval's output artifact)", flush=True)
+        metrics.log_metric("registered", 0)
+        return REGISTER_SKIPPED
     check_registry_in_pod(cfg.registry.uri)
     t0 = time.time()
     manifest = guarded(register_model, cfg, model.path, run_id)

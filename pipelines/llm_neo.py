@@ -19,7 +19,8 @@ per-run input would make distill miss the cache on every run.
 
 Registry: register stores into ``registry_uri`` (or the configuration's registry.uri); a folder
 inside the pod would be lost with it, so ``llmneo submit``/``schedule sync`` require an s3:// URI and
-the register step refuses a folder on no volume.
+the register step refuses a folder on no volume; with ``registry_uri`` empty (a UI run with the defaults)
+it returns "skipped: no s3 registry" instead, so that run succeeds.
 
 Defaults (a run started from the Kubeflow UI as is): the ``tiny`` preset on CPU (0 GPUs).
 

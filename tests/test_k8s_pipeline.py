@@ -342,9 +342,9 @@ def test_register_refuses_a_folder_on_no_volume_inside_a_kfp_pod(monkeypatch, tm
     monkeypatch.chdir(tmp_path)
     model = dsl.Model(uri=str(tmp_path / "model"))
     model.path = model.uri
-    with pytest.raises(SystemExit) as exc:
+    with pytest.raises(SystemExit) as exc:  # a folder named explicitly: refused
         register.python_func(preset="tiny", overrides=[], config="", run_id="r", model=model,
-                             metrics=dsl.Metrics(uri=str(tmp_path / "m")), registry_uri="")
+                             metrics=dsl.Metrics(uri=str(tmp_path / "m")), registry_uri="runs/registry")
     assert exc.value.code == 2 and "registry.uri: 'runs/registry' is a folder inside this pod" in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()
     with pytest.raises(SystemExit):  # an s3 registry passes the check; the model folder has no card
@@ -352,3 +352,35 @@ def test_register_refuses_a_folder_on_no_volume_inside_a_kfp_pod(monkeypatch, tm
                              metrics=dsl.Metrics(uri=str(tmp_path / "m")), registry_uri="s3://models/registry")
     err = capsys.readouterr().err
     assert "is a folder inside this pod" not in err and "card.json" in err, err
+
+
+def test_a_ui_run_with_the_defaults_skips_register_visibly(compiled, monkeypatch, tmp_path, capsys):
+    """Upstream rule (kubeflow/pipelines frontend/src/components/NewRunParametersV2.tsx: the Create Run
+    form starts from each root parameter's ``defaultValue``; the driver fills an omitted one from it,
+    backend/src/v2/driver root DAG → runtime config defaults): a run started in the UI as is gets
+    preset=tiny and registry_uri="", whose registry.uri is the local runs/registry. Inside a pod that
+    folder is lost, so register neither fails the run nor pretends: it returns "skipped: no s3
+    registry" (the task's output, shown in the UI) and logs registered=0."""
+    import json
+
+    from kfp import dsl
+
+    from llmneo_components.params import REGISTER_SKIPPED
+    from llmneo_components.register import register
+
+    spec, _ = compiled
+    defaults = {k: v.get("defaultValue") for k, v in spec["root"]["inputDefinitions"]["parameters"].items()}
+    assert defaults["preset"] == "tiny" and defaults["registry_uri"] == "" and defaults["config"] == ""
+    monkeypatch.setenv("KFP_POD_NAME", "pod-1")
+    monkeypatch.setattr("os.path.ismount", lambda p: False)
+    monkeypatch.chdir(tmp_path)
+    model = dsl.Model(uri=str(tmp_path / "model"))
+    model.path = model.uri
+    metrics = dsl.Metrics(uri=str(tmp_path / "m"))
+    out = register.python_func(preset=defaults["preset"], overrides=defaults["overrides"], config=defaults["config"],
+                               run_id="r", model=model, metrics=metrics, registry_uri=defaults["registry_uri"])
+    assert out == REGISTER_SKIPPED == "skipped: no s3 registry"
+    assert metrics.metadata == {"registered": 0}
+    assert "register: skipped: no s3 registry: registry.uri='runs/registry'" in capsys.readouterr().out
+    assert not (tmp_path / "runs").exists()
+    json.dumps(out)
