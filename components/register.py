@@ -34,7 +34,12 @@ def register(preset: str, overrides: list, config: str, run_id: str, model: Inpu
     from llmneo.cards import register_metrics
     from llmneo.errors import guarded
     from llmneo.steps import register_model
-    from llmneo_components.params import REGISTER_SKIPPED, check_registry_in_pod, load_run_config, registry_lasts
+    from llmneo_components.params import (
+        REGISTER_SKIPPED,
+        check_registry_in_pod,
+        load_run_config,
+        registry_lasts,
+    )
 
     cfg = load_run_config(preset, overrides, config, [f"registry.uri={registry_uri}"] if registry_uri.strip() else [])
     if not registry_uri.strip() and not registry_lasts(cfg.registry.uri):
