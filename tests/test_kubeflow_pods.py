@@ -92,3 +92,26 @@ def test_distill_step_exports_the_requested_gpus(monkeypatch, tmp_path):
                         teacher=art["teacher"], student=art["student"], adapter=art["adapter"],
                         metrics=dsl.Metrics(uri=str(tmp_path / "m")))
     assert seen["gpus"] == "6"
+
+
+def test_first_run_checklist_covers_the_set_up_in_order_with_commands_that_parse():
+    """docs/kubeflow.md's first-run checklist: images, profile, volume, secrets, upload, a UI run with
+    the defaults, a scheduled run — and each ``llmneo`` command in it is accepted by the CLI."""
+    import re
+    import shlex
+
+    from conftest import REPO
+    from llmneo_pipelines.cli import build_parser
+
+    text = (REPO / "docs" / "kubeflow.md").read_text()
+    section = text[text.index("## First run: a checklist"):text.index("\n## ", text.index("## First run") + 5)]
+    titles = re.findall(r"^\d\. \*\*([^*]+)\*\*", section, flags=re.M)
+    assert titles == ["Images", "Profile", "Volume, RBAC, schedule sync", "Secrets", "Upload",
+                      "A UI run with the defaults", "A scheduled run"]
+    commands = [re.sub(r"\s*#.*$", "", c.replace("\\\n", " ")) for c in
+                re.findall(r"^\s*(llmneo (?:[^\n]*\\\n)*[^\n]*)", section, flags=re.M)]
+    assert len(commands) == 2
+    for command in commands:
+        args = build_parser().parse_args(shlex.split(command.replace("$LLMNEO_IMAGE_REGISTRY", "r"))[1:])
+        assert args.fn
+    assert "skipped: no s3 registry" in section and "kubectl -n llmneo create secret generic llmneo-s3" in section
