@@ -10,9 +10,16 @@ gate threshold).
 
 
 def load_run_config(preset: str, overrides: list, config: str = "", settings: list | None = None):
-    """The step's validated :class:`llmneo.config.Config`; a mistake exits with one ``error:`` line."""
+    """The step's validated :class:`llmneo.config.Config`; a mistake exits with one ``error:`` line.
+    In a KFP pod, the cache volume (/cache) must be writable first (llmneo.preflight.check_cache_writable)."""
+    import os
+
     from llmneo.errors import guarded
 
+    if os.environ.get(POD_ENV):
+        from llmneo.preflight import check_cache_writable
+
+        guarded(check_cache_writable, CACHE_DIR)
     return guarded(_resolve, preset, list(overrides), config, list(settings or []))
 
 
@@ -50,6 +57,7 @@ def _parse_gpus(value, name: str) -> int:
     return int(text)
 
 
+CACHE_DIR = "/cache"  # the cache volume's mount in the step pods (pipelines/llm_neo.py, images/Dockerfile)
 # The launcher env of every KFP v2 task pod (backend/src/v2/compiler/argocompiler/container.go commonEnvs:
 # KFP_POD_NAME / KFP_POD_UID from the downward API); kfp.local sets neither.
 POD_ENV = "KFP_POD_NAME"

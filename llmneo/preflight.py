@@ -126,3 +126,20 @@ def check_gpus(env: dict | None = None, device_count=None) -> None:
                     f"{drivers[0] if drivers else 'none of ' + ', '.join(DRIVER_DIRS)}, LD_LIBRARY_PATH="
                     f"{env.get('LD_LIBRARY_PATH', '(unset)')}: check the pod's nvidia.com/gpu limit and the "
                     f"node's NVIDIA device plugin")
+
+
+def check_cache_writable(folder: str = "/cache") -> None:
+    """Refuse in one line a mounted cache volume this process cannot write (a KFP step pod runs as the
+    image's uid 1000 with no fsGroup): the teacher download or a checkpoint would fail hours later."""
+    import tempfile
+
+    if not os.path.isdir(folder):
+        return
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".llmneo-write-check-"):
+            pass
+    except OSError as e:
+        st = os.stat(folder)
+        raise UserError(f"{folder}: the cache volume (PVC llmneo-cache) is not writable by uid {os.geteuid()} "
+                        f"(owner {st.st_uid}:{st.st_gid}, mode {st.st_mode & 0o7777:o}; {e.strerror}): run the "
+                        f"one-shot Job in k8s/cache-owner, or export the volume owned by 1000") from None

@@ -115,3 +115,53 @@ def test_first_run_checklist_covers_the_set_up_in_order_with_commands_that_parse
         args = build_parser().parse_args(shlex.split(command.replace("$LLMNEO_IMAGE_REGISTRY", "r"))[1:])
         assert args.fn
     assert "skipped: no s3 registry" in section and "kubectl -n llmneo create secret generic llmneo-s3" in section
+
+
+def test_a_cache_volume_the_step_cannot_write_fails_in_one_line(tmp_path, monkeypatch, capsys):
+    """Upstream rule: kfp-kubernetes' executor config (kubeflow/pipelines
+    kubernetes_platform/proto/kubernetes_executor_config.proto KubernetesExecutorConfig) has no pod
+    securityContext, so a step pod gets no fsGroup, and only fsGroup makes the kubelet give a volume to
+    the pod's group (kubernetes pkg/volume/volume_linux.go SetVolumeOwnership). A root-owned volume is
+    then read-only to the image's uid 1000: every step checks it first, in one line."""
+    from llmneo.preflight import check_cache_writable
+    from llmneo_components import params
+
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    check_cache_writable(str(cache))
+    check_cache_writable(str(tmp_path / "not-mounted"))  # no volume: nothing to check
+    cache.chmod(0o555)
+
+    def denied(*args, **kwargs):  # what uid 1000 gets on a root-owned 755 volume (root here writes anywhere)
+        raise PermissionError(13, "Permission denied")
+
+    if __import__("os").geteuid() == 0:
+        monkeypatch.setattr("tempfile.NamedTemporaryFile", denied)
+    try:
+        with pytest.raises(UserError, match=r"cache: the cache volume \(PVC llmneo-cache\) is not writable by uid "
+                                            r"\d+ \(owner \d+:\d+, mode 555; Permission denied\): run the one-shot "
+                                            r"Job in k8s/cache-owner"):
+            check_cache_writable(str(cache))
+        monkeypatch.setattr(params, "CACHE_DIR", str(cache))
+        monkeypatch.setenv("KFP_POD_NAME", "pod-1")
+        with pytest.raises(SystemExit) as exc:
+            params.load_run_config("tiny", [])
+        assert exc.value.code == 2 and capsys.readouterr().err.startswith("error: ")
+    finally:
+        cache.chmod(0o755)
+
+
+def test_cache_owner_job_owns_the_pvc_for_uid_1000():
+    import subprocess
+
+    import yaml
+
+    from conftest import REPO
+
+    (job,) = [o for o in yaml.safe_load_all(subprocess.run(["kubectl", "kustomize", str(REPO / "k8s" / "cache-owner")],
+              capture_output=True, text=True, check=True).stdout) if o]
+    spec = job["spec"]["template"]["spec"]
+    assert job["kind"] == "Job" and job["metadata"]["namespace"] == "llmneo"
+    assert spec["volumes"][0]["persistentVolumeClaim"]["claimName"] == "llmneo-cache"
+    assert "chown 1000:1000 /cache" in spec["containers"][0]["command"][-1]
+    assert not spec["containers"][0]["image"].startswith("llmneo/")  # renamed into a registry
