@@ -52,6 +52,12 @@ def distill(preset: str, overrides: list, config: str, gpus: str, nodes: int, da
     if keep:
         cfg = load_run_config(preset, overrides, config, cluster + keep)
         print(f"distill: checkpoints in {cfg.distill.checkpoint_uri}", flush=True)
+        # retention: runs that failed for good leave their checkpoints; the next run removes old ones
+        from llmneo.launch import prune_checkpoints
+        from llmneo_components.params import CHECKPOINT_RETENTION_DAYS
+
+        prune_checkpoints(checkpoints, CHECKPOINT_RETENTION_DAYS, keep=cfg.distill.checkpoint_uri,
+                          log=lambda line: print(f"distill: {line}", flush=True))
     task = dataclasses.asdict(task_config) if task_config is not None else None
     card = guarded(distill_student, cfg, dataset.path, teacher.path, student.path, adapter.path, task)
     for name, value in card.step_metrics().items():

@@ -103,6 +103,11 @@ def _check_registry_in_pod(uri: str, env: dict | None, ismount) -> None:
                     f"run with the pipeline parameter registry_uri=s3://BUCKET/PREFIX (or registry.uri=s3://…)")
 
 
+# Checkpoint folders of other runs unwritten for this long are removed when a distill step starts
+# (llmneo.launch.prune_checkpoints; list them with `llmneo prune-checkpoints --dry-run`).
+CHECKPOINT_RETENTION_DAYS = 14
+
+
 def checkpoint_setting(cfg, root: str, run_id: str) -> list[str]:
     """The ``distill.checkpoint_uri`` override that keeps one node's checkpoints on a volume that
     outlives the pod: ``<root>/<run id>/<config fingerprint>`` (a retry of the task in the same run,

@@ -183,3 +183,53 @@ def checkpoint_root(cfg: Config, workdir: str | Path) -> Path:
     """``distill.checkpoint_uri`` (a folder that outlives the step's pod), else ``checkpoint/`` in the
     work folder (a KFP output folder is a per-pod emptyDir: a retried pod would start from step 0)."""
     return Path(cfg.distill.checkpoint_uri) if cfg.distill.checkpoint_uri else Path(workdir) / "checkpoint"
+
+
+@dataclass(frozen=True)
+class StaleCheckpoints:
+    """One run's checkpoint folder under the checkpoint root, last written ``age_days`` ago."""
+
+    path: Path
+    age_days: float
+    size_bytes: int
+
+
+def stale_checkpoints(root: str | Path, max_age_days: float, keep: str | Path | None = None,
+                      now: float | None = None) -> list[StaleCheckpoints]:
+    """The run folders directly under ``root`` (``<root>/<run>/<config fingerprint>/…``, the pipeline's
+    one-node checkpoints) in which nothing was written for more than ``max_age_days``: runs that failed
+    for good (a successful run removes its own). ``keep``: a folder never listed (the current run's).
+    Symbolic links are neither followed nor listed."""
+    import time
+
+    root, now = Path(root), time.time() if now is None else now
+    keep = Path(keep).resolve() if keep else None
+    found = []
+    if not root.is_dir():
+        return found
+    for run in sorted(p for p in root.iterdir() if p.is_dir() and not p.is_symlink()):
+        if keep is not None and (run.resolve() == keep or run.resolve() in keep.parents):
+            continue
+        newest, size = run.lstat().st_mtime, 0
+        for dirpath, _dirs, files in os.walk(run):
+            for name in files:
+                st = os.lstat(os.path.join(dirpath, name))
+                newest, size = max(newest, st.st_mtime), size + st.st_size
+        age = (now - newest) / 86400
+        if age > max_age_days:
+            found.append(StaleCheckpoints(run, age, size))
+    return found
+
+
+def prune_checkpoints(root: str | Path, max_age_days: float, keep: str | Path | None = None,
+                      dry_run: bool = False, log=print) -> list[StaleCheckpoints]:
+    """Remove (or with ``dry_run`` only list) :func:`stale_checkpoints`, one line each."""
+    import shutil
+
+    stale = stale_checkpoints(root, max_age_days, keep)
+    for s in stale:
+        log(f"{'would remove' if dry_run else 'removing'} {s.path} ({s.size_bytes / 2**30:.2f} GiB, "
+            f"last written {s.age_days:.1f} days ago)")
+        if not dry_run:
+            shutil.rmtree(s.path, ignore_errors=True)
+    return stale

@@ -92,6 +92,25 @@ def add_commands(sub) -> None:
     p.set_defaults(fn=schedules.cmd_schedule_sync)
 
 
+def cmd_prune_checkpoints(args) -> int:
+    from llmneo.launch import prune_checkpoints
+
+    stale = prune_checkpoints(args.root, args.days, dry_run=args.dry_run)
+    print(f"{len(stale)} run folder(s) {'would be ' if args.dry_run else ''}removed, "
+          f"{sum(s.size_bytes for s in stale) / 2**30:.2f} GiB")
+    return 0
+
+
+def add_retention(sub) -> None:
+    p = sub.add_parser("prune-checkpoints", help="remove checkpoints of runs that failed for good",
+                       description="remove run folders under --root in which nothing was written for --days days "
+                                   "(the distill step does this itself with 14 days)")
+    p.add_argument("--root", default="/cache/checkpoints", help="checkpoint root (default: /cache/checkpoints)")
+    p.add_argument("--days", type=float, default=14.0, help="age in days of the newest file (default: 14)")
+    p.add_argument("--dry-run", action="store_true", help="list what would be removed, remove nothing")
+    p.set_defaults(fn=cmd_prune_checkpoints)
+
+
 EXAMPLES = """examples:
   llmneo run --preset tiny distill.max_steps=8           the whole pipeline on this machine
   llmneo upload --host URL [--version NAME]              the compiled pipeline into Kubeflow Pipelines
@@ -101,11 +120,11 @@ EXAMPLES = """examples:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    return library_cli.build_parser([add_commands], epilog=EXAMPLES)
+    return library_cli.build_parser([add_commands, add_retention], epilog=EXAMPLES)
 
 
 def main(argv: list[str] | None = None) -> int:
-    return library_cli.main(argv, [add_commands], epilog=EXAMPLES)
+    return library_cli.main(argv, [add_commands, add_retention], epilog=EXAMPLES)
 
 
 if __name__ == "__main__":

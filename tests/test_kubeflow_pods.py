@@ -165,3 +165,31 @@ def test_cache_owner_job_owns_the_pvc_for_uid_1000():
     assert spec["volumes"][0]["persistentVolumeClaim"]["claimName"] == "llmneo-cache"
     assert "chown 1000:1000 /cache" in spec["containers"][0]["command"][-1]
     assert not spec["containers"][0]["image"].startswith("llmneo/")  # renamed into a registry
+
+
+def test_checkpoints_of_runs_that_failed_for_good_are_pruned_by_age(tmp_path, capsys):
+    """Retention of /cache/checkpoints/<run>/<fingerprint>: a run folder in which nothing was written
+    for longer than the limit is listed (dry run) or removed; the current run's folder and recent
+    ones stay; the sizes are those of the files."""
+    import os
+    import time
+
+    from llmneo.launch import prune_checkpoints, stale_checkpoints
+    from llmneo_pipelines.cli import main
+
+    now = time.time()
+    root = tmp_path / "checkpoints"
+    for run, days in (("old-run", 20), ("current", 30), ("recent", 1)):
+        f = root / run / "fp" / "step_2" / "state.bin"
+        f.parent.mkdir(parents=True)
+        f.write_bytes(b"x" * 1000)
+        for p in (f, f.parent, f.parent.parent, root / run):
+            os.utime(p, (now - days * 86400, now - days * 86400))
+    stale = stale_checkpoints(root, 14, keep=root / "current" / "fp", now=now)
+    assert [(s.path.name, round(s.age_days), s.size_bytes) for s in stale] == [("old-run", 20, 1000)]
+    assert main(["prune-checkpoints", "--root", str(root), "--days", "14", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert f"would remove {root}/current" in out and f"would remove {root}/old-run" in out and "recent" not in out
+    assert (root / "old-run").exists()
+    prune_checkpoints(root, 14, keep=root / "current" / "fp", log=lambda line: None)
+    assert sorted(p.name for p in root.iterdir()) == ["current", "recent"]
