@@ -44,7 +44,7 @@ def _subcommands(parser) -> dict:
 
 def test_console_script_is_the_library_cli_plus_the_kfp_commands():
     """`llmneo` (pyproject [project.scripts]) = llmneo_pipelines.cli: every library subcommand, plus
-    run/upload/submit/schedule, which the library's own parser does not have."""
+    run/upload/submit/schedule/prune-checkpoints, which the library's own parser does not have."""
     import tomllib
 
     from conftest import REPO
@@ -56,7 +56,7 @@ def test_console_script_is_the_library_cli_plus_the_kfp_commands():
     library = set(_subcommands(library_cli.build_parser()))
     full = set(_subcommands(console.build_parser()))
     assert library == {"config", "prep", "teacher", "distill", "merge-eval", "register", "compare", "registry"}
-    assert full == library | {"run", "upload", "submit", "schedule"}
+    assert full == library | {"run", "upload", "submit", "schedule", "prune-checkpoints"}
 
 
 def test_step_subcommands_follow_the_steps_table():
