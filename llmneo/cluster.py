@@ -85,7 +85,8 @@ REQUIRED_FIELDS = ("spec.runtimePatches", "spec.activeDeadlineSeconds")
 # GenerateCacheKey hashes every input parameter value, not the platform spec's field-path env).
 WORKFLOW_ENV = "LLMNEO_WORKFLOW"
 WORKFLOW_FIELD = "metadata.labels['workflows.argoproj.io/workflow']"
-POD_IDENTITY_ENV = {"POD_NAME": "metadata.name", "POD_UID": "metadata.uid", WORKFLOW_ENV: WORKFLOW_FIELD}
+POD_IDENTITY_ENV = {"POD_NAME": "metadata.name", "POD_UID": "metadata.uid", "POD_NAMESPACE": "metadata.namespace",
+                    WORKFLOW_ENV: WORKFLOW_FIELD}
 SA_NAMESPACE_FILE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
 
 
@@ -224,11 +225,17 @@ def _api_version() -> str:
     return version("kubeflow-trainer-api")
 
 
-def launcher_owner(env: dict | None = None) -> dict | None:
-    """ownerReference to the launcher pod (``$POD_NAME``/``$POD_UID``, downward API), or None off-cluster.
-    No ``blockOwnerDeletion``: that would need update rights on pods/finalizers."""
+def launcher_owner(env: dict | None = None, namespace: str | None = None) -> dict | None:
+    """ownerReference to the launcher pod (``$POD_NAME``/``$POD_UID``, downward API), or None off-cluster
+    or when the TrainJob goes to another ``namespace`` than the pod's (``$POD_NAMESPACE``): owner
+    references are namespace-local, and the garbage collector deletes a dependent whose namespaced
+    owner is not in its own namespace (kubernetes pkg/controller/garbagecollector/garbagecollector.go
+    attemptToDeleteItem → isDangling looks the owner up in the dependent's namespace). No
+    ``blockOwnerDeletion``: that would need update rights on pods/finalizers."""
     env = os.environ if env is None else env
     if not (env.get("POD_NAME") and env.get("POD_UID")):
+        return None
+    if namespace and env.get("POD_NAMESPACE", namespace) != namespace:
         return None
     return {"apiVersion": "v1", "kind": "Pod", "name": env["POD_NAME"], "uid": env["POD_UID"]}
 
@@ -442,7 +449,10 @@ def run_distill_multinode(cfg: Config, dataset_dir: str | Path, teacher_dir: str
 
     api = api or KubeApi()
     namespace = current_namespace(cfg)
-    owner = launcher_owner()
+    owner = launcher_owner(namespace=namespace)
+    if owner is None and os.environ.get("POD_NAME"):
+        print(f"distill: TrainJob in namespace {namespace}, not the launcher's: no owner reference (it is deleted "
+              f"by this launcher when it ends, not by the garbage collector)", flush=True)
     body = build_trainjob(cfg, name, namespace, image, staging, task_settings(task_config), owner=owner)
     previous = signal.getsignal(signal.SIGTERM)
     in_main = _is_main_thread()

@@ -555,3 +555,17 @@ def test_trainjob_is_built_through_kubeflow_trainer_api_models():
     typo["spec"]["trainer"]["numNodes"] = "two"
     with pytest.raises(UserError, match=r"^TrainJob: not valid for Kubeflow Trainer's API: "):
         typed_trainjob(typo)
+
+
+def test_no_owner_reference_across_namespaces():
+    """Upstream rule (kubernetes pkg/controller/garbagecollector/garbagecollector.go attemptToDeleteItem
+    → isDangling): a namespaced owner is looked up in the dependent's namespace; absent there, the
+    dependent is deleted at once. A TrainJob in another namespace than the launcher pod's (set by
+    cluster.namespace) therefore gets no owner reference."""
+    from llmneo.cluster import POD_IDENTITY_ENV, launcher_owner
+
+    pod = {"POD_NAME": "launcher-1", "POD_UID": "u-1", "POD_NAMESPACE": "team-a"}
+    assert launcher_owner(pod, "team-a") == {"apiVersion": "v1", "kind": "Pod", "name": "launcher-1", "uid": "u-1"}
+    assert launcher_owner(pod, "team-b") is None
+    assert launcher_owner(pod) is not None
+    assert POD_IDENTITY_ENV["POD_NAMESPACE"] == "metadata.namespace"  # the pipeline sets it (downward API)
