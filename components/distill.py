@@ -46,9 +46,13 @@ def distill(preset: str, overrides: list, config: str, gpus: str, nodes: int, da
         os.environ[GPUS_ENV] = str(n_gpus)
     cluster = [f"distill.nnodes={nodes}"] + ([f"distill.nproc_per_node={n_gpus}"] if n_gpus > 0 else [])
     cfg = load_run_config(preset, overrides, config, cluster)
-    from llmneo.cluster import WORKFLOW_ENV
+    from llmneo.cluster import WORKFLOW_ENV, shared_volume_at
 
-    keep = checkpoint_setting(cfg, checkpoints, os.environ.get(WORKFLOW_ENV, ""))
+    task = dataclasses.asdict(task_config) if task_config is not None else None
+    # several nodes: on the cache PVC that KFP forwards to every TrainJob node (a retry's new TrainJob
+    # resumes from there), never in a node's emptyDir
+    keep = checkpoint_setting(cfg, checkpoints, os.environ.get(WORKFLOW_ENV, ""),
+                              shared=shared_volume_at(task, checkpoints))
     if keep:
         cfg = load_run_config(preset, overrides, config, cluster + keep)
         print(f"distill: checkpoints in {cfg.distill.checkpoint_uri}", flush=True)
@@ -58,7 +62,6 @@ def distill(preset: str, overrides: list, config: str, gpus: str, nodes: int, da
 
         prune_checkpoints(checkpoints, CHECKPOINT_RETENTION_DAYS, keep=cfg.distill.checkpoint_uri,
                           log=lambda line: print(f"distill: {line}", flush=True))
-    task = dataclasses.asdict(task_config) if task_config is not None else None
     card = guarded(distill_student, cfg, dataset.path, teacher.path, student.path, adapter.path, task)
     for name, value in card.step_metrics().items():
         metrics.log_metric(name, value)

@@ -108,14 +108,15 @@ def _check_registry_in_pod(uri: str, env: dict | None, ismount) -> None:
 CHECKPOINT_RETENTION_DAYS = 14
 
 
-def checkpoint_setting(cfg, root: str, run_id: str) -> list[str]:
-    """The ``distill.checkpoint_uri`` override that keeps one node's checkpoints on a volume that
-    outlives the pod: ``<root>/<run id>/<config fingerprint>`` (a retry of the task in the same run,
-    same configuration, finds them), when ``root``'s parent folder exists (the cache volume is mounted),
-    the configuration names no location itself and the run is on one node. Else no override."""
+def checkpoint_setting(cfg, root: str, run_id: str, shared: bool = False) -> list[str]:
+    """The ``distill.checkpoint_uri`` override that keeps the checkpoints on a volume that outlives the
+    pod: ``<root>/<run id>/<config fingerprint>`` (a retry of the task in the same run, same
+    configuration, finds them), when ``root``'s parent folder exists (the cache volume is mounted),
+    the configuration names no location itself, and the run is on one node or ``shared`` (every
+    TrainJob node mounts the same volume there: llmneo.cluster.shared_volume_at). Else no override."""
     import os
 
-    if not (root and run_id) or cfg.distill.checkpoint_uri or cfg.distill.nnodes > 1:
+    if not (root and run_id) or cfg.distill.checkpoint_uri or (cfg.distill.nnodes > 1 and not shared):
         return []
     if not os.path.isdir(os.path.dirname(root.rstrip("/")) or "/"):
         return []

@@ -113,6 +113,18 @@ def task_settings(raw: dict | None = None) -> dict:
     return {k: v for k, v in (raw or {}).items() if v}
 
 
+def shared_volume_at(task: dict | None, path: str) -> bool:
+    """Whether the forwarded task settings mount a PersistentVolumeClaim at ``path`` or above it on every
+    TrainJob node (:func:`build_trainjob` adds the task's volumes): a folder all nodes and every retry
+    see, e.g. the cache PVC at /cache for the checkpoints."""
+    task = task or {}
+    claims = {v.get("name") for v in task.get("volumes") or [] if v.get("persistentVolumeClaim")}
+    target = Path(path)
+    return any(m.get("name") in claims and (target == Path(m.get("mountPath", "/-")) or
+                                            Path(m.get("mountPath", "/-")) in target.parents)
+               for m in task.get("volume_mounts") or [])
+
+
 def build_trainjob(cfg: Config, name: str, namespace: str, image: str, staging: str,
                    task: dict | None = None, owner: dict | None = None) -> dict:
     """The TrainJob that runs ``python -m llmneo.cluster node`` on ``distill.nnodes`` nodes.

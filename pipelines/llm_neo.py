@@ -148,12 +148,12 @@ def llm_neo(preset: str = "tiny", overrides: list = [], config: str = "",  # noq
         kubernetes.use_field_path_as_env(distill_task, WORKFLOW_ENV, WORKFLOW_FIELD)  # the checkpoints' run key
         kubernetes.set_timeout(distill_task, TIMEOUT_S["distill"])
     with dsl.Else(name="several-nodes"):  # a CPU launcher pod; the GPU settings go to the TrainJob
-        multinode_task = distill_multinode(**distill_inputs)
+        multinode_task = distill_multinode(**distill_inputs, checkpoints=CHECKPOINTS)
         multinode_task.set_display_name("NEO distill (TrainJob)").set_retry(num_retries=1, backoff_duration="60s")
         _secrets_and_cache(_gpu_pool(multinode_task, distill_gpus, gpu_node_selector, gpu_tolerations),
                            "distill-multinode")
         multinode_task.set_env_variable("LLMNEO_IMAGE", multinode_task.container_spec.image)
-        _launcher_identity(multinode_task)
+        _launcher_identity(multinode_task)  # also the checkpoints' run key
         kubernetes.set_timeout(multinode_task, TIMEOUT_S["distill"])
     adapter = dsl.OneOf(distill_task.outputs["adapter"], multinode_task.outputs["adapter"])
 

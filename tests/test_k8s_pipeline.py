@@ -384,3 +384,51 @@ def test_a_ui_run_with_the_defaults_skips_register_visibly(compiled, monkeypatch
     assert "register: skipped: no s3 registry: registry.uri='runs/registry'" in capsys.readouterr().out
     assert not (tmp_path / "runs").exists()
     json.dumps(out)
+
+
+def test_multinode_distill_checkpoints_on_the_forwarded_cache_volume(compiled, monkeypatch, tmp_path):
+    """Upstream rule (kubeflow/pipelines sdk/python/kfp/dsl/task_config.py TaskConfig, passthrough
+    KUBERNETES_VOLUMES: the task's PVC mounts go to the function as ``volumes``/``volume_mounts``
+    instead of onto the launcher pod; llmneo.cluster.build_trainjob puts them on every node). A node's
+    own folders are emptyDirs that die with a failed TrainJob, which the retried launcher deletes and
+    re-creates: the checkpoints go to the forwarded cache PVC, keyed like one-node runs, so the new
+    TrainJob resumes there. Without a forwarded PVC, no override (a node's emptyDir would not last)."""
+    from kfp import dsl
+
+    import llmneo.steps
+    from llmneo.cards import DistillCard
+    from llmneo.cluster import shared_volume_at
+    from llmneo.config import load_config
+    from llmneo_components.distill import distill
+    from llmneo_pipelines.llm_neo import CHECKPOINTS
+
+    spec, _ = compiled
+    inputs = dag_tasks(spec)["distill-multinode"]["inputs"]["parameters"]
+    assert inputs["checkpoints"] == {"runtimeValue": {"constant": CHECKPOINTS}}
+    root = tmp_path / "cache" / "checkpoints"
+    root.parent.mkdir()
+    pvc = {"volumes": [{"name": "llmneo-cache", "persistentVolumeClaim": {"claimName": "llmneo-cache"}}],
+           "volume_mounts": [{"name": "llmneo-cache", "mountPath": str(root.parent)}]}
+    assert shared_volume_at(pvc, str(root)) and not shared_volume_at(pvc, "/elsewhere/checkpoints")
+    assert not shared_volume_at({"volumes": [{"name": "x", "emptyDir": {}}],
+                                 "volume_mounts": [{"name": "x", "mountPath": str(root.parent)}]}, str(root))
+    seen = []
+
+    def fake(cfg, *args, **kwargs):
+        seen.append(cfg.distill.checkpoint_uri)
+        return DistillCard(method="neo", steps=1, final={"loss": 1.0}, tokens_per_s=1.0, trainable_parameters=1,
+                           wall_seconds=1.0)
+
+    monkeypatch.setattr(llmneo.steps, "distill_student", fake)
+    monkeypatch.setenv("LLMNEO_WORKFLOW", "llm-neo-x7")
+    for task_config in (dsl.TaskConfig(**pvc), None):
+        art = {k: dsl.Model(uri=str(tmp_path / k)) for k in ("dataset", "teacher", "student", "adapter")}
+        for a in art.values():
+            a.path = a.uri
+        distill.python_func(preset="tiny", overrides=["cluster.staging_uri=s3://b/s"], config="", gpus="2", nodes=2,
+                            dataset=art["dataset"], teacher=art["teacher"], student=art["student"],
+                            adapter=art["adapter"], metrics=dsl.Metrics(uri=str(tmp_path / "m")),
+                            checkpoints=str(root), task_config=task_config)
+    fp = load_config("tiny", ["cluster.staging_uri=s3://b/s", "distill.nnodes=2",
+                              "distill.nproc_per_node=2"]).fingerprint()
+    assert seen == [f"{root}/llm-neo-x7/{fp}", ""]
