@@ -432,3 +432,18 @@ def test_multinode_distill_checkpoints_on_the_forwarded_cache_volume(compiled, m
     fp = load_config("tiny", ["cluster.staging_uri=s3://b/s", "distill.nnodes=2",
                               "distill.nproc_per_node=2"]).fingerprint()
     assert seen == [f"{root}/llm-neo-x7/{fp}", ""]
+
+
+def test_retries_are_documented_as_argo_applies_them(compiled):
+    """Upstream rules: KFP's Argo compiler turns a task's retryPolicy into a retryStrategy with a limit
+    and a back-off only (kubeflow/pipelines backend/src/v2/compiler/argocompiler/container.go
+    getTaskRetryStrategyFromInput: no RetryPolicy), and Argo's default policy is then OnFailure
+    (argoproj/argo-workflows workflow/controller/operator.go processNodeRetries, RetryStrategy
+    .RetryPolicyActual): a Failed node is retried, an Error node (a deleted pod) is not. The KFP spec
+    has no field to ask for more, which this test would show; docs/kubeflow.md says what is retried."""
+    spec, _ = compiled
+    policy = dag_tasks(spec)["distill"]["retryPolicy"]
+    assert set(policy) <= {"maxRetryCount", "backoffDuration", "backoffFactor", "backoffMaxDuration"}
+    assert policy["maxRetryCount"] == 1
+    text = (REPO / "docs" / "kubeflow.md").read_text()
+    assert "| Error (\"pod deleted\") | **no** |" in text and "`OnFailure`" in text and "**Retry**" in text
