@@ -144,7 +144,8 @@ def test_cli_errors_are_one_line():
     assert proc.stderr.strip() == ("error: cluster.staging_uri: set an s3:// prefix for distill_nodes=2 (the TrainJob's "
                                    "nodes exchange inputs and the adapter there)")
     proc = subprocess.run([sys.executable, "-m", "llmneo_pipelines.cli", "submit", "--preset", "tiny", S3], capture_output=True,
-                          text=True, env={"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"})
+                          text=True, env={"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1",
+                               "LLMNEO_IMAGE_REGISTRY": "registry.example.com/team"})
     assert proc.returncode == 2 and proc.stderr.strip().startswith("error: --host: the Kubeflow Pipelines URL is required")
 
 
