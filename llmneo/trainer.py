@@ -381,7 +381,7 @@ class DistillTrainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_lambda(s, self.max_steps, d.warmup_ratio))
 
-    def _choose_checkpoint(self, skip: set[str]) -> Path | None:
+    def _choose_checkpoint(self, skip: dict[str, str]) -> Path | None:
         """Rank 0 picks the newest checkpoint that verifies (:func:`checkpointing.select`) and tells
         the others, so that every rank loads the same one."""
         choice, error = -1, None
@@ -403,7 +403,7 @@ class DistillTrainer:
     def _setup_resume(self) -> None:
         if not self.d.resume:
             return
-        failed: set[str] = set()
+        failed: dict[str, str] = {}  # folder name -> why it did not load (select's warning names it)
         while (path := self._choose_checkpoint(failed)) is not None:
             state = checkpointing.verify_state(path)
             if state["config_hash"] != self.config_hash:
@@ -413,9 +413,7 @@ class DistillTrainer:
             try:
                 checkpointing.load(path, self.module, self.optimizer, self.rank, self.device)
             except checkpointing.CheckpointInvalid as e:  # verified, yet does not load: try an older one
-                if self.rank == 0:
-                    print(f"distill: warning: {e}", file=sys.stderr, flush=True)
-                failed.add(path.name)
+                failed[path.name] = str(e)
                 continue
             self.scheduler.load_state_dict(state["scheduler"])
             self.start_step = self.resumed_from = state["step"]

@@ -72,9 +72,11 @@ def test_fsdp2_trains_shards_checkpoints_and_resumes(tiny_workspace, tmp_path):
     out = tmp_path / "fsdp"
     card = distill(tiny_workspace, out, overrides)
     assert card.strategy == "fsdp" and card.world_size == 2
-    # sharded: each rank wrote its own part of the step-2 checkpoint
-    shards = sorted(p.name for p in (out / "checkpoint" / "step-000002" / "state").glob("*.distcp"))
-    assert shards == ["__0_0.distcp", "__1_0.distcp"]
+    # the shards gathered into one state file (safetensors: nothing to unpickle), an RNG file per rank
+    step2 = out / "checkpoint" / "step-000002"
+    assert sorted(p.relative_to(step2).as_posix() for p in step2.rglob("*") if p.is_file()) == [
+        "manifest.json", "rng/rank-00000.safetensors", "rng/rank-00001.safetensors", "state.safetensors",
+        "trainer_state.json"]
     fsdp_weights = load_file(out / "model" / "model.safetensors")
     single = load_file(in_process(tiny_workspace, tmp_path / "one", KD) / "model" / "model.safetensors")
     base = load_file(tiny_workspace / "student" / "model.safetensors")
