@@ -147,13 +147,52 @@ def output_lock(folder: str | Path) -> Iterator[int]:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-            raise UserError(f"{folder}: in use by pid {holder} (another llmneo distill writes it); wait for it "
-                            f"to finish or use another output folder") from None
+            raise UserError(_lock_message(folder, holder)) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         yield fd
     finally:
         os.close(fd)  # releases the lock unless a child still holds it
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    stat = Path(f"/proc/{pid}/stat")
+    try:  # a zombie is dead, only not yet reaped
+        return not stat.read_text().rsplit(") ", 1)[1].startswith("Z")
+    except (OSError, IndexError):
+        return True
+
+
+def _lock_holders(lock: Path) -> list[int]:
+    """The live processes (but this one) with ``lock`` open: who holds the flock (Linux /proc)."""
+    target, holders = str(lock.resolve()), []
+    for proc in Path("/proc").glob("[0-9]*"):
+        if int(proc.name) == os.getpid():
+            continue
+        try:
+            if any(os.readlink(fd) == target for fd in (proc / "fd").iterdir()):
+                holders.append(int(proc.name))
+        except OSError:  # gone meanwhile, or not ours to look at
+            continue
+    return sorted(holders)
+
+
+def _lock_message(folder: Path, recorded: str) -> str:
+    """Who holds the output lock. The file records the launcher that took it; when that one is gone,
+    the lock is held by a process it started (a trainer still checkpointing, or left over): name it."""
+    if recorded.isdigit() and not _alive(int(recorded)):
+        holders = _lock_holders(folder / LOCK_FILE)
+        pids = ", ".join(map(str, holders)) or "unknown"
+        return (f"{folder}: in use by pid {pids} (left by an llmneo distill whose launcher, pid {recorded}, is "
+                f"gone); wait for it to finish or stop it, or use another output folder")
+    return (f"{folder}: in use by pid {recorded} (another llmneo distill writes it); wait for it to finish or use "
+            f"another output folder")
 
 
 def run_forwarding_signals(cmd: list[str], env: dict, hold: int | None = None) -> int:

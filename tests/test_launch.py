@@ -92,6 +92,41 @@ def test_the_output_lock_refuses_a_second_holder_with_its_pid(tmp_path):
         assert (tmp_path / "out" / LOCK_FILE).read_text() == f"{os.getpid()}\n"
 
 
+def test_a_lock_left_to_a_child_of_a_dead_launcher_names_the_living_holder(tmp_path):
+    """The launcher that wrote its pid into the lock file is gone, but a child that inherited the
+    lock still holds it: the message says the launcher is gone and names the process that holds it."""
+    import subprocess
+
+    from llmneo.launch import output_lock
+
+    launcher = ("import subprocess, sys\n"
+                "from llmneo.launch import output_lock\n"
+                f"with output_lock({str(tmp_path / 'out')!r}) as lock:\n"
+                "    child = subprocess.Popen(['sleep', '120'], pass_fds=(lock,), start_new_session=True,\n"
+                "                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)\n"
+                "    print(child.pid, flush=True)\n")
+    done = subprocess.run([sys.executable, "-c", launcher], capture_output=True, text=True, timeout=120, check=True)
+    child = int(done.stdout.split()[0])
+    try:
+        with pytest.raises(UserError) as info:
+            with output_lock(tmp_path / "out"):
+                pass
+        message = str(info.value)
+        assert "\n" not in message
+        assert f"in use by pid {child}" in message, message
+        assert f"pid {done.stdout.split()[0]}" in message and "is gone" in message, message
+    finally:
+        os.kill(child, signal.SIGKILL)
+    for _ in range(200):  # the kernel releases the lock once the child is dead
+        try:
+            with output_lock(tmp_path / "out"):
+                break
+        except UserError:
+            time.sleep(0.05)
+    else:
+        raise AssertionError("the lock stayed held after its holder died")
+
+
 def test_a_child_dies_with_a_launcher_killed_by_sigkill(tmp_path):
     """The launcher's child gets SIGTERM from the kernel when the launcher is kill -9'd, and holds the
     lock it inherited until then."""
