@@ -336,7 +336,7 @@ class Config:
             raise ConfigError(
                 f"distill.global_batch_size: must be a multiple of distill.micro_batch_size "
                 f"({d.micro_batch_size}), got {d.global_batch_size}")
-        if "://" in d.checkpoint_uri:  # torch.distributed.checkpoint writes to a file system
+        if "://" in d.checkpoint_uri:  # checkpoints are written to a file system
             raise ConfigError(f"distill.checkpoint_uri: must be a folder (e.g. on a volume such as the cache "
                               f"PVC), not a URI, got {d.checkpoint_uri!r}")
         if self.teacher.tiny.hidden_size % self.teacher.tiny.num_heads:

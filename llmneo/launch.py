@@ -43,12 +43,28 @@ from llmneo.errors import UserError
 
 CONFIG_FILE, INPUTS_FILE = "config.yaml", "inputs.json"
 TRAINER_MODULE = "llmneo.trainer"
+TORCHRUN_MODULE = "llmneo.torchrun"  # torchrun, quiet about a trainer that failed (it said why)
 LOCK_FILE = ".llmneo-distill.lock"
 _PR_SET_PDEATHSIG = 1
 _LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
 # "3/5 distill": which step of the pipeline the trainer runs in, for its progress bar (set by the
 # step's launcher; the trainer alone shows "distill[<method>]")
 STEP_LABEL_ENV = "LLMNEO_STEP_LABEL"
+# where the trainer (rank 0) writes its one-line error instead of printing it, when its launcher
+# reports it (the launcher's own line would say it twice)
+TRAINER_ERROR_ENV, TRAINER_ERROR_FILE = "LLMNEO_TRAINER_ERROR_FILE", "trainer-error.txt"
+
+
+def report_error(message: str) -> None:
+    """The trainer's one-line error: into the launcher's file (:data:`TRAINER_ERROR_ENV`), else stderr."""
+    path = os.environ.get(TRAINER_ERROR_ENV)
+    if path:
+        try:
+            Path(path).write_text(message + "\n")
+            return
+        except OSError:  # a full disk, say: print it instead
+            pass
+    print(f"error: {message}", file=sys.stderr, flush=True)
 
 
 @dataclass(frozen=True)
@@ -100,7 +116,7 @@ def torchrun_command(cfg: Config, workdir: str | Path, rendezvous: Rendezvous | 
     """torchrun running the trainer on ``workdir``: ``distill.nproc_per_node`` processes on this node;
     without ``rendezvous`` a standalone single-node run, with it one node of ``distill.nnodes``."""
     d = cfg.distill
-    cmd = [sys.executable, "-m", "torch.distributed.run"]
+    cmd = [sys.executable, "-m", TORCHRUN_MODULE]
     if rendezvous is None:
         cmd += ["--standalone", f"--nnodes={d.nnodes}", f"--nproc-per-node={d.nproc_per_node}"]
     else:

@@ -58,9 +58,16 @@ from llmneo import cards, checkpointing
 from llmneo.cards import DatasetCard, DistillCard
 from llmneo.config import FINGERPRINT_SECTIONS, Config
 from llmneo.data import IGNORE_INDEX, collate, read_split
-from llmneo.errors import UserError
+from llmneo.errors import UserError, environment_error
 from llmneo.heads import logits_head
-from llmneo.launch import STEP_LABEL_ENV, TrainerInputs, checkpoint_root, die_with_parent, read_workdir
+from llmneo.launch import (
+    STEP_LABEL_ENV,
+    TrainerInputs,
+    checkpoint_root,
+    die_with_parent,
+    read_workdir,
+    report_error,
+)
 from llmneo.lora import apply_lora, base_model, save_adapter
 from llmneo.losses import LossSpec, chunked_distill_loss, selected_loss, shift_mask
 from llmneo.models import load_causal_lm, torch_dtype
@@ -714,7 +721,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         trainer = DistillTrainer.from_workdir(args.workdir)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        if rank0:
+            report_error(str(e))
         return 2
     if trainer.already_complete():
         if rank0:
@@ -737,7 +745,14 @@ def main(argv: list[str] | None = None) -> int:
         return 128 + e.signum
     except UserError as e:
         if rank0:
-            print(f"error: {e}", file=sys.stderr)
+            report_error(str(e))
+        return 2
+    except Exception as e:  # a full disk, a denied permission: one line; other errors keep their traceback
+        mapped = environment_error(e, trainer.workdir)
+        if mapped is None:
+            raise
+        if rank0:
+            report_error(str(mapped))
         return 2
     finally:
         trainer.cleanup(barrier)

@@ -40,11 +40,11 @@ def test_a_folder_without_the_contract_is_a_one_line_user_error(tmp_path):
 
 def test_one_torchrun_builder_for_one_node_and_for_several(tmp_path):
     one = torchrun_command(load_config("tiny", ["distill.nproc_per_node=3"]), tmp_path)
-    assert one == [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1",
+    assert one == [sys.executable, "-m", "llmneo.torchrun", "--standalone", "--nnodes=1",
                    "--nproc-per-node=3", "-m", "llmneo.trainer", "--workdir", str(tmp_path)]
     cfg = load_config("tiny", ["distill.nnodes=2", "distill.nproc_per_node=4"])
     node = torchrun_command(cfg, tmp_path, Rendezvous(1, "10.0.0.7", 29500))
-    assert node == [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=4",
+    assert node == [sys.executable, "-m", "llmneo.torchrun", "--nnodes=2", "--nproc-per-node=4",
                     "--node-rank=1", "--master-addr=10.0.0.7", "--master-port=29500", "-m", "llmneo.trainer",
                     "--workdir", str(tmp_path)]
 

@@ -325,6 +325,28 @@ def cli_distill(ws: Path, out: Path, *overrides: str) -> list[str]:
 
 
 @pytest.mark.integration
+def test_a_nan_stop_through_torchrun_is_one_line_without_a_resume_hint(tiny_workspace, tmp_path):
+    """The trainer stops on a non-finite loss (a NaN planted in the checkpoint it resumes): the CLI
+    prints the trainer's one line, no torchrun traceback (ChildFailedError) and no "re-running
+    resumes from it" (a re-run would stop the same way)."""
+    overrides = ["distill.max_steps=4", "distill.save_every=1", "distill.keep_checkpoint=true",
+                 "distill.strategy=ddp"]
+    out = tmp_path / "ddp"
+    done = subprocess.run(cli_distill(tiny_workspace, out, *overrides), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    root = out / "checkpoint"
+    (out / "card.json").unlink()
+    newest = checkpointing.candidates(root)[0]  # the last step is not checkpointed: step 3
+    poison_checkpoint(newest)
+    failed = subprocess.run(cli_distill(tiny_workspace, out, *overrides), capture_output=True, text=True, timeout=600)
+    assert failed.returncode == 2, failed.stderr[-3000:]
+    line = one_error_line(failed.stderr)
+    assert f"non-finite loss or gradient at step {checkpointing.step_of(newest) + 1}" in line, line
+    assert "ChildFailedError" not in failed.stderr and "resumes from it" not in failed.stderr, failed.stderr[-3000:]
+    assert not (out / "card.json").exists()
+
+
+@pytest.mark.integration
 def test_torchrun_falls_back_past_a_truncated_shard_and_stops_in_one_line_when_none_is_valid(tiny_workspace,
                                                                                            tmp_path):
     overrides = ["distill.max_steps=4", "distill.save_every=1", "distill.keep_checkpoint=true",
@@ -356,7 +378,7 @@ def test_torchrun_falls_back_past_a_truncated_shard_and_stops_in_one_line_when_n
     assert failed.returncode == 2
     line = one_error_line(failed.stderr)
     assert "state.safetensors" in line and "distill.resume=false" in line
-    assert "torch.distributed.run" not in failed.stderr and not (out / "card.json").exists()
+    assert "llmneo.torchrun" not in failed.stderr and not (out / "card.json").exists()
 
 
 # ---------------------------------------------------------------------------- kill -9 of the launcher

@@ -120,6 +120,7 @@ def test_sigterm_through_the_cli_then_rerun_resumes_to_the_same_weights(ddp_neo,
     _, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 2, stderr[-3000:]
     assert "stopped by SIGTERM after step" in stderr and "re-running the step resumes" in stderr
+    assert "Traceback" not in stderr and "SignalException" not in stderr, stderr[-3000:]
     assert not (out / "card.json").exists()
     stopped_at = int((out / "checkpoint" / "latest").read_text().strip().removeprefix("step-"))
     assert 1 <= stopped_at < 10, "the run finished before the signal arrived: nothing was tested"
