@@ -1,27 +1,31 @@
-"""Trainer checkpoints: save periodically and on SIGTERM, verify, resume exactly.
+"""Trainer checkpoints: save periodically and on SIGTERM, verify, resume exactly — without pickle.
 
-Layout, in the checkpoint folder (``<distill output>/checkpoint``: a retried KFP step finds it in its output)::
+Layout, in the checkpoint folder (``<distill output>/checkpoint``, or ``distill.checkpoint_uri``)::
 
     checkpoint/latest                   "step-000040"  (informational: resuming scans the step folders)
     checkpoint/step-000040/
-        state/                          torch.distributed.checkpoint (DCP): trainable weights + AdamW
-                                        state; one file per rank, sharded under FSDP, deduplicated under DDP
+        state.safetensors               trainable weights ("model/<name>") and AdamW state
+                                        ("optim/<name>/exp_avg", ...), unsharded (gathered from FSDP
+                                        shards on rank 0); the optimizer's param groups as JSON in the
+                                        file's metadata
         trainer_state.json              step, data position, LR scheduler, log history, config hash, world
         rng/rank-00000.safetensors      each rank's torch / CUDA RNG states (tensors) and python's
-                                        ``random`` state (JSON in the file's metadata): no pickle
+                                        ``random`` state (JSON in the file's metadata)
         manifest.json                   SHA-256 and size of every file above, written last
     checkpoint/step-000030/             the previous one (``distill.keep_last_checkpoints``, default 2)
 
 Only *trainable* tensors are saved: the adapter for lora/neo (the frozen base is reloaded from the
 student artifact), everything for sft/kd. A folder is written as ``step-N.tmp`` and renamed when every
-rank has finished and its manifest is written, so a checkpoint is either complete or absent.
+rank has finished and its manifest is written, so a checkpoint is either complete or absent. The state
+is saved whole (any number of ranks can resume it) and each rank loads it and keeps its shard.
 
-Resuming (:func:`select`) takes the newest folder whose files match its manifest; a corrupt one
-(truncated shard, garbage metadata, bad trainer state) is skipped with a one-line warning, and when
-none is valid the run stops with one line naming the file and the remedy (``distill.resume=false``).
-The manifest guards against faults, not attackers: DCP's ``.metadata`` file is a pickle, so a
-checkpoint folder must be as trusted as the code that runs it (only the step's own output, or a
-location the pipeline owns).
+Nothing is unpickled: every file is safetensors or JSON, so a checkpoint folder on a volume that
+others can write (the pipeline's cache volume) can make a resume fail, never run code. Resuming
+(:func:`select`) takes the newest folder whose files match its manifest; a corrupt one (truncated
+file, garbage, bad trainer state) is skipped with a one-line warning, and when none is valid the run
+stops with one line naming the file and the remedy (``distill.resume=false``). :func:`load` raises
+:class:`CheckpointInvalid` (a :class:`~llmneo.errors.UserError`) for anything it cannot read, on every
+rank: the trainer then tries the previous checkpoint.
 """
 
 from __future__ import annotations
@@ -31,13 +35,10 @@ import random
 import re
 import shutil
 import sys
-import warnings
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
@@ -48,11 +49,17 @@ from llmneo.storage import sha256_file
 LATEST = "latest"
 TRAINER_STATE = "trainer_state.json"
 MANIFEST = "manifest.json"
+STATE = "state.safetensors"
+FORMAT = "llmneo-checkpoint/1"
 TRAINER_STATE_KEYS = ("step", "scheduler", "history", "config_hash")
 _STEP_DIR = re.compile(r"step-(\d+)")
+# the sharded (FSDP: DTensor) trainable state: what this run expects a checkpoint to hold
 _OPTIONS = StateDictOptions(ignore_frozen_params=True)
-# loading leaves the frozen base alone; dcp.load itself fails if a trainable tensor is missing
-_LOAD_OPTIONS = StateDictOptions(ignore_frozen_params=True, strict=False)
+# saved whole, on rank 0's CPU
+_SAVE_OPTIONS = StateDictOptions(ignore_frozen_params=True, full_state_dict=True, cpu_offload=True)
+# loaded whole by every rank, each keeping its shard; the frozen base is left alone (not strict): that
+# every trainable tensor is there is checked by :func:`_check_matches`
+_LOAD_OPTIONS = StateDictOptions(ignore_frozen_params=True, full_state_dict=True, strict=False)
 
 
 class CheckpointInvalid(UserError):
@@ -62,14 +69,6 @@ class CheckpointInvalid(UserError):
 def _barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
-
-
-@contextmanager
-def _single_process_ok():
-    """DCP warns that it 'assumes' a single process when there is no process group: that is intended."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        yield
 
 
 # --------------------------------------------------------------------------------------------
@@ -163,14 +162,16 @@ def candidates(root: str | Path) -> list[Path]:
     return [p for _, p in sorted(steps, reverse=True)]
 
 
-def select(root: str | Path, skip: set[str] = frozenset(), warn: bool = True) -> Path | None:
-    """The newest checkpoint under ``root`` that verifies (None: there is none to resume). A newer
-    invalid one is skipped with a one-line warning on stderr (when ``warn``); when there are some and
-    none verifies, a :class:`CheckpointInvalid` names the newest one's bad file and the remedy."""
+def select(root: str | Path, skip: set[str] | dict[str, str] = frozenset(), warn: bool = True) -> Path | None:
+    """The newest checkpoint under ``root`` that verifies (None: there is none to resume), leaving out
+    the folder names in ``skip`` (a dict: with the reason each failed to load). A newer invalid one is
+    skipped with a one-line warning on stderr (when ``warn``); when there are some and none verifies,
+    a :class:`CheckpointInvalid` names the newest one's bad file and the remedy."""
     problems: list[str] = []
     for folder in candidates(root):
         if folder.name in skip:
-            problems.append(f"{folder}: failed to load")
+            reason = skip.get(folder.name) if isinstance(skip, dict) else None
+            problems.append(reason or f"{folder}: failed to load")
             continue
         try:
             verify(folder)
@@ -212,9 +213,9 @@ def save(root: str | Path, step: int, module: torch.nn.Module, optimizer: torch.
         shutil.rmtree(tmp, ignore_errors=True)
         (tmp / "rng").mkdir(parents=True)
     _barrier()
-    model_sd, optim_sd = get_state_dict(module, optimizer, options=_OPTIONS)
-    with _single_process_ok():
-        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp / "state"))
+    model_sd, optim_sd = get_state_dict(module, optimizer, options=_SAVE_OPTIONS)  # collective (FSDP)
+    if rank == 0:
+        save_state(tmp / STATE, model_sd, optim_sd)
     save_rng(rng_file(tmp, rank), device)
     _barrier()
     if rank == 0:
@@ -246,32 +247,111 @@ def _all_ok(ok: bool) -> bool:
 
 def load(path: str | Path, module: torch.nn.Module, optimizer: torch.optim.Optimizer, rank: int,
          device: torch.device) -> dict:
-    """Collective: restore weights, optimizer and this rank's RNG; returns the trainer state. A file
-    that does not parse raises :class:`CheckpointInvalid` on every rank (the RNG file is checked by
-    all ranks before anything is loaded; DCP passes a rank's read error to all)."""
+    """Collective: restore weights, optimizer and this rank's RNG; returns the trainer state. Anything
+    that does not read or does not match this run (a missing tensor, another shape) raises
+    :class:`CheckpointInvalid` on every rank before anything is changed."""
     path = Path(path)
     error = None
     rng = None
+    expected_model, expected_optim = get_state_dict(module, optimizer, options=_OPTIONS)
     try:
         state = verify_state(path)
+        model_sd, optim_sd = load_state(path / STATE)
+        _check_matches(path / STATE, model_sd, optim_sd, expected_model, expected_optim)
         if rng_file(path, rank).is_file():  # absent when resuming with more ranks than were saved
             rng = load_rng(rng_file(path, rank))
     except CheckpointInvalid as e:
         error = e
     if not _all_ok(error is None):
         raise error or CheckpointInvalid(f"{path}: unreadable on another rank (see its log)")
-    model_sd, optim_sd = get_state_dict(module, optimizer, options=_OPTIONS)
-    sd = {"model": model_sd, "optim": optim_sd}
-    try:
-        with _single_process_ok():
-            dcp.load(sd, checkpoint_id=str(path / "state"))
-    except Exception as e:  # CheckpointException (any rank's read error), pickle errors in .metadata
-        raise CheckpointInvalid(f"{path / 'state'}: unreadable ({first_line(e)})") from None
-    set_state_dict(module, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"],
-                   options=_LOAD_OPTIONS)
+    set_state_dict(module, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd, options=_LOAD_OPTIONS)
     if rng is not None:
         set_rng(*rng, device)
     return state
+
+
+# --------------------------------------------------------------------------------------------
+# The state file: safetensors + JSON
+# --------------------------------------------------------------------------------------------
+
+
+def save_state(path: Path, model_sd: dict, optim_sd: dict) -> None:
+    """Trainable weights and optimizer state (unsharded, as :func:`get_state_dict` gives them with
+    ``full_state_dict``) as one safetensors file; what is not a tensor as JSON in its metadata."""
+    tensors: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+
+    def put(name: str, t: torch.Tensor) -> None:
+        t = t.detach().contiguous()
+        if t.numel() and t.data_ptr() in seen:  # tied weights: safetensors refuses shared storage
+            t = t.clone()
+        seen.add(t.data_ptr())
+        tensors[name] = t
+
+    for name, t in model_sd.items():
+        put(f"model/{name}", t)
+    scalars: dict[str, dict] = {}
+    for name, entries in optim_sd["state"].items():
+        for key, value in entries.items():
+            if isinstance(value, torch.Tensor):
+                put(f"optim/{name}/{key}", value)
+            else:
+                scalars.setdefault(name, {})[key] = value
+    metadata = {"format": FORMAT, "param_groups": json.dumps(optim_sd["param_groups"]),
+                "optim_scalars": json.dumps(scalars)}
+    save_file(tensors, str(path), metadata=metadata)
+
+
+def load_state(path: Path) -> tuple[dict, dict]:
+    """What :func:`save_state` wrote: (model state, optimizer state). Raises :class:`CheckpointInvalid`."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            if meta.get("format") != FORMAT:
+                raise ValueError(f"format {meta.get('format')!r}, expected {FORMAT!r}")
+            param_groups = json.loads(meta["param_groups"])
+            scalars = json.loads(meta["optim_scalars"])
+            model_sd: dict[str, torch.Tensor] = {}
+            state: dict[str, dict] = {name: dict(entries) for name, entries in scalars.items()}
+            for key in f.keys():  # noqa: SIM118 (safe_open is no dict)
+                kind, _, rest = key.partition("/")
+                if kind == "model":
+                    model_sd[rest] = f.get_tensor(key)
+                elif kind == "optim" and "/" in rest:
+                    name, _, entry = rest.rpartition("/")
+                    state.setdefault(name, {})[entry] = f.get_tensor(key)
+                else:
+                    raise ValueError(f"unexpected tensor {key!r}")
+        if not isinstance(param_groups, list) or not all(isinstance(g, dict) and isinstance(g.get("params"), list)
+                                                         for g in param_groups):
+            raise ValueError("bad param_groups")
+    except CheckpointInvalid:
+        raise
+    except Exception as e:  # safetensors, JSON and key errors alike: the file is not what we wrote
+        raise CheckpointInvalid(f"{path}: unreadable ({first_line(e)})") from None
+    return model_sd, {"state": state, "param_groups": param_groups}
+
+
+def _check_matches(path: Path, model_sd: dict, optim_sd: dict, expected_model: dict, expected_optim: dict) -> None:
+    """Every tensor this run trains (weights and optimizer state) is in the file, with its shape and
+    dtype (a DTensor's shape is the unsharded one), and the param groups name the same weights."""
+    def check(name: str, got, want) -> None:
+        if not isinstance(want, torch.Tensor):
+            return
+        if not isinstance(got, torch.Tensor):
+            raise CheckpointInvalid(f"{path}: no tensor {name!r} (a checkpoint of another model?)")
+        if tuple(got.shape) != tuple(want.shape) or got.dtype != want.dtype:
+            raise CheckpointInvalid(f"{path}: {name!r} is {got.dtype} {tuple(got.shape)}, this run has "
+                                    f"{want.dtype} {tuple(want.shape)}")
+
+    for name, want in expected_model.items():
+        check(f"model/{name}", model_sd.get(name), want)
+    for name, entries in expected_optim["state"].items():
+        for key, want in entries.items():
+            check(f"optim/{name}/{key}", optim_sd["state"].get(name, {}).get(key), want)
+    groups = [sorted(g["params"]) for g in optim_sd["param_groups"]]
+    if groups != [sorted(g["params"]) for g in expected_optim["param_groups"]]:
+        raise CheckpointInvalid(f"{path}: its optimizer param groups name other weights than this run's")
 
 
 def verify_state(path: Path) -> dict:

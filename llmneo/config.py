@@ -143,7 +143,7 @@ class DistillConfig:
                        "when max_steps is 0 (setting one in an override or preset clears the other)")
     eval_every: int = _f(0, lo=0, mechanics=True, doc="validation loss on the val split every N optimizer steps "
                          "and after the last one (0 = off); train_log.jsonl key val_loss")
-    lr: float = _f(2e-4, lo=0.0, lo_open=True, doc="peak learning rate (paper: 2e-4 LoRA/NEO, 2e-5 full)")
+    lr: float = _f(2e-4, lo=0.0, hi=1.0, lo_open=True, doc="peak learning rate (paper: 2e-4 LoRA/NEO, 2e-5 full)")
     weight_decay: float = _f(0.0, lo=0.0)
     warmup_ratio: float = _f(0.1, lo=0.0, hi=1.0, hi_open=True, doc="linear warmup share, then cosine")
     global_batch_size: int = _f(8, lo=1, doc="sequences per optimizer step, whatever the world size")
@@ -271,9 +271,9 @@ class CompareConfig:
         "preset's distill section, same data/steps/seed"))
     seeds: list[int] = _f(factory=lambda: [0], doc="distill.seed values: every method runs once per seed "
                           "(data order, LoRA init); the table shows the mean and the spread")
-    lr_sft: float = _f(2e-5, lo=0.0, lo_open=True, doc="learning rate of sft (paper: 2e-5 for full-parameter training)")
-    lr_lora: float = _f(2e-4, lo=0.0, lo_open=True, doc="learning rate of lora (paper: 2e-4, as NEO)")
-    lr_kd: float = _f(2e-5, lo=0.0, lo_open=True, doc="learning rate of kd (paper: 2e-5, as full SFT)")
+    lr_sft: float = _f(2e-5, lo=0.0, hi=1.0, lo_open=True, doc="learning rate of sft (paper: 2e-5 for full-parameter training)")
+    lr_lora: float = _f(2e-4, lo=0.0, hi=1.0, lo_open=True, doc="learning rate of lora (paper: 2e-4, as NEO)")
+    lr_kd: float = _f(2e-5, lo=0.0, hi=1.0, lo_open=True, doc="learning rate of kd (paper: 2e-5, as full SFT)")
     lm_eval_tasks: list[str] = _f(factory=lambda: ["llmneo_mc"], doc=(
         "lm-eval tasks of the comparison (fidelity to the teacher is always measured)"))
 
@@ -336,7 +336,7 @@ class Config:
             raise ConfigError(
                 f"distill.global_batch_size: must be a multiple of distill.micro_batch_size "
                 f"({d.micro_batch_size}), got {d.global_batch_size}")
-        if "://" in d.checkpoint_uri:  # torch.distributed.checkpoint writes to a file system
+        if "://" in d.checkpoint_uri:  # checkpoints are written to a file system
             raise ConfigError(f"distill.checkpoint_uri: must be a folder (e.g. on a volume such as the cache "
                               f"PVC), not a URI, got {d.checkpoint_uri!r}")
         if self.teacher.tiny.hidden_size % self.teacher.tiny.num_heads:

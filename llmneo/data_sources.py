@@ -161,18 +161,47 @@ def _hub_source(source: str, dcfg) -> Source:
     repo_id, _, revision = source[3:].partition("@")
     if not repo_id:
         raise UserError(f"data.source: empty dataset id in {source!r} (expected hf:ID[@REVISION])")
+    offline = os.environ.get("HF_DATASETS_OFFLINE") == "1" or os.environ.get("HF_HUB_OFFLINE") == "1"
+    if not offline:
+        _probe_hub(source, repo_id, revision or None)
     try:
         ds = datasets.load_dataset(repo_id, dcfg.subset or None, split=dcfg.split, revision=revision or None)
     except ValueError as e:
         raise UserError(f"data.source: {source}: {first_line(e)} (data.subset={dcfg.subset!r}, "
                         f"data.split={dcfg.split!r})") from None
     except Exception as e:  # noqa: BLE001 - datasets raises many types for "not available"
-        offline = os.environ.get("HF_DATASETS_OFFLINE") == "1" or os.environ.get("HF_HUB_OFFLINE") == "1"
         hint = (" — offline mode is on and it is not in the local datasets cache (load it once online, or "
                 "save it with save_to_disk and point data.source at that folder)" if offline else "")
         raise UserError(f"data.source: cannot load {source} ({first_line(e)}){hint}") from None
     return Source(source, "hf_hub", dataset=ds, info={"fingerprint": ds._fingerprint, "split": dcfg.split,
                                                       "subset": dcfg.subset, "revision": revision or None})
+
+
+HUB_PROBE_TIMEOUT_S = 10
+
+
+def _probe_hub(source: str, repo_id: str, revision: str | None) -> None:
+    """One request for the dataset's info before ``load_dataset``: a missing dataset, a missing
+    revision or an unreachable hub is one line in seconds (``load_dataset`` retries an unreachable
+    hub five times with backoff, printing a line each time, before failing)."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
+
+    try:
+        HfApi().dataset_info(repo_id, revision=revision, timeout=HUB_PROBE_TIMEOUT_S)
+    except GatedRepoError:
+        raise UserError(f"data.source: {source}: a gated dataset; accept its terms on the Hub and set "
+                        f"HF_TOKEN") from None
+    except RevisionNotFoundError:
+        raise UserError(f"data.source: {source}: revision {revision!r} does not exist") from None
+    except RepositoryNotFoundError:
+        raise UserError(f"data.source: {source}: no such dataset on the Hub (or a private one: set "
+                        f"HF_TOKEN)") from None
+    except Exception as e:  # noqa: BLE001 - connection refused, DNS failure, timeout, proxy errors
+        endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+        raise UserError(f"data.source: {source}: the Hugging Face Hub ({endpoint}) is unreachable "
+                        f"({first_line(e)}); check the network or proxy, or use a local copy (a folder "
+                        f"saved with save_to_disk, or the datasets cache with HF_HUB_OFFLINE=1)") from None
 
 
 def _download_s3(uri: str, dest: Path) -> Path:

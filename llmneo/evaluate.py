@@ -338,17 +338,19 @@ def _quiet_lm_eval() -> None:
 @contextlib.contextmanager
 def _without_env_report():
     """simple_evaluate ends by collecting an environment report (torch's collect_env, which shells out
-    to pip: ~2 s per call) that llmneo does not keep; skip it for the duration of the call."""
+    to pip: ~2 s per call) and ``git describe`` of the working directory (git prints "fatal: not a
+    git repository" into the log outside one); llmneo keeps neither: skip both during the call."""
     import lm_eval.evaluator as evaluator
 
-    original = getattr(evaluator, "add_env_info", None)
-    if original is not None:
-        evaluator.add_env_info = lambda results: None
+    stubs = {"add_env_info": lambda results: None, "get_git_commit_hash": lambda: None}
+    originals = {name: getattr(evaluator, name) for name in stubs if hasattr(evaluator, name)}
+    for name in originals:
+        setattr(evaluator, name, stubs[name])
     try:
         yield
     finally:
-        if original is not None:
-            evaluator.add_env_info = original
+        for name, original in originals.items():
+            setattr(evaluator, name, original)
 
 
 def lm_eval_scores(model: torch.nn.Module, tokenizer, tasks: list[str], *, val_jsonl: Path | None = None,

@@ -43,12 +43,28 @@ from llmneo.errors import UserError
 
 CONFIG_FILE, INPUTS_FILE = "config.yaml", "inputs.json"
 TRAINER_MODULE = "llmneo.trainer"
+TORCHRUN_MODULE = "llmneo.torchrun"  # torchrun, quiet about a trainer that failed (it said why)
 LOCK_FILE = ".llmneo-distill.lock"
 _PR_SET_PDEATHSIG = 1
 _LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
 # "3/5 distill": which step of the pipeline the trainer runs in, for its progress bar (set by the
 # step's launcher; the trainer alone shows "distill[<method>]")
 STEP_LABEL_ENV = "LLMNEO_STEP_LABEL"
+# where the trainer (rank 0) writes its one-line error instead of printing it, when its launcher
+# reports it (the launcher's own line would say it twice)
+TRAINER_ERROR_ENV, TRAINER_ERROR_FILE = "LLMNEO_TRAINER_ERROR_FILE", "trainer-error.txt"
+
+
+def report_error(message: str) -> None:
+    """The trainer's one-line error: into the launcher's file (:data:`TRAINER_ERROR_ENV`), else stderr."""
+    path = os.environ.get(TRAINER_ERROR_ENV)
+    if path:
+        try:
+            Path(path).write_text(message + "\n")
+            return
+        except OSError:  # a full disk, say: print it instead
+            pass
+    print(f"error: {message}", file=sys.stderr, flush=True)
 
 
 @dataclass(frozen=True)
@@ -100,7 +116,7 @@ def torchrun_command(cfg: Config, workdir: str | Path, rendezvous: Rendezvous | 
     """torchrun running the trainer on ``workdir``: ``distill.nproc_per_node`` processes on this node;
     without ``rendezvous`` a standalone single-node run, with it one node of ``distill.nnodes``."""
     d = cfg.distill
-    cmd = [sys.executable, "-m", "torch.distributed.run"]
+    cmd = [sys.executable, "-m", TORCHRUN_MODULE]
     if rendezvous is None:
         cmd += ["--standalone", f"--nnodes={d.nnodes}", f"--nproc-per-node={d.nproc_per_node}"]
     else:
@@ -147,13 +163,52 @@ def output_lock(folder: str | Path) -> Iterator[int]:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-            raise UserError(f"{folder}: in use by pid {holder} (another llmneo distill writes it); wait for it "
-                            f"to finish or use another output folder") from None
+            raise UserError(_lock_message(folder, holder)) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         yield fd
     finally:
         os.close(fd)  # releases the lock unless a child still holds it
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    stat = Path(f"/proc/{pid}/stat")
+    try:  # a zombie is dead, only not yet reaped
+        return not stat.read_text().rsplit(") ", 1)[1].startswith("Z")
+    except (OSError, IndexError):
+        return True
+
+
+def _lock_holders(lock: Path) -> list[int]:
+    """The live processes (but this one) with ``lock`` open: who holds the flock (Linux /proc)."""
+    target, holders = str(lock.resolve()), []
+    for proc in Path("/proc").glob("[0-9]*"):
+        if int(proc.name) == os.getpid():
+            continue
+        try:
+            if any(os.readlink(fd) == target for fd in (proc / "fd").iterdir()):
+                holders.append(int(proc.name))
+        except OSError:  # gone meanwhile, or not ours to look at
+            continue
+    return sorted(holders)
+
+
+def _lock_message(folder: Path, recorded: str) -> str:
+    """Who holds the output lock. The file records the launcher that took it; when that one is gone,
+    the lock is held by a process it started (a trainer still checkpointing, or left over): name it."""
+    if recorded.isdigit() and not _alive(int(recorded)):
+        holders = _lock_holders(folder / LOCK_FILE)
+        pids = ", ".join(map(str, holders)) or "unknown"
+        return (f"{folder}: in use by pid {pids} (left by an llmneo distill whose launcher, pid {recorded}, is "
+                f"gone); wait for it to finish or stop it, or use another output folder")
+    return (f"{folder}: in use by pid {recorded} (another llmneo distill writes it); wait for it to finish or use "
+            f"another output folder")
 
 
 def run_forwarding_signals(cmd: list[str], env: dict, hold: int | None = None) -> int:

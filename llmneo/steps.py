@@ -26,6 +26,8 @@ from llmneo.cards import DatasetCard, DistillCard, EvalCard, ModelCards
 from llmneo.config import Config, dump_yaml
 from llmneo.errors import UserError, environment_faults
 from llmneo.launch import (
+    TRAINER_ERROR_ENV,
+    TRAINER_ERROR_FILE,
     TrainerInputs,
     checkpoint_root,
     launch_env,
@@ -98,7 +100,7 @@ def _refuse_replacing(cfg: Config, dataset_dir: str | Path, out: Path, overwrite
 
 
 def _distill_local(cfg: Config, dataset_dir, teacher_dir, student_dir, out_dir, lock: int) -> DistillCard:
-    from llmneo.checkpointing import latest, select
+    from llmneo.checkpointing import select
 
     out = write_workdir(out_dir, cfg, TrainerInputs.of(dataset_dir, teacher_dir, student_dir))
     if cfg.distill.resume:  # none of the checkpoints verifies: one line now, not one traceback per rank
@@ -106,15 +108,31 @@ def _distill_local(cfg: Config, dataset_dir, teacher_dir, student_dir, out_dir, 
     cmd = torchrun_command(cfg, out)
     print("+ " + " ".join(cmd), file=sys.stderr, flush=True)
     t0 = time.time()
-    returncode = run_forwarding_signals(cmd, launch_env(cfg, step_label=step_label("distill")), hold=lock)
+    error_file = out / TRAINER_ERROR_FILE
+    error_file.unlink(missing_ok=True)
+    env = launch_env(cfg, step_label=step_label("distill"))
+    env[TRAINER_ERROR_ENV] = str(error_file)
+    returncode = run_forwarding_signals(cmd, env, hold=lock)
+    if returncode == 2 and error_file.is_file():  # the trainer's one line, said once (not twice)
+        raise UserError(error_file.read_text().strip())
     if returncode != 0:
-        checkpoint = latest(checkpoint_root(cfg, out))
-        hint = (f"; checkpoint {checkpoint} kept: re-running the step resumes from it" if checkpoint
-                else " (see the log above)")
-        raise UserError(f"distill: torchrun exited with code {returncode}{hint}")
+        raise UserError(f"distill: torchrun exited with code {returncode}{_failure_hint(cfg, out, returncode)}")
     card = DistillCard.read(out)
     card.wall_seconds = round(time.time() - t0, 2)
     return card.write(out)
+
+
+def _failure_hint(cfg: Config, out: Path, returncode: int) -> str:
+    """What a re-run would do. 2: the trainer stopped on an error it named above (non-finite loss, a
+    full disk, a bad input): a re-run stops the same way until that is fixed. A signal or a crash:
+    a re-run resumes from the newest checkpoint, if there is one."""
+    if returncode == 2:
+        return " (the trainer's error above; re-running stops the same way until it is fixed)"
+    from llmneo.checkpointing import latest
+
+    checkpoint = latest(checkpoint_root(cfg, out))
+    return (f"; checkpoint {checkpoint} kept: re-running the step resumes from it" if checkpoint
+            else " (see the log above)")
 
 
 def merge_and_evaluate(cfg: Config, dataset_dir: str | Path, teacher_dir: str | Path, student_dir: str | Path,

@@ -58,9 +58,16 @@ from llmneo import cards, checkpointing
 from llmneo.cards import DatasetCard, DistillCard
 from llmneo.config import FINGERPRINT_SECTIONS, Config
 from llmneo.data import IGNORE_INDEX, collate, read_split
-from llmneo.errors import UserError
+from llmneo.errors import UserError, environment_error
 from llmneo.heads import logits_head
-from llmneo.launch import STEP_LABEL_ENV, TrainerInputs, checkpoint_root, die_with_parent, read_workdir
+from llmneo.launch import (
+    STEP_LABEL_ENV,
+    TrainerInputs,
+    checkpoint_root,
+    die_with_parent,
+    read_workdir,
+    report_error,
+)
 from llmneo.lora import apply_lora, base_model, save_adapter
 from llmneo.losses import LossSpec, chunked_distill_loss, selected_loss, shift_mask
 from llmneo.models import load_causal_lm, torch_dtype
@@ -383,7 +390,7 @@ class DistillTrainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_lambda(s, self.max_steps, d.warmup_ratio))
 
-    def _choose_checkpoint(self, skip: set[str]) -> Path | None:
+    def _choose_checkpoint(self, skip: dict[str, str]) -> Path | None:
         """Rank 0 picks the newest checkpoint that verifies (:func:`checkpointing.select`) and tells
         the others, so that every rank loads the same one."""
         choice, error = -1, None
@@ -405,7 +412,7 @@ class DistillTrainer:
     def _setup_resume(self) -> None:
         if not self.d.resume:
             return
-        failed: set[str] = set()
+        failed: dict[str, str] = {}  # folder name -> why it did not load (select's warning names it)
         while (path := self._choose_checkpoint(failed)) is not None:
             state = checkpointing.verify_state(path)
             if state["config_hash"] != self.config_hash:
@@ -415,9 +422,7 @@ class DistillTrainer:
             try:
                 checkpointing.load(path, self.module, self.optimizer, self.rank, self.device)
             except checkpointing.CheckpointInvalid as e:  # verified, yet does not load: try an older one
-                if self.rank == 0:
-                    print(f"distill: warning: {e}", file=sys.stderr, flush=True)
-                failed.add(path.name)
+                failed[path.name] = str(e)
                 continue
             self.scheduler.load_state_dict(state["scheduler"])
             self.start_step = self.resumed_from = state["step"]
@@ -718,7 +723,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         trainer = DistillTrainer.from_workdir(args.workdir)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        if rank0:
+            report_error(str(e))
         return 2
     if trainer.already_complete():
         if rank0:
@@ -741,7 +747,14 @@ def main(argv: list[str] | None = None) -> int:
         return 128 + e.signum
     except UserError as e:
         if rank0:
-            print(f"error: {e}", file=sys.stderr)
+            report_error(str(e))
+        return 2
+    except Exception as e:  # a full disk, a denied permission: one line; other errors keep their traceback
+        mapped = environment_error(e, trainer.workdir)
+        if mapped is None:
+            raise
+        if rank0:
+            report_error(str(mapped))
         return 2
     finally:
         trainer.cleanup(barrier)

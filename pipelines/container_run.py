@@ -22,6 +22,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -102,11 +103,27 @@ def run_container(client, image: str, command: list[str], volumes: dict, **run_a
                                       environment=environment, auto_remove=False,
                                       **{**_RUN["args"], **run_args})
     try:
-        for line in container.logs(stream=True, follow=True):
-            print(line.decode(errors="replace"), end="")
-        return int(container.wait()["StatusCode"])
+        shown = bytearray()
+        for chunk in container.logs(stream=True, follow=True):
+            shown += chunk
+            _show(chunk)
+        code = int(container.wait()["StatusCode"])
+        # a followed log can end before the container's last output was read (podman's compat API on
+        # a container that exits right after writing): after the exit the whole log is there
+        full = container.logs(stream=False, follow=False)
+        if full.startswith(bytes(shown)):
+            _show(full[len(shown):])
+        elif full:  # the stream and the log disagree (split differently?): show the complete log
+            _show(b"--- complete log of the step ---\n" + full)
+        return code
     finally:
         container.remove(v=True, force=True)
+
+
+def _show(data: bytes) -> None:
+    if data:
+        sys.stdout.write(data.decode(errors="replace"))
+        sys.stdout.flush()
 
 
 def install(pipeline_root: Path) -> None:

@@ -46,6 +46,8 @@ def test_int_accepted_for_float():
     (["data.dedup=maybe"], "data.dedup: must be true or false, got 'maybe'"),
     (["nosection.x=1"], "nosection: unknown key"),
     (["distill.temperature=0"], "distill.temperature: must be > 0.0, got 0.0"),
+    (["distill.lr=1e38"], "distill.lr: must be <= 1.0, got 1e+38"),  # was an AdamW traceback
+    (["compare.lr_lora=5"], "compare.lr_lora: must be <= 1.0, got 5"),
     (["alpha"], "expected key=value"),
     (["distill.global_batch_size=7"], "distill.global_batch_size: must be a multiple of"),
 ])

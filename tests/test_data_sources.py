@@ -213,3 +213,42 @@ def test_sharegpt_dataset_with_nested_features_saved_to_disk(tmp_path, tok):
     datasets.Dataset.from_list(records).save_to_disk(str(tmp_path / "saved"))
     card = prep(tok, tmp_path / "saved", tmp_path / "out")
     assert card.formats == {"sharegpt": 8} and card.counts["kept"] == 8
+
+
+HUB_PROBE = """
+import sys
+from llmneo import data_sources
+from llmneo.config import load_config
+from llmneo.errors import guarded
+
+def go():
+    with data_sources.open_source(load_config("tiny", ["data.source=hf:org/missing"]).data):
+        pass
+
+guarded(go)
+"""
+
+
+def test_an_unreachable_hub_is_one_line_in_seconds(tmp_path):
+    """Online mode with the hub unreachable (here: HF_ENDPOINT on a closed local port, as a machine
+    without internet sees a DNS failure): huggingface_hub retried 5 times with backoff (~30 s) and
+    printed a line per retry; now one line saying the hub is unreachable, without retries."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if not k.endswith("_OFFLINE")}
+    env.update(HF_ENDPOINT=f"http://127.0.0.1:{port}", HF_HOME=str(tmp_path / "hf"))
+    t0 = time.monotonic()
+    done = subprocess.run([sys.executable, "-c", HUB_PROBE], env=env, capture_output=True, text=True, timeout=300)
+    seconds = time.monotonic() - t0
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: data.source: hf:org/missing"), done.stderr
+    assert "unreachable" in lines[0] and "\x1b" not in done.stderr, lines[0]
+    assert seconds < 20, seconds  # the retries alone took ~30 s

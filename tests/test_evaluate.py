@@ -267,3 +267,18 @@ def test_samples_are_the_greedy_continuations(tiny_workspace):
             expected = tok.decode(ids[len(p["prompt_ids"]):], skip_special_tokens=True).strip()
             assert sample["outputs"][name] == expected, name
     assert generate_samples(models, rows, 0, 6) == []
+
+
+def test_lm_eval_does_not_print_git_errors_outside_a_git_repository(tmp_path, monkeypatch, capfd):
+    """lm-eval's simple_evaluate records ``git describe`` of the working directory
+    (lm_eval/loggers/utils.py get_git_commit_hash, called from lm_eval/evaluator.py simple_evaluate)
+    and lets git print "fatal: not a git repository" into the step's log; llmneo keeps no such hash."""
+    import lm_eval.evaluator as evaluator
+
+    from llmneo.evaluate import _without_env_report
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path.parent))
+    with _without_env_report():
+        evaluator.get_git_commit_hash()
+    assert "fatal" not in capfd.readouterr().err

@@ -40,11 +40,11 @@ def test_a_folder_without_the_contract_is_a_one_line_user_error(tmp_path):
 
 def test_one_torchrun_builder_for_one_node_and_for_several(tmp_path):
     one = torchrun_command(load_config("tiny", ["distill.nproc_per_node=3"]), tmp_path)
-    assert one == [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1",
+    assert one == [sys.executable, "-m", "llmneo.torchrun", "--standalone", "--nnodes=1",
                    "--nproc-per-node=3", "-m", "llmneo.trainer", "--workdir", str(tmp_path)]
     cfg = load_config("tiny", ["distill.nnodes=2", "distill.nproc_per_node=4"])
     node = torchrun_command(cfg, tmp_path, Rendezvous(1, "10.0.0.7", 29500))
-    assert node == [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=4",
+    assert node == [sys.executable, "-m", "llmneo.torchrun", "--nnodes=2", "--nproc-per-node=4",
                     "--node-rank=1", "--master-addr=10.0.0.7", "--master-port=29500", "-m", "llmneo.trainer",
                     "--workdir", str(tmp_path)]
 
@@ -90,6 +90,41 @@ def test_the_output_lock_refuses_a_second_holder_with_its_pid(tmp_path):
         assert "\n" not in str(info.value)
     with output_lock(tmp_path / "out"):  # released on exit
         assert (tmp_path / "out" / LOCK_FILE).read_text() == f"{os.getpid()}\n"
+
+
+def test_a_lock_left_to_a_child_of_a_dead_launcher_names_the_living_holder(tmp_path):
+    """The launcher that wrote its pid into the lock file is gone, but a child that inherited the
+    lock still holds it: the message says the launcher is gone and names the process that holds it."""
+    import subprocess
+
+    from llmneo.launch import output_lock
+
+    launcher = ("import subprocess, sys\n"
+                "from llmneo.launch import output_lock\n"
+                f"with output_lock({str(tmp_path / 'out')!r}) as lock:\n"
+                "    child = subprocess.Popen(['sleep', '120'], pass_fds=(lock,), start_new_session=True,\n"
+                "                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)\n"
+                "    print(child.pid, flush=True)\n")
+    done = subprocess.run([sys.executable, "-c", launcher], capture_output=True, text=True, timeout=120, check=True)
+    child = int(done.stdout.split()[0])
+    try:
+        with pytest.raises(UserError) as info:
+            with output_lock(tmp_path / "out"):
+                pass
+        message = str(info.value)
+        assert "\n" not in message
+        assert f"in use by pid {child}" in message, message
+        assert f"pid {done.stdout.split()[0]}" in message and "is gone" in message, message
+    finally:
+        os.kill(child, signal.SIGKILL)
+    for _ in range(200):  # the kernel releases the lock once the child is dead
+        try:
+            with output_lock(tmp_path / "out"):
+                break
+        except UserError:
+            time.sleep(0.05)
+    else:
+        raise AssertionError("the lock stayed held after its holder died")
 
 
 def test_a_child_dies_with_a_launcher_killed_by_sigkill(tmp_path):

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from test_trainer import log, make_workdir, run, sigterm_after
 
 from llmneo import checkpointing
@@ -106,16 +107,68 @@ def test_rng_state_is_pickle_free_and_a_planted_pickle_never_runs(reference, tin
     assert_equals_reference(workdir, reference, resumed_from=2)
 
 
+def state_files(folder: Path) -> list[Path]:
+    """The files of a checkpoint that hold tensors (not its JSON, not the RNG files)."""
+    return [p for p in sorted(folder.rglob("*")) if p.is_file() and p.suffix != ".json" and p.parent.name != "rng"]
+
+
+def test_a_pickle_planted_in_a_checkpoint_on_the_cache_volume_never_runs(reference, tiny_workspace, tmp_path,
+                                                                         capsys):
+    """The pipeline's default checkpoint folder (/cache/checkpoints/<run>/<fingerprint>) is on the
+    ReadWriteMany cache volume that every step and node mounts: whoever writes there plants a pickle
+    in every file a checkpoint loader might open (the tensor files, DCP's ``.metadata``, a ``.pt``)
+    and recomputes the manifest. Resuming opens none of them as a pickle: the planted folder is
+    unreadable, resume falls back to the previous checkpoint and ends equal to an uninterrupted run."""
+    marker = tmp_path / "pwned"
+    cache = tmp_path / "cache" / "checkpoints" / "run-42" / "fingerprint"
+    workdir = interrupted(tmp_path / "run", tiny_workspace, 3, f"distill.checkpoint_uri={cache}")
+    newest = cache / "step-000003"
+    bomb = pickle.dumps(Payload(marker))
+    for path in state_files(newest):
+        path.write_bytes(bomb)
+    for name in ("state/.metadata", "state/__0_0.distcp", "state.pt", "optimizer.pt", "rng/rank-00000.pt"):
+        (newest / name).parent.mkdir(exist_ok=True)
+        (newest / name).write_bytes(bomb)
+    checkpointing.write_manifest(newest)
+    checkpointing.verify(newest)  # gets past the integrity check
+    capsys.readouterr()
+    run(workdir)
+    assert not marker.exists(), "code from the checkpoint ran"
+    warnings = [x for x in capsys.readouterr().err.splitlines() if "warning" in x]
+    assert len(warnings) == 1 and "step-000003" in warnings[0] and "unreadable" in warnings[0], warnings
+    assert_equals_reference(workdir, reference, resumed_from=2)
+
+
+def test_a_verified_checkpoint_that_does_not_load_falls_back_to_the_previous_one(reference, tiny_workspace,
+                                                                                 tmp_path, capsys):
+    """Garbage in the tensor files with a recomputed manifest: verification passes, the loader fails
+    (whatever it raises), resume falls back to step 2 in one warning line and ends equal to an
+    uninterrupted run."""
+    workdir = interrupted(tmp_path / "run", tiny_workspace, 3)
+    newest = workdir / "checkpoint" / "step-000003"
+    for path in state_files(newest):
+        path.write_bytes(os.urandom(64) + path.read_bytes()[64:])
+    checkpointing.write_manifest(newest)
+    capsys.readouterr()
+    run(workdir)
+    err = capsys.readouterr().err
+    warnings = [x for x in err.splitlines() if "warning" in x]
+    assert len(warnings) == 1 and "step-000003" in warnings[0] and "Traceback" not in err, err
+    assert_equals_reference(workdir, reference, resumed_from=2)
+
+
 # ---------------------------------------------------------------------------- 2. corrupt checkpoints
 
 
 def truncate_shard(folder: Path) -> None:
-    shard = max((folder / "state").glob("*.distcp"), key=lambda p: p.stat().st_size)
-    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    state = folder / checkpointing.STATE
+    state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])
 
 
 def garbage_metadata(folder: Path) -> None:
-    (folder / "state" / ".metadata").write_bytes(os.urandom(512))
+    """Random bytes over the state file's header (its JSON index of the tensors)."""
+    state = folder / checkpointing.STATE
+    state.write_bytes(os.urandom(512) + state.read_bytes()[512:])
 
 
 def bad_trainer_state(folder: Path) -> None:
@@ -141,7 +194,7 @@ def test_no_valid_checkpoint_is_one_line_with_the_remedy(tiny_workspace, tmp_pat
     capsys.readouterr()
     assert main(["--workdir", str(workdir)]) == 2
     line = one_error_line(capsys.readouterr().err)
-    assert "step-000003/state/__0_0.distcp" in line and "distill.resume=false" in line
+    assert "step-000003/state.safetensors" in line and "distill.resume=false" in line
     assert not (workdir / "card.json").exists() and not (workdir / "adapter").exists()
     # the remedy works: a fresh start
     make_workdir(workdir, tiny_workspace, *R, "distill.resume=false")
@@ -154,18 +207,13 @@ def test_no_valid_checkpoint_is_one_line_with_the_remedy(tiny_workspace, tmp_pat
 
 def poison_checkpoint(folder: Path) -> None:
     """NaN into a trainable tensor (lora_B), with a manifest recomputed: verification cannot see it."""
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save, torch_save_to_dcp
-
-    flat = folder / "flat.pt"
-    dcp_to_torch_save(folder / "state", flat)
-    state = torch.load(flat, weights_only=False)  # our own file, written one line above
-    key = next(k for k in state["model"] if "lora_B" in k)
-    state["model"][key].fill_(float("nan"))
-    torch.save(state, flat)
-    for f in (folder / "state").iterdir():
-        f.unlink()
-    torch_save_to_dcp(flat, folder / "state")
-    flat.unlink()
+    path = folder / checkpointing.STATE
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata()
+    tensors = load_file(path)
+    key = next(k for k in tensors if k.startswith("model/") and "lora_B" in k)
+    tensors[key].fill_(float("nan"))
+    save_file(tensors, str(path), metadata=metadata)
     checkpointing.write_manifest(folder)
 
 
@@ -277,6 +325,28 @@ def cli_distill(ws: Path, out: Path, *overrides: str) -> list[str]:
 
 
 @pytest.mark.integration
+def test_a_nan_stop_through_torchrun_is_one_line_without_a_resume_hint(tiny_workspace, tmp_path):
+    """The trainer stops on a non-finite loss (a NaN planted in the checkpoint it resumes): the CLI
+    prints the trainer's one line, no torchrun traceback (ChildFailedError) and no "re-running
+    resumes from it" (a re-run would stop the same way)."""
+    overrides = ["distill.max_steps=4", "distill.save_every=1", "distill.keep_checkpoint=true",
+                 "distill.strategy=ddp"]
+    out = tmp_path / "ddp"
+    done = subprocess.run(cli_distill(tiny_workspace, out, *overrides), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    root = out / "checkpoint"
+    (out / "card.json").unlink()
+    newest = checkpointing.candidates(root)[0]  # the last step is not checkpointed: step 3
+    poison_checkpoint(newest)
+    failed = subprocess.run(cli_distill(tiny_workspace, out, *overrides), capture_output=True, text=True, timeout=600)
+    assert failed.returncode == 2, failed.stderr[-3000:]
+    line = one_error_line(failed.stderr)
+    assert f"non-finite loss or gradient at step {checkpointing.step_of(newest) + 1}" in line, line
+    assert "ChildFailedError" not in failed.stderr and "resumes from it" not in failed.stderr, failed.stderr[-3000:]
+    assert not (out / "card.json").exists()
+
+
+@pytest.mark.integration
 def test_torchrun_falls_back_past_a_truncated_shard_and_stops_in_one_line_when_none_is_valid(tiny_workspace,
                                                                                            tmp_path):
     overrides = ["distill.max_steps=4", "distill.save_every=1", "distill.keep_checkpoint=true",
@@ -307,8 +377,8 @@ def test_torchrun_falls_back_past_a_truncated_shard_and_stops_in_one_line_when_n
     failed = subprocess.run(cli_distill(tiny_workspace, out, *overrides), capture_output=True, text=True, timeout=600)
     assert failed.returncode == 2
     line = one_error_line(failed.stderr)
-    assert ".metadata" in line and "distill.resume=false" in line
-    assert "torch.distributed.run" not in failed.stderr and not (out / "card.json").exists()
+    assert "state.safetensors" in line and "distill.resume=false" in line
+    assert "llmneo.torchrun" not in failed.stderr and not (out / "card.json").exists()
 
 
 # ---------------------------------------------------------------------------- kill -9 of the launcher
