@@ -449,3 +449,63 @@ def test_register_cli_force_records_the_reason(tmp_path, capsys):
     assert main([*args[:5], "--force", "release anyway: reviewed", *args[5:]]) == 0
     assert "registered tiny-neo:v1" in capsys.readouterr().out
     assert open_registry(str(tmp_path / "reg")).lineage("tiny-neo:v1")["forced"] == "release anyway: reviewed"
+
+
+# --------------------------------------------------------------------------------------------
+# Links planted inside a shared local registry folder
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("planted", ["demo/v2", "demo", "demo/_aliases", "demo/_aliases/latest"])
+def test_a_link_planted_in_a_local_registry_is_never_followed_out(tmp_path, planted):
+    """Someone with write access to a shared registry folder plants ``<name>/v2 -> elsewhere`` (or a
+    link higher up, or in place of the alias events): register and promote refuse in one line naming
+    the link, nothing outside the registry root is written or created, and what was registered before
+    stays listed and pullable."""
+    root = tmp_path / "registry"
+    reg = open_(str(root))
+    reg.register("demo", make_model(tmp_path / "m1", b"one"), {}, {}, aliases=["latest"])
+    reg.register("demo", make_model(tmp_path / "m0", b"zero"), {}, {})  # v2 exists: the next is v3
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "victim.txt").write_text("do not overwrite")
+    if planted == "demo/v2":
+        planted = "demo/v3"
+    link = root / planted
+    if link.exists():  # move the real folder aside: the link points at a copy elsewhere
+        os.rename(link, elsewhere / "real")
+        link.symlink_to(elsewhere / "real", target_is_directory=True)
+    else:
+        link.symlink_to(elsewhere, target_is_directory=True)
+    before = tree(elsewhere)
+
+    with pytest.raises(UserError) as e:
+        reg.register("demo", make_model(tmp_path / "m2", b"two"), {}, {}, aliases=["latest"])
+    message = str(e.value)
+    assert "\n" not in message and f"{planted} is a symbolic link" in message and "refusing" in message, message
+    if planted.startswith("demo/_aliases"):
+        with pytest.raises(UserError, match=f"{planted} is a symbolic link"):
+            reg.promote("demo:v2", "latest" if planted.endswith("latest") else "production")
+    assert tree(elsewhere) == before
+    assert sorted(p.name for p in elsewhere.iterdir()) == sorted(["victim.txt"] + (["real"] if
+                                                                   (elsewhere / "real").exists() else []))
+    assert not [p for p in tmp_path.rglob("*") if ".tmp-" in p.name]
+    if planted != "demo":  # the registered versions stay listed and pullable
+        assert reg.names() == ["demo"] and reg.versions("demo")[:2] == ["v1", "v2"]
+        reg.pull("demo:v1", tmp_path / "pulled")
+        assert tree(tmp_path / "pulled")["model.safetensors"] == b"one"
+
+
+def test_pull_refuses_a_version_folder_that_is_a_link(tmp_path):
+    """``<name>/v1`` swapped for a link to a copy elsewhere: the registry no longer reads it (it could
+    change under the reader); ``ls`` does not break."""
+    root = tmp_path / "registry"
+    reg = open_(str(root))
+    reg.register("demo", make_model(tmp_path / "m1"), {}, {})
+    reg.register("other", make_model(tmp_path / "m2", b"x"), {}, {})
+    os.rename(root / "demo" / "v1", tmp_path / "copy")
+    (root / "demo" / "v1").symlink_to(tmp_path / "copy", target_is_directory=True)
+    assert reg.names() == ["other"]
+    with pytest.raises(UserError, match="no model named 'demo'"):
+        reg.pull("demo:v1", tmp_path / "pulled")
+    assert not (tmp_path / "pulled").exists()
