@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from llmneo import cards
-from llmneo.cards import DatasetCard, DistillCard, EvalCard, ModelCard
+from llmneo.cards import DatasetCard, DistillCard, EvalCard, ModelCard, weight_digests
 from llmneo.config import Config, parse_threshold
 from llmneo.data import collate, read_split
 from llmneo.data_output import IGNORE_INDEX
@@ -547,6 +547,7 @@ def run_merge_eval(cfg: Config, dataset_dir: str | Path, teacher_artifact: str |
     print(f"merge: saved as {merge_record['saved_dtype']}; {merge_line(merge_record)}", flush=True)
     merged = save_merged(merged, tokenizer, model_out, getattr(torch, merge_record["saved_dtype"]),
                          cfg.eval.max_shard_size)
+    weights = weight_digests(model_out)  # what is evaluated below: register checks the files still match
     # evaluate the saved values: bf16 on GPU as usual, but a float32 save stays float32
     merged = merged.to(eval_dtype(device) if merge_record["saved_dtype"] != "float32" else torch.float32)
     # the fp32 base student doubles as the evaluation's when that runs in fp32 (CPU)
@@ -590,5 +591,5 @@ def run_merge_eval(cfg: Config, dataset_dir: str | Path, teacher_artifact: str |
     EvalCard(method=result["method"], teacher=result["teacher"], student=result["student"],
              dataset_hash=result["dataset_hash"], config_hash=result["config_hash"], metrics=metrics,
              gate=result["gate"], summary=result["summary"], merge=merge_record,
-             seconds=result["seconds"]).write(model_out)
+             seconds=result["seconds"], weights=weights).write(model_out)
     return result

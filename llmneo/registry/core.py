@@ -434,7 +434,8 @@ class Registry:
                 continue
             metrics = m.get("metrics") if isinstance(m.get("metrics"), dict) else {}
             lineage = m.get("lineage") if isinstance(m.get("lineage"), dict) else {}
-            rows.append([version, m["created"], _size(m.get("size") or sum(f["size"] for f in m["files"])),
+            forced = " (forced)" if lineage.get("forced") else ""  # registered with --force: the gate failed
+            rows.append([version + forced, m["created"], _size(m.get("size") or sum(f["size"] for f in m["files"])),
                          len(m["files"]), ", ".join(a for a, v in aliases.items() if v == version) or "-",
                          metrics.get("kl_to_teacher"), metrics.get("top1_agreement"),
                          metrics.get("llmneo_mc/acc"), lineage.get("pipeline_run_id") or "-"])
