@@ -199,6 +199,16 @@ class Registry:
         """Model names with at least one complete version."""
         return [n for n in self.store.children("") if NAME_RE.match(n) and self.versions(n)]
 
+    def _no_model(self, name: str) -> UserError:
+        """"no model named X", with the closest registered name (or the names, when none is close)."""
+        import difflib
+
+        names = self.names()
+        close = difflib.get_close_matches(name, names, n=1)
+        hint = (f" (did you mean {close[0]}?)" if close else f" (models: {', '.join(names[:10])}"
+                f"{', …' if len(names) > 10 else ''})" if names else "")
+        return UserError(f"registry {self.uri}: no model named {name!r}{hint}")
+
     def versions(self, name: str) -> list[str]:
         """Complete versions of ``name``, oldest first (``["v1", "v2", …]``)."""
         _check_name(name, "model name")
@@ -272,7 +282,7 @@ class Registry:
         name, version, alias = parse_ref(ref)
         _, versions, events = self._scan(name)
         if not versions:
-            raise UserError(f"registry {self.uri}: no model named {name!r}")
+            raise self._no_model(name)
         if alias is not None:
             if alias not in events:
                 raise UserError(f"registry {self.uri}: {name} has no alias {alias!r}"
@@ -425,7 +435,7 @@ class Registry:
         """One row per version of ``name``; damaged manifests are flagged and skipped."""
         versions = self.versions(name)
         if not versions:
-            raise UserError(f"registry {self.uri}: no model named {name!r}")
+            raise self._no_model(name)
         aliases = self.aliases(name)
         rows = []
         for version in versions:
