@@ -194,6 +194,9 @@ def test_local_summary_names_the_run_id_recorded_in_the_lineage(tmp_path):
     text, facts = summarize(run, 12.0)
     assert facts["run_id"] == "81279140"
     assert f"run folder:       {run}" in text and "run id:           81279140" in text
+    # the table's times are the steps' own work, not the task times of the progress lines: it says so
+    assert text.splitlines()[0].split() == ["step", "work", "s", "result"]
+    assert "work s: the step's own work (its card); the 'done in' times above are whole tasks" in text
 
 
 def test_make_help_lists_the_targets_the_readme_names_and_real_sections():
