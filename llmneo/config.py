@@ -269,7 +269,7 @@ class ClusterConfig:
 
 @dataclass
 class CompareConfig:
-    """`llmneo compare` (llmneo/compare.py): the seed's comparison of methods on one setting. Each
+    """`llmneo compare` (llmneo/compare.py): the LLM-NEO paper's comparison of methods on one setting. Each
     method is the preset's distill section with distill.method=<method> and its learning rate below;
     neo's is distill.lr (the preset's own NEO run)."""
 
