@@ -188,3 +188,13 @@ def test_ls_and_show_of_an_unknown_name_suggest_the_closest(tmp_path):
         assert r.returncode == 2 and r.stderr == f"error: registry {reg}: no model named 'demp' (did you mean demo?)\n"
     r = llmneo("registry", "ls", "zzz", "--registry", reg)
     assert r.stderr == f"error: registry {reg}: no model named 'zzz' (models: demo)\n"
+
+
+def test_ls_flags_a_planted_link_and_lists_the_rest(tmp_path):
+    reg = str(tmp_path / "reg")
+    seed(reg, tmp_path)
+    (tmp_path / "elsewhere").mkdir()
+    os.symlink(tmp_path / "elsewhere", tmp_path / "reg" / "evil", target_is_directory=True)
+    r = llmneo("registry", "ls", "--registry", reg)
+    assert r.returncode == 0 and "demo" in r.stdout and "evil" not in r.stdout
+    assert r.stderr == f"warning: registry {reg}: evil is a symbolic link (skipped; remove it)\n"

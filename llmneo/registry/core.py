@@ -192,12 +192,20 @@ class Registry:
                     complete.append(n)
             elif len(parts) == 4 and parts[1] == ALIASES and parts[3].endswith(".json") and parts[3][:-5].isdigit():
                 events.setdefault(parts[2], []).append(int(parts[3][:-5]))
+        self._flag_links()
         return claimed | set(complete), [f"v{n}" for n in sorted(complete)], \
             {a: sorted(s) for a, s in sorted(events.items())}
 
+    def _flag_links(self) -> None:
+        """One problem line per symbolic link a local listing skipped (planted in a shared folder)."""
+        for link in sorted(getattr(self.store, "links", ())):
+            self._flag(f"registry {self.uri}: {link} is a symbolic link (skipped; remove it)")
+
     def names(self) -> list[str]:
         """Model names with at least one complete version."""
-        return [n for n in self.store.children("") if NAME_RE.match(n) and self.versions(n)]
+        names = [n for n in self.store.children("") if NAME_RE.match(n) and self.versions(n)]
+        self._flag_links()
+        return names
 
     def _no_model(self, name: str) -> UserError:
         """"no model named X", with the closest registered name (or the names, when none is close)."""

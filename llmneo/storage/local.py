@@ -37,6 +37,7 @@ class LocalStore:
         self.root = Path(root).expanduser()
         self.uri = str(self.root)
         self.label = label or self.uri
+        self.links: set[str] = set()  # symbolic links met (and skipped) by listings, relative to the root
 
     def url(self, key: str) -> str:
         return str(self.root.resolve() / key)
@@ -218,7 +219,9 @@ class LocalStore:
             rel = Path(path).relative_to(base).as_posix()
             rel = folder if rel == "." else (f"{folder}/{rel}" if folder else rel)
             real = [f for f in files if not f.startswith(TMP) and self._is_file(dir_fd, f)]
-            dirs[:] = [d for d in dirs if not self._is_link(dir_fd, d)]
+            links = [n for n in (*files, *dirs) if self._is_link(dir_fd, n)]
+            self.links.update(f"{rel}/{n}" if rel else n for n in links)
+            dirs[:] = [d for d in dirs if d not in links]
             yield rel, real, list(dirs), dir_fd
 
     def entries(self, prefix: str = "") -> list[Entry]:
