@@ -14,11 +14,12 @@ export TOKENIZERS_PARALLELISM ?= false
 help:
 	@echo "make setup      create $(VENV) and install pinned dependencies (~4 min the first time)"
 	@echo "make run        run the whole DAG locally (kfp.local) on the embedded default preset $(PRESET)"
-	@echo "make compare    the seed's comparison on $(PRESET): untouched student, SFT, LoRA, KD, NEO (table + plot)"
+	@echo "make run-tiny   the same DAG on the tiny preset (random-init models, ~1 min): a smoke run"
+	@echo "make compare    NEO vs the untouched student, SFT, LoRA and KD on $(PRESET), same data, steps and seeds (table + plot)"
 	@echo "make test       lint + all tests (unit + integration)"
 	@echo "make test-fast  unit tests only"
 	@echo "make pipeline   recompile pipelines/llm_neo.yaml"
-	@echo "make images     build the CUDA and the light CPU images (Docker, or podman: see README 'Run in containers')"
+	@echo "make images     build the CUDA and the light CPU images (Docker, or podman: see README 'Run on Kubeflow', docs/pipeline.md)"
 
 setup: $(VENV)/.installed
 

@@ -362,6 +362,9 @@ class EvalCard(Card):
     # kl_rounded, gain_lost, max_gain_lost, action; absent in older cards
     merge: dict = field(default_factory=dict)
     seconds: float = 0.0
+    # SHA-256 of every weight file evaluated (path relative to the folder → hex): register recomputes
+    # them, so the metrics are registered only with the weights they were measured on
+    weights: dict[str, str] = field(default_factory=dict)
 
     def validate(self, path: Path) -> None:
         if self.role != "distilled" or not isinstance(self.gate, dict) or "passed" not in self.gate:
@@ -387,9 +390,41 @@ class EvalCard(Card):
                 f"{m.get('distilled_kl_to_teacher', nan):.4f}; gate "
                 + ("pass" if self.passed else "FAIL: " + "; ".join(self.gate.get("reasons", []))))
 
+    def check_weights(self, folder: str | Path) -> None:
+        """Refuse (one line naming the file) weights that differ from those merge-eval evaluated:
+        a file changed, added or removed since the card was written."""
+        folder = Path(folder)
+        if not self.weights:
+            raise UserError(f"{folder}: the merge-eval card records no weight digests (an older merge-eval "
+                            f"wrote it); re-run merge-eval on these weights")
+        now = weight_digests(folder)
+        for path, digest in sorted(self.weights.items()):
+            if path not in now:
+                raise UserError(f"{folder}: {path}, evaluated by merge-eval, is missing; not registered")
+            if now[path] != digest:
+                raise UserError(f"{folder}: {path} differs from the weights merge-eval evaluated (sha256 "
+                                f"{now[path][:16]}…, the card says {str(digest)[:16]}…); not registered: run "
+                                f"merge-eval on these weights")
+        extra = sorted(set(now) - set(self.weights))
+        if extra:
+            raise UserError(f"{folder}: {extra[0]} was not evaluated by merge-eval (a weight file added after "
+                            f"it); not registered")
+
     def metadata(self) -> dict:
         return {"gate": "pass" if self.passed else "fail",
                 **{_metric_name(k): v for k, v in self.metrics.items()}}
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")  # what a loader could read weights from
+
+
+def weight_digests(folder: str | Path) -> dict[str, str]:
+    """SHA-256 of every weight file under ``folder`` (``*.safetensors``, ``*.bin``, …), by relative path."""
+    from llmneo.storage import sha256_file
+
+    folder = Path(folder)
+    return {p.relative_to(folder).as_posix(): sha256_file(p) for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES)}
 
 
 # --------------------------------------------------------------------------------------------

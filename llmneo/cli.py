@@ -114,7 +114,7 @@ def cmd_step(args) -> int:
     for option in step.outputs:
         _check_out(getattr(args, _dest(option)), f"--{option}")
     folders = [getattr(args, _dest(o)) for o in (*step.inputs, *step.outputs)]
-    extra = ({"run_id": args.run_id, "force": args.force} if step.name == "register"
+    extra = ({"run_id": args.run_id, "force": args.force, "aliases": args.alias} if step.name == "register"
              else {"overwrite": args.overwrite} if step.name == "distill" else {})
     result = step.function(_config(args), *folders, **extra)
     if args.json:
@@ -174,7 +174,10 @@ def build_parser(extensions: Sequence[Callable[[Any], None]] = (), epilog: str |
         if step.name == "register":
             p.add_argument("--run-id", default=None, help="pipeline run id recorded in the lineage")
             p.add_argument("--force", default=None, metavar="REASON",
-                           help="register even though the gate failed; REASON is recorded in the lineage")
+                           help="register even though the gate failed; REASON is recorded in the lineage. "
+                                "A forced version moves no alias (not even registry.aliases) but --alias")
+            p.add_argument("--alias", action="append", default=[], metavar="ALIAS",
+                           help="also point ALIAS at the registered version (repeatable; e.g. --alias latest)")
         if step.name == "distill":
             p.add_argument("--overwrite", action="store_true",
                            help="replace a completed run of another configuration in --out")

@@ -1,4 +1,4 @@
-"""The seed's comparison in miniature: the student untouched, SFT, LoRA, KD and NEO on the same data,
+"""The LLM-NEO paper's comparison in miniature: the student untouched, SFT, LoRA, KD and NEO on the same data,
 steps and seeds, evaluated against the teacher — a table (Markdown) and a plot (PNG).
 
     llmneo compare --preset smollm2-demo                               # = make compare

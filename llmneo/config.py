@@ -227,6 +227,14 @@ class EvalConfig:
     min_mc_accuracy: float = _f(0.0, lo=0.0, hi=1.0, doc="gate: register only if llmneo_mc accuracy >= this (0 = off)")
     thresholds: list[str] = _f(factory=list, doc=(
         "gate: extra 'METRIC>=VALUE' / 'METRIC<=VALUE' rules on eval.json metrics, e.g. 'arc_easy/acc_norm>=0.4'"))
+    # the relative gate (on by default): distilling must have helped, measured against the base student
+    gate_vs_base: bool = _f(True, doc=(
+        "gate: also compare with the base student (eval.min_kl_reduction, eval.max_task_drop)"))
+    min_kl_reduction: float = _f(0.1, lo=-10.0, hi=1.0, hi_open=True, doc=(
+        "gate: distilled KL to the teacher <= base student's × (1 - this); 0.1 = at least 10% lower"))
+    max_task_drop: float = _f(0.05, lo=0.0, doc=(
+        "gate: no lm-eval score (acc, acc_norm, exact_match, f1, mc1, mc2) may fall more than this below "
+        "the base student's"))
 
 
 @dataclass
@@ -261,7 +269,7 @@ class ClusterConfig:
 
 @dataclass
 class CompareConfig:
-    """`llmneo compare` (llmneo/compare.py): the seed's comparison of methods on one setting. Each
+    """`llmneo compare` (llmneo/compare.py): the LLM-NEO paper's comparison of methods on one setting. Each
     method is the preset's distill section with distill.method=<method> and its learning rate below;
     neo's is distill.lr (the preset's own NEO run)."""
 

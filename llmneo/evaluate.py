@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from llmneo import cards
-from llmneo.cards import DatasetCard, DistillCard, EvalCard, ModelCard
+from llmneo.cards import DatasetCard, DistillCard, EvalCard, ModelCard, weight_digests
 from llmneo.config import Config, parse_threshold
 from llmneo.data import collate, read_split
 from llmneo.data_output import IGNORE_INDEX
@@ -488,8 +488,43 @@ def thresholds(cfg: Config) -> list[tuple[str, str, float, str]]:
     return rules
 
 
-def gate(cfg: Config, metrics: dict[str, float]) -> tuple[bool, list[str]]:
-    """Apply every threshold to the distilled model's flat metrics; returns (passed, reasons for failing)."""
+# lm-eval metrics that are task scores (higher is better); perplexities and stderr are not
+TASK_SCORES = ("acc", "acc_norm", "exact_match", "f1", "mc1", "mc2")
+
+
+def _base_rules(cfg: Config, metrics: dict[str, float], base: dict[str, float]):
+    """The relative gate's rules: (metric, value, limit, op, how the limit came from the base or None)."""
+    e = cfg.eval
+    if not e.gate_vs_base:
+        return []
+    b = base.get("kl_to_teacher")
+    rules = [("kl_to_teacher", metrics.get("kl_to_teacher"), "<=",
+              None if b is None else (b * (1 - e.min_kl_reduction),
+                                      f"base {b:.4g} × (1 - eval.min_kl_reduction {e.min_kl_reduction:g})"))]
+    for metric in sorted(metrics):
+        task, _, score = metric.rpartition("/")
+        if task and score in TASK_SCORES and metric in base:
+            rules.append((metric, metrics[metric], ">=",
+                          (base[metric] - e.max_task_drop,
+                           f"base {base[metric]:.4g} - eval.max_task_drop {e.max_task_drop:g}")))
+    return rules
+
+
+def compare_to_base(cfg: Config, metrics: dict[str, float], base: dict[str, float]) -> list[str]:
+    """Each comparison of the relative gate with its numbers, e.g. ``kl_to_teacher 1.059 <= 2.815 (base
+    3.128 × (1 - eval.min_kl_reduction 0.1)): pass`` — what the report shows."""
+    out = []
+    for metric, value, op, limit in _base_rules(cfg, metrics, base):
+        if limit is None or value is None:
+            continue
+        ok = value <= limit[0] if op == "<=" else value >= limit[0]
+        out.append(f"{metric} {value:.4g} {op} {limit[0]:.4g} ({limit[1]}): {'pass' if ok else 'fail'}")
+    return out
+
+
+def gate(cfg: Config, metrics: dict[str, float], base: dict[str, float] | None = None) -> tuple[bool, list[str]]:
+    """Apply every threshold to the distilled model's flat metrics and, given the base student's
+    (``base``), the relative gate (``eval.gate_vs_base``); returns (passed, reasons for failing)."""
     reasons = []
     for metric, op, limit, key in thresholds(cfg):
         value = metrics.get(metric)
@@ -497,6 +532,13 @@ def gate(cfg: Config, metrics: dict[str, float]) -> tuple[bool, list[str]]:
             reasons.append(f"{metric} not evaluated ({key} needs it; check eval.lm_eval_tasks)")
         elif not (value <= limit if op == "<=" else value >= limit):  # NaN fails too
             reasons.append(f"{metric} {value:.4g} {'>' if op == '<=' else '<'} {key} {limit:g}")
+    for metric, value, op, limit in _base_rules(cfg, metrics, base) if base is not None else []:
+        if limit is None:
+            reasons.append(f"{metric}: the base student's was not evaluated (eval.gate_vs_base needs it)")
+        elif value is None:
+            reasons.append(f"{metric} not evaluated (eval.gate_vs_base needs it)")
+        elif not (value <= limit[0] if op == "<=" else value >= limit[0]):  # NaN fails too
+            reasons.append(f"{metric} {value:.4g} {'>' if op == '<=' else '<'} {limit[0]:.4g} ({limit[1]})")
     return not reasons, reasons
 
 
@@ -549,6 +591,7 @@ def run_merge_eval(cfg: Config, dataset_dir: str | Path, teacher_artifact: str |
     print(f"merge: saved as {merge_record['saved_dtype']}; {merge_line(merge_record)}", flush=True)
     merged = save_merged(merged, tokenizer, model_out, getattr(torch, merge_record["saved_dtype"]),
                          cfg.eval.max_shard_size)
+    weights = weight_digests(model_out)  # what is evaluated below: register checks the files still match
     # evaluate the saved values: bf16 on GPU as usual, but a float32 save stays float32
     merged = merged.to(eval_dtype(device) if merge_record["saved_dtype"] != "float32" else torch.float32)
     # the fp32 base student doubles as the evaluation's when that runs in fp32 (CPU)
@@ -558,7 +601,8 @@ def run_merge_eval(cfg: Config, dataset_dir: str | Path, teacher_artifact: str |
     evaluation = evaluate_models({"base_student": base_spec, "distilled": (merged, tokenizer)},
                                  teacher, dataset_dir, cfg, lm_eval_on=lm_eval_on)
     metrics = evaluation["summary"]["distilled"]
-    passed, reasons = gate(cfg, metrics)
+    base_metrics = evaluation["summary"].get("base_student") or {}
+    passed, reasons = gate(cfg, metrics, base_metrics)
     merge_reason = merge_gate_reason(merge_record)
     if merge_reason:
         passed, reasons = False, [*reasons, merge_reason]
@@ -569,7 +613,8 @@ def run_merge_eval(cfg: Config, dataset_dir: str | Path, teacher_artifact: str |
         "summary": evaluation["summary"],
         "metrics": metrics,
         "gate": {"passed": passed, "reasons": reasons,
-                 "thresholds": [f"{m}{op}{v:g}" for m, op, v, _ in thresholds(cfg)]},
+                 "thresholds": [f"{m}{op}{v:g}" for m, op, v, _ in thresholds(cfg)],
+                 "compared": compare_to_base(cfg, metrics, base_metrics)},
         "merge": merge_record,
         "method": distill_card.method,
         "teacher": teacher_card.source,
@@ -592,5 +637,5 @@ def run_merge_eval(cfg: Config, dataset_dir: str | Path, teacher_artifact: str |
     EvalCard(method=result["method"], teacher=result["teacher"], student=result["student"],
              dataset_hash=result["dataset_hash"], config_hash=result["config_hash"], metrics=metrics,
              gate=result["gate"], summary=result["summary"], merge=merge_record,
-             seconds=result["seconds"]).write(model_out)
+             seconds=result["seconds"], weights=weights).write(model_out)
     return result

@@ -341,6 +341,8 @@ def write_report(out_dir: Path, result: dict, log_path: Path | None, cfg: Config
     md += ["## Base student, distilled student and teacher", "", fidelity_note.format("`eval.lm_eval_models`"), "",
            markdown_table(headers, rows), "",
            f"**Gate: {_md_text(gate_line(gate))}** (thresholds: `{thresholds_text}`)", ""]
+    if gate.get("compared"):
+        md += [_md_text("Compared with the base student: " + "; ".join(gate["compared"])), ""]
     if samples:
         md += ["## Sample generations", "", sample_note, ""]
         for i, sample in enumerate(samples, 1):
@@ -372,6 +374,8 @@ def write_report(out_dir: Path, result: dict, log_path: Path | None, cfg: Config
              html_table(headers, rows),
              f'<p class="gate {badge}">Gate: {html.escape(gate_line(gate))}</p>',
              f"<p>thresholds: {html.escape(thresholds_text)}</p>"]
+    if gate.get("compared"):
+        body.append(f"<p>{html.escape('Compared with the base student: ' + '; '.join(gate['compared']))}</p>")
     if result.get("merge"):
         body.append(f'<p class="merge">Merge: {html.escape(merge_line(result["merge"]))}.</p>')
     if samples:

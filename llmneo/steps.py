@@ -144,13 +144,16 @@ def merge_and_evaluate(cfg: Config, dataset_dir: str | Path, teacher_dir: str | 
         return run_merge_eval(cfg, dataset_dir, teacher_dir, student_dir, distill_dir, model_out)
 
 
-def register_model(cfg: Config, model_dir: str | Path, run_id: str | None = None, force: str | None = None) -> dict:
+def register_model(cfg: Config, model_dir: str | Path, run_id: str | None = None, force: str | None = None,
+                   aliases: list[str] | tuple[str, ...] = ()) -> dict:
     """Step 5: upload the merged model into the registry (manifest with sha256/size of every file and
     the lineage, written last), point ``registry.aliases`` at it, mirror it into a Kubeflow Model
     Registry when ``registry.kubeflow_url`` is set. Returns the manifest.
 
-    Only a completed merge-eval (its :class:`EvalCard`) whose gate passed is registered; ``force``
-    (a reason, recorded in the lineage as ``forced``) registers a failed-gate model."""
+    Only a completed merge-eval (its :class:`EvalCard`) whose gate passed is registered, and only
+    with the weights it evaluated (their SHA-256 are in the card); ``force`` (a reason, recorded in the
+    lineage as ``forced``) registers a failed-gate model, which then moves only the ``aliases`` asked
+    for here, not ``registry.aliases``. ``aliases`` are moved in addition to ``registry.aliases``."""
     from llmneo.registry import git_commit, open_registry
     from llmneo.registry.kubeflow import mirror
 
@@ -158,6 +161,7 @@ def register_model(cfg: Config, model_dir: str | Path, run_id: str | None = None
     card = EvalCard.read(model_dir)
     if force is not None and not force.strip():
         raise UserError("register --force: give the reason (it is recorded in the lineage)")
+    card.check_weights(model_dir)
     if not card.passed and force is None:
         reasons = "; ".join(card.gate.get("reasons", [])) or "no reason recorded"
         raise UserError(f"{model_dir}: the gate failed ({reasons}); not registered "
@@ -171,7 +175,8 @@ def register_model(cfg: Config, model_dir: str | Path, run_id: str | None = None
         lineage["forced"] = force.strip()
     registry = open_registry(cfg.registry)
     with environment_faults(cfg.registry.uri):
-        manifest = registry.register(cfg.registry.name, model_dir, lineage, card.metrics, cfg.registry.aliases)
+        move = list(aliases) if force is not None else [*cfg.registry.aliases, *aliases]
+        manifest = registry.register(cfg.registry.name, model_dir, lineage, card.metrics, list(dict.fromkeys(move)))
     kubeflow = mirror(cfg.registry, manifest)
     return {**manifest, **({"kubeflow_model_registry": kubeflow} if kubeflow else {})}
 

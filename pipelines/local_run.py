@@ -96,7 +96,10 @@ def summarize(run_dir: Path, wall: float) -> tuple[str, dict]:
     rows = [[label, card.step_metrics()["seconds"], card.summary_line()] if card else
             [label, "-", "did not run"] for (task, label), card in zip(STEPS[:4], done.values(), strict=True)]
     rows.append([STEPS[4][1], register_seconds if registered else "-", registered or "skipped (gate failed)"])
-    text = table(["step", "seconds", "result"], rows, align_right=False)
+    text = table(["step", "work s", "result"], rows, align_right=False)
+    # two measures, named: the progress lines time whole tasks, the cards time the step's own work
+    text += ("\nwork s: the step's own work (its card); the 'done in' times above are whole tasks, with "
+             "starting Python and loading libraries")
     text += f"\n\ntotal wall time {wall:.1f} s"
     if model_uri:
         text += f"\nreport:           {Path(model_uri) / 'report.md'}"

@@ -326,7 +326,7 @@ def test_merge_eval_disk_full_is_one_line_and_leaves_no_card(tiny_workspace, tmp
 
 
 def test_register_disk_full_is_one_line_and_publishes_nothing(tmp_path, monkeypatch, capsys):
-    from llmneo.cards import EvalCard
+    from llmneo.cards import EvalCard, weight_digests
     from llmneo.registry import open_registry
     from llmneo.steps import register_model
     from llmneo.storage.local import LocalStore
@@ -335,7 +335,7 @@ def test_register_disk_full_is_one_line_and_publishes_nothing(tmp_path, monkeypa
     model.mkdir()
     (model / "model.safetensors").write_bytes(b"w" * 1000)
     (model / "config.json").write_text("{}")
-    EvalCard(gate={"passed": True, "reasons": []}).write(model)
+    EvalCard(gate={"passed": True, "reasons": []}, weights=weight_digests(model)).write(model)
     registry = tmp_path / "registry"
     cfg = load_config("tiny", [f"registry.uri={registry}"])
     real = LocalStore.put_file

@@ -194,3 +194,25 @@ def test_local_summary_names_the_run_id_recorded_in_the_lineage(tmp_path):
     text, facts = summarize(run, 12.0)
     assert facts["run_id"] == "81279140"
     assert f"run folder:       {run}" in text and "run id:           81279140" in text
+    # the table's times are the steps' own work, not the task times of the progress lines: it says so
+    assert text.splitlines()[0].split() == ["step", "work", "s", "result"]
+    assert "work s: the step's own work (its card); the 'done in' times above are whole tasks" in text
+
+
+def test_make_help_lists_the_targets_the_readme_names_and_real_sections():
+    """`make help` lists every `make TARGET` the README sends users to, and each README section it
+    points at exists."""
+    import re
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run(["make", "-s", "help"], cwd=root, capture_output=True, text=True, check=True).stdout
+    readme = (root / "README.md").read_text()
+    listed = set(re.findall(r"^make ([\w-]+)", out, re.M))
+    assert {"run-tiny", "test-fast", "compare"} <= listed
+    assert set(re.findall(r"`make ([\w-]+)`", readme)) <= listed | {"help"}
+    sections = {line.lstrip("#").strip() for line in readme.splitlines() if line.startswith("#")}
+    for name in re.findall(r"README '([^']+)'", out):
+        assert name in sections, name
+    assert "the seed's" not in out

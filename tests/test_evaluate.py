@@ -14,7 +14,7 @@ from llmneo.cards import DistillCard
 from llmneo.config import load_config
 from llmneo.data import collate, read_split
 from llmneo.errors import UserError
-from llmneo.evaluate import evaluate_models, fidelity, gate, lm_eval_scores, merge
+from llmneo.evaluate import compare_to_base, evaluate_models, fidelity, gate, lm_eval_scores, merge
 from llmneo.models import load_causal_lm, load_tokenizer
 
 
@@ -113,6 +113,37 @@ def test_gate_applies_every_threshold():
     assert not gate(cfg, {**good, "kl_to_teacher": float("nan")})[0]  # NaN never passes
     with pytest.raises(UserError, match=r"eval.thresholds\[0\]: 'acc > 3'"):
         gate(load_config("tiny", ["eval.thresholds=acc > 3"]), good)
+
+
+def test_default_gate_is_relative_to_the_base_student():
+    """The default gate can fail: the distilled KL must be at least eval.min_kl_reduction (10 %) below the
+    base student's, and no task score may drop by more than eval.max_task_drop; every comparison is
+    kept with its numbers for the report."""
+    cfg = load_config("smollm2-demo")
+    assert (cfg.eval.gate_vs_base, cfg.eval.min_kl_reduction, cfg.eval.max_task_drop) == (True, 0.1, 0.05)
+    base = {"kl_to_teacher": 3.1281, "perplexity": 12.0, "llmneo_mc/acc": 0.36, "llmneo_mc/acc_norm": 0.40,
+            "llmneo_val_ppl/word_perplexity": 30.0}
+    demo = {"kl_to_teacher": 1.0591, "perplexity": 7.2, "llmneo_mc/acc": 0.47, "llmneo_mc/acc_norm": 0.38,
+            "llmneo_val_ppl/word_perplexity": 40.0}  # perplexities are not task scores
+    passed, reasons = gate(cfg, demo, base)
+    assert (passed, reasons) == (True, [])
+    assert compare_to_base(cfg, demo, base) == [
+        "kl_to_teacher 1.059 <= 2.815 (base 3.128 × (1 - eval.min_kl_reduction 0.1)): pass",
+        "llmneo_mc/acc 0.47 >= 0.31 (base 0.36 - eval.max_task_drop 0.05): pass",
+        "llmneo_mc/acc_norm 0.38 >= 0.35 (base 0.4 - eval.max_task_drop 0.05): pass"]
+    worse = {**demo, "kl_to_teacher": 2.9, "llmneo_mc/acc": 0.30}
+    passed, reasons = gate(cfg, worse, base)
+    assert not passed and reasons == [
+        "kl_to_teacher 2.9 > 2.815 (base 3.128 × (1 - eval.min_kl_reduction 0.1))",
+        "llmneo_mc/acc 0.3 < 0.31 (base 0.36 - eval.max_task_drop 0.05)"]
+    assert gate(cfg, worse)[0] is True  # without the base student's metrics only the absolute rules apply
+    assert gate(cfg, {**demo, "kl_to_teacher": float("nan")}, base)[0] is False
+    assert gate(cfg, demo, {"perplexity": 12.0})[1] == [
+        "kl_to_teacher: the base student's was not evaluated (eval.gate_vs_base needs it)"]
+    off = load_config("smollm2-demo", ["eval.gate_vs_base=false"])
+    assert gate(off, worse, base) == (True, []) and compare_to_base(off, worse, base) == []
+    # the tiny preset (random-init models, 4 steps: the KL may get worse) turns it off on purpose
+    assert load_config("tiny").eval.gate_vs_base is False
 
 
 # --------------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ import pytest
 import tomllib
 
 from conftest import REPO
-from llmneo.cards import EvalCard
+from llmneo.cards import EvalCard, weight_digests
 
 DOCKERFILES = {"cuda": REPO / "images" / "Dockerfile", "cpu": REPO / "images" / "Dockerfile.cpu"}
 PIN = re.compile(r"^([A-Za-z0-9_.\-\[\]]+)==([^\s]+)$")
@@ -173,7 +173,8 @@ def test_light_image_runs_register_and_the_cli_without_torch(tmp_path):
     model.mkdir()
     (model / "model.safetensors").write_bytes(b"\x01" * 64)
     (model / "eval.json").write_text(json.dumps({"metrics": {"kl_to_teacher": 0.1}, "method": "neo"}))
-    EvalCard(method="neo", metrics={"kl_to_teacher": 0.1}, gate={"passed": True, "reasons": []}).write(model)
+    EvalCard(method="neo", metrics={"kl_to_teacher": 0.1}, gate={"passed": True, "reasons": []},
+             weights=weight_digests(model)).write(model)
     script = f"""
 import importlib.abc, json, sys
 BLOCKED = {sorted(blocked)!r}

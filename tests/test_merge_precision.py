@@ -102,6 +102,9 @@ def test_a_bf16_merge_that_loses_the_gain_is_saved_in_fp32(tiny_workspace, bf16_
     assert json.loads((out / "eval.json").read_text())["merge"] == m
     card = EvalCard.read(out)
     assert card.merge == m and card.step_metrics()["merge_gain_lost"] == pytest.approx(m["gain_lost"])
+    # the card holds the SHA-256 of the weights evaluated: the saved safetensors, as register checks them
+    assert set(card.weights) == {p.name for p in out.glob("*.safetensors")} != set()
+    card.check_weights(out)
     for report in ("report.md", "report.html"):
         text = (out / report).read_text()
         assert "saved in float32 instead" in text and f"{m['gain_lost']:.2%} of the gain lost" in text, report

@@ -12,7 +12,7 @@ import uuid
 
 import pytest
 
-from llmneo.cards import EvalCard
+from llmneo.cards import EvalCard, weight_digests
 from llmneo.errors import UserError
 from llmneo.registry import LocalRegistry, file_entries, open_registry, parse_ref, verify
 
@@ -304,7 +304,7 @@ def merge_eval_output(d, passed=True, **metrics):
     gate = {"passed": passed, "reasons": [] if passed else ["kl_to_teacher 0.9 > eval.max_kl_to_teacher 0.5"]}
     (model / "eval.json").write_text(json.dumps({"kind": "eval", "metrics": metrics, "gate": gate}))
     EvalCard(metrics=metrics, teacher="smollm2", student="prune", method="neo", dataset_hash="ds123",
-             gate=gate).write(model)
+             gate=gate, weights=weight_digests(model)).write(model)
     return model
 
 
@@ -431,7 +431,8 @@ def test_register_refuses_a_failed_gate_unless_forced_with_a_reason(tmp_path):
     with pytest.raises(UserError, match="give the reason"):
         register_model(cfg, failed, "run-2", force="  ")
     manifest = register_model(cfg, failed, "run-2", force="hotfix approved by the on-call reviewer")
-    assert manifest["version"] == "v2" and reg.aliases("tiny-neo") == {"latest": "v2"}
+    # a forced version moves no alias unless asked
+    assert manifest["version"] == "v2" and reg.aliases("tiny-neo") == {"latest": "v1"}
     lineage = reg.lineage("tiny-neo:v2")
     assert lineage["forced"] == "hotfix approved by the on-call reviewer" and lineage["gate"]["passed"] is False
     assert "forced" not in reg.lineage("tiny-neo:v1")
@@ -449,3 +450,129 @@ def test_register_cli_force_records_the_reason(tmp_path, capsys):
     assert main([*args[:5], "--force", "release anyway: reviewed", *args[5:]]) == 0
     assert "registered tiny-neo:v1" in capsys.readouterr().out
     assert open_registry(str(tmp_path / "reg")).lineage("tiny-neo:v1")["forced"] == "release anyway: reviewed"
+
+
+# --------------------------------------------------------------------------------------------
+# Links planted inside a shared local registry folder
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("planted", ["demo/v2", "demo", "demo/_aliases", "demo/_aliases/latest"])
+def test_a_link_planted_in_a_local_registry_is_never_followed_out(tmp_path, planted):
+    """Someone with write access to a shared registry folder plants ``<name>/v2 -> elsewhere`` (or a
+    link higher up, or in place of the alias events): register and promote refuse in one line naming
+    the link, nothing outside the registry root is written or created, and what was registered before
+    stays listed and pullable."""
+    root = tmp_path / "registry"
+    reg = open_(str(root))
+    reg.register("demo", make_model(tmp_path / "m1", b"one"), {}, {}, aliases=["latest"])
+    reg.register("demo", make_model(tmp_path / "m0", b"zero"), {}, {})  # v2 exists: the next is v3
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "victim.txt").write_text("do not overwrite")
+    if planted == "demo/v2":
+        planted = "demo/v3"
+    link = root / planted
+    if link.exists():  # move the real folder aside: the link points at a copy elsewhere
+        os.rename(link, elsewhere / "real")
+        link.symlink_to(elsewhere / "real", target_is_directory=True)
+    else:
+        link.symlink_to(elsewhere, target_is_directory=True)
+    before = tree(elsewhere)
+
+    with pytest.raises(UserError) as e:
+        reg.register("demo", make_model(tmp_path / "m2", b"two"), {}, {}, aliases=["latest"])
+    message = str(e.value)
+    assert "\n" not in message and f"{planted} is a symbolic link" in message and "refusing" in message, message
+    if planted.startswith("demo/_aliases"):
+        with pytest.raises(UserError, match=f"{planted} is a symbolic link"):
+            reg.promote("demo:v2", "latest" if planted.endswith("latest") else "production")
+    assert tree(elsewhere) == before
+    assert sorted(p.name for p in elsewhere.iterdir()) == sorted(["victim.txt"] + (["real"] if
+                                                                   (elsewhere / "real").exists() else []))
+    assert not [p for p in tmp_path.rglob("*") if ".tmp-" in p.name]
+    if planted != "demo":  # the registered versions stay listed and pullable
+        assert reg.names() == ["demo"] and reg.versions("demo")[:2] == ["v1", "v2"]
+        reg.pull("demo:v1", tmp_path / "pulled")
+        assert tree(tmp_path / "pulled")["model.safetensors"] == b"one"
+
+
+def test_pull_refuses_a_version_folder_that_is_a_link(tmp_path):
+    """``<name>/v1`` swapped for a link to a copy elsewhere: the registry no longer reads it (it could
+    change under the reader); ``ls`` does not break."""
+    root = tmp_path / "registry"
+    reg = open_(str(root))
+    reg.register("demo", make_model(tmp_path / "m1"), {}, {})
+    reg.register("other", make_model(tmp_path / "m2", b"x"), {}, {})
+    os.rename(root / "demo" / "v1", tmp_path / "copy")
+    (root / "demo" / "v1").symlink_to(tmp_path / "copy", target_is_directory=True)
+    assert reg.names() == ["other"]
+    with pytest.raises(UserError, match="no model named 'demo'"):
+        reg.pull("demo:v1", tmp_path / "pulled")
+    assert not (tmp_path / "pulled").exists()
+
+
+# --------------------------------------------------------------------------------------------
+# Metrics tied to the weights they were measured on; forced versions
+# --------------------------------------------------------------------------------------------
+
+
+def test_register_refuses_weights_swapped_after_merge_eval(tmp_path):
+    """The weights in a merge-eval folder replaced after evaluation (the base student's, say): the
+    card's SHA-256 of every weight file no longer matches, and nothing is registered."""
+    from llmneo.config import load_config
+    from llmneo.steps import register_model
+
+    cfg = load_config("tiny", [f"registry.uri={tmp_path / 'reg'}"])
+    model = merge_eval_output(tmp_path / "model")
+    assert EvalCard.read(model).weights == {"model.safetensors": hashlib.sha256(b"weights").hexdigest()}
+    (model / "model.safetensors").write_bytes(b"the base student")
+    with pytest.raises(UserError) as e:
+        register_model(cfg, model, "run-1")
+    assert str(e.value) == (f"{model}: model.safetensors differs from the weights merge-eval evaluated (sha256 "
+                            f"{hashlib.sha256(b'the base student').hexdigest()[:16]}…, the card says "
+                            f"{hashlib.sha256(b'weights').hexdigest()[:16]}…); not registered: run merge-eval "
+                            f"on these weights")
+    (model / "model.safetensors").write_bytes(b"weights")
+    (model / "model-00002.safetensors").write_bytes(b"extra shard")
+    with pytest.raises(UserError, match=r"model: model-00002.safetensors was not evaluated by merge-eval"):
+        register_model(cfg, model, "run-1")
+    (model / "model-00002.safetensors").unlink()
+    (model / "model.safetensors").unlink()
+    with pytest.raises(UserError, match=r"model: model.safetensors, evaluated by merge-eval, is missing"):
+        register_model(cfg, model, "run-1")
+    assert open_registry(str(tmp_path / "reg")).names() == []
+
+
+def test_a_card_without_weight_digests_is_refused(tmp_path):
+    from llmneo.config import load_config
+    from llmneo.steps import register_model
+
+    cfg = load_config("tiny", [f"registry.uri={tmp_path / 'reg'}"])
+    model = merge_eval_output(tmp_path / "model")
+    card = EvalCard.read(model)
+    card.weights = {}
+    card.write(model)
+    with pytest.raises(UserError, match=r"model: the merge-eval card records no weight digests .*re-run merge-eval"):
+        register_model(cfg, model, "run-1")
+
+
+def test_forced_version_moves_an_alias_only_when_asked_and_is_marked(tmp_path, capsys):
+    from llmneo.cli import main
+
+    reg_dir = tmp_path / "reg"
+    good = merge_eval_output(tmp_path / "good")
+    assert main(["register", "--preset", "tiny", "--model", str(good), f"registry.uri={reg_dir}"]) == 0
+    failed = merge_eval_output(tmp_path / "failed", passed=False, kl_to_teacher=0.9)
+    base = ["register", "--preset", "tiny", "--model", str(failed), "--force", "reviewed", f"registry.uri={reg_dir}"]
+    assert main(base) == 0
+    reg = open_registry(str(reg_dir))
+    assert reg.versions("tiny-neo") == ["v1", "v2"] and reg.aliases("tiny-neo") == {"latest": "v1"}
+    assert main([*base, "--alias", "latest"]) == 0  # the same content: v2 again, now latest as asked
+    assert reg.versions("tiny-neo") == ["v1", "v2"] and reg.aliases("tiny-neo") == {"latest": "v2"}
+    capsys.readouterr()
+    assert main(["registry", "ls", "tiny-neo", "--registry", str(reg_dir)]) == 0
+    rows = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()[3:]}
+    assert "forced" in rows["v2"] and "forced" not in rows["v1"]
+    assert main(["registry", "show", "tiny-neo:v2", "--registry", str(reg_dir)]) == 0
+    assert "forced: reviewed (gate failed: kl_to_teacher 0.9 > eval.max_kl_to_teacher 0.5)" in capsys.readouterr().out

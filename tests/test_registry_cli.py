@@ -72,7 +72,7 @@ def test_registry_from_environment(tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["show", "demo@nope"], "error: registry {reg}: demo has no alias 'nope' (aliases: latest)"),
-    (["show", "other"], "error: registry {reg}: no model named 'other'"),
+    (["show", "other"], "error: registry {reg}: no model named 'other' (models: demo)"),
     (["promote", "demo:v7", "production"], "error: registry {reg}: demo:v7 not found (versions: v1, v2)"),
     (["show", "demo:x"], "error: 'demo:x': version must look like v3 or 3"),
 ])
@@ -178,3 +178,23 @@ def test_ls_on_a_missing_registry_is_an_error(tmp_path):
     (tmp_path / "empty").mkdir()
     proc = llmneo("registry", "ls", "--registry", str(tmp_path / "empty"))
     assert proc.returncode == 0 and proc.stdout.splitlines()[-1] == "(empty)"
+
+
+def test_ls_and_show_of_an_unknown_name_suggest_the_closest(tmp_path):
+    seed(str(tmp_path / "reg"), tmp_path)
+    reg = str(tmp_path / "reg")
+    for args in (["ls", "demp"], ["show", "demp:v1"], ["pull", "demp", str(tmp_path / "x")]):
+        r = llmneo("registry", *args, "--registry", reg)
+        assert r.returncode == 2 and r.stderr == f"error: registry {reg}: no model named 'demp' (did you mean demo?)\n"
+    r = llmneo("registry", "ls", "zzz", "--registry", reg)
+    assert r.stderr == f"error: registry {reg}: no model named 'zzz' (models: demo)\n"
+
+
+def test_ls_flags_a_planted_link_and_lists_the_rest(tmp_path):
+    reg = str(tmp_path / "reg")
+    seed(reg, tmp_path)
+    (tmp_path / "elsewhere").mkdir()
+    os.symlink(tmp_path / "elsewhere", tmp_path / "reg" / "evil", target_is_directory=True)
+    r = llmneo("registry", "ls", "--registry", reg)
+    assert r.returncode == 0 and "demo" in r.stdout and "evil" not in r.stdout
+    assert r.stderr == f"warning: registry {reg}: evil is a symbolic link (skipped; remove it)\n"

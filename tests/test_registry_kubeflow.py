@@ -104,7 +104,7 @@ def test_client_failures_are_one_line_errors(fake):
 
 
 def test_register_step_mirrors_when_configured(fake, tmp_path):
-    from llmneo.cards import EvalCard
+    from llmneo.cards import EvalCard, weight_digests
     from llmneo.config import load_config
     from llmneo.steps import register_model
 
@@ -112,7 +112,7 @@ def test_register_step_mirrors_when_configured(fake, tmp_path):
     model.mkdir()
     (model / "model.safetensors").write_bytes(b"w")
     EvalCard(metrics={"kl_to_teacher": 0.2}, teacher="tiny", student="tiny", method="neo", dataset_hash="ds",
-             gate={"passed": True, "reasons": []}).write(model)
+             gate={"passed": True, "reasons": []}, weights=weight_digests(model)).write(model)
     cfg = load_config("tiny", [f"registry.uri={tmp_path / 'reg'}", f"registry.kubeflow_url={Settings.kubeflow_url}"])
     manifest = register_model(cfg, model, "run-42")
     assert manifest["kubeflow_model_registry"]["version"] == "v1"

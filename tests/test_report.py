@@ -26,7 +26,8 @@ def result(method="neo", samples=True):
         "fidelity": {"base_student": fid, "distilled": fid, "teacher": {**fid, "kl_to_teacher": 0.0}},
         "lm_eval": {"teacher": {"llmneo_mc": {"acc": 0.625, "acc_stderr": 0.05}},
                     "distilled": {"llmneo_mc": {"acc": 0.5}}},
-        "gate": {"passed": True, "reasons": [], "thresholds": ["kl_to_teacher<=2"]},
+        "gate": {"passed": True, "reasons": [], "thresholds": ["kl_to_teacher<=2"],
+                 "compared": ["kl_to_teacher 0.5 <= 0.45 (base 0.5 × (1 - eval.min_kl_reduction 0.1)): fail"]},
         "method": method, "dataset": {"source": "builtin:smollm2_instruct"},
         "models": {"teacher": TEACHER,
                    "base_student": {"source": "prune", "kept_layers": [0, 1, 2, 3, 28, 29, 30, 31], "layers": 8,
@@ -72,7 +73,9 @@ def test_report_sections_samples_and_embedded_curves(tmp_path):
     md, page = md_path.read_text(), html_path.read_text()
     for text in ("## Models", "pruned to 8 of 32 layers (0-3, 28-31)", "## Sample generations",
                  "The capital of France is Paris.", "## Distillation run", "812 tokens/s", "| val\\_loss ",
-                 "| teacher   | llmneo\\_mc | acc      | 0.625   | 0.05     |"):
+                 "| teacher   | llmneo\\_mc | acc      | 0.625   | 0.05     |",
+                 "Compared with the base student: kl\\_to\\_teacher 0.5 \\<= 0.45 (base 0.5 × (1 - "
+                 "eval.min\\_kl\\_reduction 0.1)): fail"):
         assert text in md, text
     # a generation holding ``` cannot close its fence early
     assert "````\nA | B ```\n````" in md
@@ -80,6 +83,7 @@ def test_report_sections_samples_and_embedded_curves(tmp_path):
     assert 0 < len(image) <= MD_IMAGE_BUDGET and "loss_curve.png)" not in md
     assert f'src="data:image/png;base64,{image}"' in page
     assert "<pre>The capital of France is Paris.</pre>" in page and "A | B ```" in page
+    assert "Compared with the base student: kl_to_teacher 0.5 &lt;= 0.45 (base 0.5" in page
     assert "&lt;" not in md  # Markdown is not HTML-escaped; the KFP viewer does not parse raw HTML anyway
 
 

@@ -172,3 +172,18 @@ def test_s3_model_source_refuses_keys_outside_the_prefix(s3_bucket, tmp_path, mo
     with pytest.raises(UserError, match=r"teacher.source: s3://.*/models/m: refusing unsafe path '\.\./\.\./\.\./planted"):
         s3_model_dir(f"s3://{s3_bucket}/models/m")
     assert [p.name for p in (tmp_path / "cache").rglob("*")] == ["s3"]  # no model, no temp folder, no planted.py
+
+
+@pytest.mark.integration
+def test_s3_download_skips_empty_folder_markers(s3_bucket, tmp_path):
+    """The AWS console's "Create folder" leaves a zero-byte object named ``prefix/`` (and ``prefix/sub/``):
+    a folder marker, not tampering. download_prefix skips them and downloads the real objects."""
+    from llmneo.storage.s3 import client
+
+    s3 = client()
+    for key in ("data/", "data/sub/"):
+        s3.put_object(Bucket=s3_bucket, Key=key, Body=b"")
+    s3.put_object(Bucket=s3_bucket, Key="data/sub/part-0.jsonl", Body=b'{"text": "hi"}\n')
+    files = download_prefix(f"s3://{s3_bucket}/data", tmp_path / "out")
+    assert files == [tmp_path / "out" / "sub" / "part-0.jsonl"]
+    assert tree(tmp_path / "out") == {"sub/part-0.jsonl": b'{"text": "hi"}\n'}

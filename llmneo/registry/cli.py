@@ -72,7 +72,8 @@ def cmd_show(args) -> int:
         ["size", f"{_size(m.get('size') or sum(f['size'] for f in m['files']))} in {len(m['files'])} files"],
         ["content digest", m["content_digest"]],
         ["method", lineage.get("method") or "-"], ["teacher", lineage.get("teacher") or "-"],
-        ["student", lineage.get("student") or "-"], ["pipeline run", lineage.get("pipeline_run_id") or "-"]]))
+        ["student", lineage.get("student") or "-"], ["pipeline run", lineage.get("pipeline_run_id") or "-"],
+        ["gate", gate_text(lineage)]]))
     if m.get("metrics"):
         print()
         print(_table(["metric", "value"], [[k, v] for k, v in m["metrics"].items()]))
@@ -81,6 +82,17 @@ def cmd_show(args) -> int:
         print(_table(["file", "size", "sha256"], [[f["path"], f["size"], f["sha256"]] for f in m["files"]]))
     _flag_problems(reg)
     return 0
+
+
+def gate_text(lineage: dict) -> str:
+    """``pass``, ``fail: …`` or, for a version registered with --force, ``forced: REASON (gate failed: …)``."""
+    gate = lineage.get("gate")
+    failed = "; ".join(gate.get("reasons", [])) if isinstance(gate, dict) else ""
+    if lineage.get("forced"):
+        return f"forced: {lineage['forced']}" + (f" (gate failed: {failed})" if failed else "")
+    if not isinstance(gate, dict):
+        return "-"
+    return "pass" if gate.get("passed") else f"fail: {failed}"
 
 
 def cmd_pull(args) -> int:
@@ -111,9 +123,9 @@ def cmd_lineage(args) -> int:
         return 0
     metrics = lineage.pop("metrics", {})
     lineage.pop("config", None)  # the full resolved configuration: --json shows it
-    gate = lineage.pop("gate", None)
-    if isinstance(gate, dict):
-        lineage["gate"] = "pass" if gate.get("passed") else "fail: " + "; ".join(gate.get("reasons", []))
+    if lineage.get("gate") is not None or lineage.get("forced"):
+        lineage["gate"] = gate_text(lineage)
+        lineage.pop("forced", None)
     rows = [[k, v if v is not None else "-"] for k, v in lineage.items()]
     rows += [[f"metric {k}", v] for k, v in metrics.items()]
     print(_table(["what", "value"], rows))

@@ -192,12 +192,30 @@ class Registry:
                     complete.append(n)
             elif len(parts) == 4 and parts[1] == ALIASES and parts[3].endswith(".json") and parts[3][:-5].isdigit():
                 events.setdefault(parts[2], []).append(int(parts[3][:-5]))
+        self._flag_links()
         return claimed | set(complete), [f"v{n}" for n in sorted(complete)], \
             {a: sorted(s) for a, s in sorted(events.items())}
 
+    def _flag_links(self) -> None:
+        """One problem line per symbolic link a local listing skipped (planted in a shared folder)."""
+        for link in sorted(getattr(self.store, "links", ())):
+            self._flag(f"registry {self.uri}: {link} is a symbolic link (skipped; remove it)")
+
     def names(self) -> list[str]:
         """Model names with at least one complete version."""
-        return [n for n in self.store.children("") if NAME_RE.match(n) and self.versions(n)]
+        names = [n for n in self.store.children("") if NAME_RE.match(n) and self.versions(n)]
+        self._flag_links()
+        return names
+
+    def _no_model(self, name: str) -> UserError:
+        """"no model named X", with the closest registered name (or the names, when none is close)."""
+        import difflib
+
+        names = self.names()
+        close = difflib.get_close_matches(name, names, n=1)
+        hint = (f" (did you mean {close[0]}?)" if close else f" (models: {', '.join(names[:10])}"
+                f"{', …' if len(names) > 10 else ''})" if names else "")
+        return UserError(f"registry {self.uri}: no model named {name!r}{hint}")
 
     def versions(self, name: str) -> list[str]:
         """Complete versions of ``name``, oldest first (``["v1", "v2", …]``)."""
@@ -272,7 +290,7 @@ class Registry:
         name, version, alias = parse_ref(ref)
         _, versions, events = self._scan(name)
         if not versions:
-            raise UserError(f"registry {self.uri}: no model named {name!r}")
+            raise self._no_model(name)
         if alias is not None:
             if alias not in events:
                 raise UserError(f"registry {self.uri}: {name} has no alias {alias!r}"
@@ -425,7 +443,7 @@ class Registry:
         """One row per version of ``name``; damaged manifests are flagged and skipped."""
         versions = self.versions(name)
         if not versions:
-            raise UserError(f"registry {self.uri}: no model named {name!r}")
+            raise self._no_model(name)
         aliases = self.aliases(name)
         rows = []
         for version in versions:
@@ -434,7 +452,8 @@ class Registry:
                 continue
             metrics = m.get("metrics") if isinstance(m.get("metrics"), dict) else {}
             lineage = m.get("lineage") if isinstance(m.get("lineage"), dict) else {}
-            rows.append([version, m["created"], _size(m.get("size") or sum(f["size"] for f in m["files"])),
+            forced = " (forced)" if lineage.get("forced") else ""  # registered with --force: the gate failed
+            rows.append([version + forced, m["created"], _size(m.get("size") or sum(f["size"] for f in m["files"])),
                          len(m["files"]), ", ".join(a for a, v in aliases.items() if v == version) or "-",
                          metrics.get("kl_to_teacher"), metrics.get("top1_agreement"),
                          metrics.get("llmneo_mc/acc"), lineage.get("pipeline_run_id") or "-"])

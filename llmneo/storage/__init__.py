@@ -66,11 +66,13 @@ def download_prefix(source: str | Path | Store, dest: str | Path, label: str | N
 
     Every key is checked with :func:`safe_path` *before* the first file is written (a key with ``..``
     or an absolute part refuses the whole download); each file is verified by the store and appears
-    only once complete. Zero-byte folder markers (keys ending in ``/``) are skipped. Returns the files.
+    only once complete. Zero-byte folder markers (keys ending in ``/``, such as the AWS console's
+    "Create folder" makes; the prefix's own marker is the empty key) are skipped; a key ending in
+    ``/`` that holds data is refused like any other unsafe key. Returns the files.
     """
     store = source if isinstance(source, Store) else open_store(source, label=label)
     what = label or store.label
-    keys = [k for k in store.list("") if not k.endswith("/")]
+    keys = [e.key for e in store.entries("") if not (e.size == 0 and (e.key == "" or e.key.endswith("/")))]
     if not keys:
         raise UserError(f"{what}: no objects under this prefix")
     targets = [safe_path(k, dest, what) for k in keys]
