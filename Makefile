@@ -4,9 +4,12 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PRESET ?= smollm2-demo
-export HF_HUB_OFFLINE ?= 1
-export HF_DATASETS_OFFLINE ?= 1
-export TRANSFORMERS_OFFLINE ?= 1
+# tests, CI and the tools never reach the Hugging Face hub; `llmneo run` (make run) decides by itself:
+# offline when every input is local or packaged, online when a preset or override names an hf: source
+OFFLINE_TARGETS := setup compare lint test test-fast pipeline check-drift images containers
+$(OFFLINE_TARGETS): export HF_HUB_OFFLINE ?= 1
+$(OFFLINE_TARGETS): export HF_DATASETS_OFFLINE ?= 1
+$(OFFLINE_TARGETS): export TRANSFORMERS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
 .PHONY: setup run run-tiny test test-fast lint pipeline check-drift bench compare images containers clean help

@@ -127,7 +127,9 @@ class DistillConfig:
     alpha: float = _f(0.5, lo=0.0, hi=1.0, doc="loss = (1-alpha)*CE + alpha*T^2*D(teacher||student)")
     temperature: float = _f(1.0, lo=0.0, lo_open=True, doc="KD softmax temperature T")
     divergence: Literal["forward_kl", "reverse_kl", "jsd"] = _f("forward_kl", doc="D in the KD term")
-    jsd_beta: float = _f(0.5, lo=0.0, hi=1.0, doc="beta of the generalized JSD (0 = forward KL, 1 = reverse KL)")
+    jsd_beta: float = _f(0.5, lo=0.0, hi=1.0,
+                         doc="beta of the generalized JSD (exactly 0 = forward KL, exactly 1 = reverse KL; "
+                             "near 0 or 1 the JSD shrinks ~β-fold, e.g. 0.001 → ~1000× smaller KD)")
     topk_tail: Literal["tail", "renormalize"] = _f(
         "tail", doc="offline teacher (teacher.mode=offline): mass outside the cached top-k is one extra "
         "'tail' bucket, or dropped with both distributions renormalized over the top-k")

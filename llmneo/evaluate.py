@@ -38,7 +38,7 @@ from llmneo.config import Config, parse_threshold
 from llmneo.data import collate, read_split
 from llmneo.data_output import IGNORE_INDEX
 from llmneo.errors import UserError
-from llmneo.heads import logits_head
+from llmneo.heads import check_logits_head, logits_head
 from llmneo.lora import merge_adapter  # the one place adapters are merged (peft LoRA variants, MoSLoRA)
 from llmneo.losses import divergence, shift_mask
 from llmneo.models import load_causal_lm, load_tokenizer, model_location
@@ -215,6 +215,10 @@ def fidelity(models: dict[str, torch.nn.Module], teacher: torch.nn.Module, rows:
     device = next(teacher.parameters()).device
     runners = {name: _hidden_and_head(m) for name, m in models.items()}
     t_hidden_fn, t_head = _hidden_and_head(teacher)
+    checks = {f"model {name!r}": (models[name], *runners[name]) for name in models}
+    checks["teacher"] = (teacher, t_hidden_fn, t_head)
+    for role, (model, hidden_fn, head) in checks.items():  # the head path gives the model's logits, or refuse
+        check_logits_head(model, role, head, lambda ids, fn=hidden_fn: fn(ids, torch.ones_like(ids)))
     sums = {name: {"kl": 0.0, "agree": 0.0, "nll": 0.0} for name in [*models, "teacher"]}
     n_tokens = 0
     for b, start in enumerate(range(0, len(rows), batch_size)):

@@ -14,6 +14,9 @@ What is checked, per input (``data.source``, ``teacher.source``, ``student.sourc
   objects are checked by the step that reads them);
 - ``hf:ID[@REV]``: the id's form only; named sources (``tiny``, ``smollm2``, ``prune``) are built by
   the steps themselves.
+
+:func:`hub_access` decides whether a local run needs the Hugging Face hub at all: offline when every
+input is local or packaged, else one probe of the hub (seconds) and one line when it is unreachable.
 """
 
 from __future__ import annotations
@@ -143,3 +146,66 @@ def check_cache_writable(folder: str = "/cache") -> None:
         raise UserError(f"{folder}: the cache volume (PVC llmneo-cache) is not writable by uid {os.geteuid()} "
                         f"(owner {st.st_uid}:{st.st_gid}, mode {st.st_mode & 0o7777:o}; {e.strerror}): run the "
                         f"one-shot Job in k8s/cache-owner, or export the volume owned by 1000") from None
+
+
+# --------------------------------------------------------------------------------------------
+# The Hugging Face hub: needed at all, and reachable?
+# --------------------------------------------------------------------------------------------
+
+HUB_PROBE_SECONDS = 5.0
+DEFAULT_HUB = "https://huggingface.co"
+
+
+def hub_inputs(cfg: Config) -> list[str]:
+    """The inputs of ``cfg`` that come from the Hugging Face hub, as ``key=value``: ``hf:`` data and
+    model sources, and lm-eval tasks that are not llmneo's own (their datasets are on the hub)."""
+    from llmneo.task_index import local_task_names
+
+    needed = [f"{key}={value}" for key, value in (("data.source", cfg.data.source),
+                                                  ("teacher.source", cfg.teacher.source),
+                                                  ("student.source", cfg.student.source))
+              if value.startswith("hf:")]
+    hub_tasks = [t for t in cfg.eval.lm_eval_tasks if t not in local_task_names()]
+    if hub_tasks:
+        needed.append(f"eval.lm_eval_tasks={','.join(hub_tasks)}")
+    return needed
+
+
+def _offline_set() -> bool:
+    return any(os.environ.get(k, "").strip().lower() in ("1", "true", "yes", "on")
+               for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def hub_unreachable(endpoint: str, timeout: float = HUB_PROBE_SECONDS) -> str | None:
+    """None when ``endpoint`` answers (any HTTP status), else why not (one short phrase). One request,
+    no retries."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(urllib.request.Request(endpoint, method="HEAD"), timeout=timeout).close()
+    except urllib.error.HTTPError:
+        return None  # it answered
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        reason = getattr(e, "reason", e)
+        return str(reason).strip() or type(e).__name__
+    return None
+
+
+def hub_access(cfg: Config) -> None:
+    """Set offline mode (``HF_HUB_OFFLINE=1``, for this process and the steps it starts) when no input
+    needs the hub. When one does — and the user did not ask for offline mode, which uses the local
+    Hugging Face cache only — probe the hub once and raise a one-line :class:`UserError` naming the
+    inputs when it is unreachable, instead of each step retrying downloads for minutes."""
+    needed = hub_inputs(cfg)
+    if not needed:
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        return
+    if _offline_set():
+        return
+    endpoint = os.environ.get("HF_ENDPOINT", "").strip() or DEFAULT_HUB
+    why = hub_unreachable(endpoint)
+    if why:
+        raise UserError(f"{'; '.join(needed)}: needs the Hugging Face hub, and {endpoint} is unreachable ({why}); "
+                        f"check the network or proxy (HTTPS_PROXY), or set HF_HUB_OFFLINE=1 to use only the "
+                        f"local Hugging Face cache")

@@ -128,6 +128,18 @@ def _series(log: list[dict], key: str) -> tuple[list[int], list[float]]:
     return [p[0] for p in points], [p[1] for p in points]
 
 
+def validation_pair(log: list[dict]) -> tuple[str, str]:
+    """(validation key, training key) that measure the same thing: the weighted loss on both sides
+    when validation has the KD term (online teacher) or training has none (sft, lora, alpha 0); else
+    (``teacher.mode=offline``: the top-k cache covers the train split only, validation is CE alone)
+    the CE on both sides, not raw validation CE beside the weighted training loss."""
+    val_has_kd = any("val_kd" in r for r in log)
+    train_has_kd = any((r.get("kd") or 0) > 0 for r in log)
+    if val_has_kd or not train_has_kd:
+        return "val_loss", "loss"
+    return ("val_ce" if any("val_ce" in r for r in log) else "val_loss"), "ce"
+
+
 def plot_loss(log: list[dict], out_png: Path) -> Path | None:
     """The training curves as one PNG (matplotlib, headless), one panel per quantity so that none is
     flattened by another's scale: loss and CE; KD (log scale); learning rate; validation loss (when
@@ -165,8 +177,10 @@ def plot_loss(log: list[dict], out_png: Path) -> Path | None:
 
     val_steps, val = _series(log, "val_loss")
     if val:
-        ax_val.plot(val_steps, val, color="tab:red", marker="o", label="val loss")
-        ax_val.plot(*_series(log, "loss"), color="tab:blue", alpha=0.4, label="train loss")
+        val_key, train_key = validation_pair(log)
+        name = "loss" if train_key == "loss" else "CE"
+        ax_val.plot(*_series(log, val_key), color="tab:red", marker="o", label=f"val {name}")
+        ax_val.plot(*_series(log, train_key), color="tab:blue", alpha=0.4, label=f"train {name}")
         ax_val.legend()
         ax_val.set_title("validation loss (val split)")
     else:

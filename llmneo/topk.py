@@ -36,7 +36,7 @@ import torch
 
 from llmneo.cards import DatasetCard
 from llmneo.errors import UserError
-from llmneo.heads import logits_head
+from llmneo.heads import check_fast_paths, logits_head
 
 META = "meta.json"
 FORMAT = 1
@@ -211,9 +211,11 @@ def build_topk_cache(cfg, teacher, dataset_dir: str | Path, out_dir: str | Path,
     if not isinstance(teacher, torch.nn.Module):
         teacher = load_causal_lm(teacher, dtype=dtype)
     teacher = teacher.to(device=device, dtype=dtype).eval()
+    card = DatasetCard.read(dataset_dir)
+    check_fast_paths(teacher, "teacher", packed=bool(card.packing))  # its own logits (llmneo.heads), or refuse
     k = min(tcfg.topk, vocab_size)
     n_rows = pq.ParquetFile(split_path(dataset_dir, "train")).metadata.num_rows
-    positions = DatasetCard.read(dataset_dir).loss_positions("train")
+    positions = card.loss_positions("train")
     out_dir = Path(out_dir)
     if out_dir.exists():
         shutil.rmtree(out_dir)  # a stale or partial cache must not be mixed with this one

@@ -59,7 +59,7 @@ from llmneo.cards import DatasetCard, DistillCard
 from llmneo.config import FINGERPRINT_SECTIONS, Config
 from llmneo.data import IGNORE_INDEX, collate, read_split
 from llmneo.errors import UserError, environment_error
-from llmneo.heads import logits_head
+from llmneo.heads import check_fast_paths, logits_head
 from llmneo.launch import (
     STEP_LABEL_ENV,
     TrainerInputs,
@@ -284,6 +284,7 @@ class DistillTrainer:
         self.max_steps = self.d.total_steps(len(self.train_rows))
         self.val_rows = read_split(self.inputs.dataset, "val") if self.d.eval_every else []
         self.val_targets = [count_targets([r]) for r in self.val_rows]
+        self.packed = "position_ids" in self.train_rows[0]  # data.packing: rows of several examples
         if self.rank == 0:
             note = "" if self.val_rows or not self.d.eval_every else "; distill.eval_every: the val split is empty"
             print(f"distill: {self.d.length_line(len(self.train_rows))}{note}", file=sys.stderr, flush=True)
@@ -322,6 +323,8 @@ class DistillTrainer:
         if d.activation_checkpointing:  # non-reentrant: works with a frozen base and with FSDP2
             base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         student.to(self.device)
+        with self.autocast:  # the fast paths compute the model's own logits (llmneo.heads), or refuse
+            check_fast_paths(base, "student", head=d.loss_impl == "chunked", packed=self.packed)
         student.train()
         self.student = student
         self.distill_module = module = DistillModule(student, LossSpec.from_config(d))
@@ -360,6 +363,7 @@ class DistillTrainer:
         teacher = self.load_teacher().to(self.device)
         teacher.eval()
         teacher.requires_grad_(False)
+        check_fast_paths(teacher, "teacher", head=self.d.loss_impl == "chunked", packed=self.packed)
         student_vocab = base_model(self.student).get_output_embeddings().out_features
         if teacher.get_output_embeddings().out_features < student_vocab:
             raise UserError(f"teacher {self.inputs.teacher}: vocabulary smaller than the student's ({student_vocab})")

@@ -13,7 +13,6 @@ bar, then the summary; each step's full output is in ``<run folder>/logs/<task>.
 """
 
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -21,7 +20,7 @@ from pathlib import Path
 from llmneo.cards import DatasetCard, DistillCard, EvalCard, ModelCard, ModelCards
 from llmneo.config import load_config
 from llmneo.errors import UserError
-from llmneo.preflight import preflight
+from llmneo.preflight import hub_access, preflight
 from llmneo.registry import MANIFEST
 from llmneo.report import table
 from llmneo.steps import STEPS as PIPELINE_STEPS
@@ -158,6 +157,7 @@ def run_local(preset: str, overrides: list[str], pipeline_root: str = "runs/kfp"
 
     cfg = load_config(preset, overrides)  # validate before anything runs
     preflight(cfg)  # every input exists and is readable: a missing file fails now, not after retries
+    hub_access(cfg)  # offline when every input is local or packaged; else the hub must answer
     overrides = list(overrides)
     registry = cfg.registry.uri  # the override, else $LLMNEO_REGISTRY, else the preset's
     # components run in their own processes (and read the preset again): pin the registry that this
@@ -166,7 +166,6 @@ def run_local(preset: str, overrides: list[str], pipeline_root: str = "runs/kfp"
     overrides.append(f"registry.uri={Path(registry.removeprefix('file://')).resolve() if is_local else registry}")
     root = Path(pipeline_root).resolve()
     root.mkdir(parents=True, exist_ok=True)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if runner == "containers":  # every step in the project's images; only the pipeline root is shared
         from llmneo_components.images import CPU_IMAGE, IMAGE
         from llmneo_pipelines import container_run

@@ -137,6 +137,17 @@ def test_jsd_endpoints():
     assert (mid >= 0).all() and (mid <= math.log(2) + 1e-6).all()  # JSD is bounded by log 2
 
 
+@pytest.mark.parametrize("beta", [1e-3, 1 - 1e-3])
+def test_jsd_near_an_endpoint_is_about_beta_times_smaller_not_the_kl(beta):
+    """What docs/configuration.md says: exactly 0/1 switch to forward/reverse KL (TRL), while β = 0.001
+    (or 0.999) gives a KD term ~1000× smaller than that KL."""
+    g = torch.Generator().manual_seed(0)
+    s, t = 2 * torch.randn(64, 100, generator=g), 2 * torch.randn(64, 100, generator=g)
+    near = float(divergence(s, t, LossSpec(divergence="jsd", jsd_beta=beta)).mean())
+    end = float(divergence(s, t, LossSpec(divergence="jsd", jsd_beta=round(beta))).mean())
+    assert 0.5e-3 < near / end < 2e-3
+
+
 # ---------------------------------------------------------------------------- trainable head (sft/kd)
 
 

@@ -135,3 +135,36 @@ def test_tables_use_tabulate_and_fit_a_width():
     # _ and * would start emphasis in the KFP UI's Markdown viewer: kl_to_teacher → "kltoteacher"
     assert markdown_table(["kl_to_teacher"], [["a*b"]]).splitlines()[::2] == ["| kl\\_to\\_teacher   |",
                                                                              "| a\\*b              |"]
+
+
+@pytest.mark.parametrize("online", [True, False])
+def test_validation_panel_plots_like_against_like(tmp_path, online):
+    """teacher.mode=offline: validation has no KD term (the top-k cache holds the train split only), so
+    its loss is the raw CE; the panel puts it beside the training CE, not the weighted training loss.
+    With an online teacher both sides are the weighted loss (1-α)·CE + α·KD."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    log = log_rows(kd=1.0)
+    for r in log:
+        if "val_loss" in r:
+            r["val_ce"] = r["val_loss"] if not online else r["val_loss"] + 1.0
+            if online:
+                r["val_kd"] = 0.5
+    saved = {}
+    original = plt.Figure.savefig
+
+    def keep(fig, path, *a, **k):
+        saved["lines"] = {line.get_label(): list(line.get_ydata()) for line in fig.axes[3].lines}
+        return original(fig, path, *a, **k)
+
+    plt.Figure.savefig = keep
+    try:
+        plot_loss(log, tmp_path / "c.png")
+    finally:
+        plt.Figure.savefig = original
+    name, key = ("loss", "loss") if online else ("CE", "ce")
+    assert saved["lines"] == {f"val {name}": [r[f"val_{key}"] for r in log if "val_loss" in r],
+                              f"train {name}": [r[key] for r in log]}
