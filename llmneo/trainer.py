@@ -62,7 +62,7 @@ from llmneo.errors import UserError
 from llmneo.heads import logits_head
 from llmneo.launch import STEP_LABEL_ENV, TrainerInputs, checkpoint_root, die_with_parent, read_workdir
 from llmneo.lora import apply_lora, base_model, save_adapter
-from llmneo.losses import LossSpec, chunked_distill_loss, selected_loss, shift_mask
+from llmneo.losses import LossSpec, chunked_distill_loss, gather_positions, selected_loss, target_positions
 from llmneo.models import load_causal_lm, torch_dtype
 from llmneo.signals import CachedTopK, OnlineTeacher, TeacherSignal
 
@@ -109,26 +109,49 @@ class DistillModule(nn.Module):
         self._signal[0] = signal
         self.spec = self.configured_spec.with_teacher(signal is not None)
 
-    def forward(self, input_ids, labels, attention_mask=None, position_ids=None, **signal_rows):
+    def forward(self, input_ids, labels, attention_mask=None, position_ids=None, target_index=None,
+                target_ids=None, **signal_rows):
         """Sums over the micro-batch's target tokens: (loss, ce, kd). Packed rows come with
         ``position_ids`` and no ``attention_mask`` (:func:`llmneo.data.collate`); ``signal_rows``
-        are what the signal added to the batch (:meth:`TeacherSignal.batch_rows`)."""
+        are what the signal added to the batch (:meth:`TeacherSignal.batch_rows`). ``target_index`` /
+        ``target_ids``: :func:`llmneo.losses.target_positions` of ``labels``, computed on the host by
+        :func:`device_batch` (else here, which makes a device wait for the mask's size)."""
         spec, signal = self.spec, self._signal[0]
         inputs = {"input_ids": input_ids, "use_cache": False}
         if position_ids is not None:
             inputs["position_ids"] = position_ids
-        else:
+        elif attention_mask is not None:
             inputs["attention_mask"] = attention_mask
-        mask, targets = shift_mask(labels)
+        if target_index is None:
+            target_index, target_ids = target_positions(labels)
         chunked = spec.loss_impl == "chunked"
-        teacher = signal.targets(inputs, mask, signal_rows, chunked=chunked) if signal is not None else None
+        teacher = signal.targets(inputs, target_index, signal_rows, chunked=chunked) if signal is not None else None
         if not chunked:  # full [B, L, V] fp32 logits: the reference / benchmark baseline
-            sums = selected_loss(self.student(**inputs).logits[:, :-1][mask].float(), targets, teacher, spec)
+            logits = gather_positions(self.student(**inputs).logits, target_index).float()
+            sums = selected_loss(logits, target_ids, teacher, spec)
             return sums.loss, sums.ce, sums.kd
         base = base_model(self.student)
-        hidden = base.get_decoder()(**inputs).last_hidden_state[:, :-1][mask]
-        sums = chunked_distill_loss(hidden, targets, logits_head(base), teacher, spec)
+        hidden = gather_positions(base.get_decoder()(**inputs).last_hidden_state, target_index)
+        sums = chunked_distill_loss(hidden, target_ids, logits_head(base), teacher, spec)
         return sums.loss, sums.ce, sums.kd
+
+
+def device_batch(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """A collated micro-batch (:func:`llmneo.data.collate`, on the host) ready for
+    :meth:`DistillModule.forward` on ``device`` without any device→host synchronisation:
+
+    - the positions to train on are selected here, from the labels on the host
+      (:func:`llmneo.losses.target_positions`);
+    - the ``attention_mask`` of plain rows is dropped: rows are right-padded and attention is causal,
+      so no labelled position ever sees the padding, and without a mask transformers takes the causal
+      kernel path instead of reading the mask on the device to find that out (packed rows keep
+      their ``position_ids``: transformers still inspects those on the device);
+    - tensors are copied with ``non_blocking=True`` (from pinned memory on CUDA)."""
+    batch = dict(batch)
+    batch["target_index"], batch["target_ids"] = target_positions(batch["labels"])
+    batch.pop("attention_mask", None)
+    pin = device.type == "cuda"
+    return {k: (v.pin_memory() if pin else v).to(device, non_blocking=True) for k, v in batch.items()}
 
 
 # --------------------------------------------------------------------------------------------
@@ -368,6 +391,10 @@ class DistillTrainer:
         if cache.meta.get("split", "train") != "train" or len(cache) != len(self.train_rows):
             raise UserError(f"{path}: top-k cache holds {len(cache)} rows of split {cache.meta.get('split')!r}, "
                             f"the dataset's train split has {len(self.train_rows)}: re-run the teacher step")
+        student_vocab = base_model(self.student).get_output_embeddings().out_features
+        if cache.vocab_size > student_vocab:
+            raise UserError(f"{path}: top-k cache over a vocabulary of {cache.vocab_size}, the student has "
+                            f"{student_vocab}: re-run the teacher step with this student")
         cached_hash, ours = cache.meta.get("dataset_hash"), self.dataset_card.dataset_hash
         if cached_hash and ours and cached_hash != ours:
             raise UserError(f"{path}: top-k cache was computed for dataset {cached_hash}, this dataset is "
@@ -444,7 +471,7 @@ class DistillTrainer:
         batch = collate([self.train_rows[i] for i in indices], self.pad_id)
         if self.distill_module.signal is not None:
             batch.update(self.distill_module.signal.batch_rows(indices))
-        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        return device_batch(batch, self.device)
 
     # ------------------------------------------------------------------ train
     def _grad_sync(self, enabled: bool):
@@ -455,6 +482,16 @@ class DistillTrainer:
         if hasattr(self.module, "no_sync") and not enabled:  # DDP
             return self.module.no_sync()
         return nullcontext()
+
+    def micro_step(self, inputs: dict[str, torch.Tensor], n_tokens: int, last: bool):
+        """Forward + backward of one micro-batch (gradients accumulate); returns its (ce, kd) sums as
+        device tensors. ``last``: the step's last micro-batch, where DDP/FSDP reduce the gradients."""
+        with self._grad_sync(last):
+            with self.autocast:
+                loss, ce, kd = self.module(**inputs)
+            # DDP/FSDP average gradients over ranks: scale by world / global target tokens
+            (loss * self.world / max(1, n_tokens)).backward()
+        return ce, kd
 
     def train_step(self, step: int) -> dict:
         """One optimizer step over the global batch of ``step``; returns its log record."""
@@ -470,15 +507,9 @@ class DistillTrainer:
         for micro in range(self.accum):
             rows = mine[micro * d.micro_batch_size:(micro + 1) * d.micro_batch_size]
             seen_tokens += sum(len(self.train_rows[i]["input_ids"]) for i in rows)
-            inputs = self.micro_batch(rows)
-            with self._grad_sync(micro == self.accum - 1):
-                with self.autocast:
-                    loss, ce, kd = self.module(**inputs)
-                # DDP/FSDP average gradients over ranks: scale by world / global target tokens
-                (loss * self.world / max(1, n_tokens)).backward()
+            ce, kd = self.micro_step(self.micro_batch(rows), n_tokens, last=micro == self.accum - 1)
             ce_sum += ce
             kd_sum += kd
-            del loss, inputs
         if self.world > 1:
             stats = torch.stack([ce_sum, kd_sum, torch.tensor(float(seen_tokens), device=self.device)])
             dist.all_reduce(stats)
@@ -543,7 +574,7 @@ class DistillTrainer:
                     indices = mine[i] if i < len(mine) else batches[0]
                     batch = collate([rows[j] for j in indices], self.pad_id)
                     with self.autocast:
-                        _, ce, kd = module(**{k: v.to(self.device) for k, v in batch.items()})
+                        _, ce, kd = module(**device_batch(batch, self.device))
                     if i < len(mine):
                         sums += torch.stack([torch.as_tensor(ce, dtype=torch.float64, device=self.device),
                                              torch.as_tensor(kd, dtype=torch.float64, device=self.device),
