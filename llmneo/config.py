@@ -157,6 +157,9 @@ class DistillConfig:
     frozen_dtype: Literal["auto", "bf16", "fp32"] = _f(
         "auto", doc="lora/neo: dtype of the frozen base weights; auto = bf16 when training in bf16 with ddp "
         "(half the base's memory, no per-step weight casts), else fp32. The trainable weights stay fp32")
+    compile: Literal["auto", True, False] = _f(
+        "auto", doc="torch.compile each student decoder layer (regional: compile time of one layer); auto = on "
+        "for CUDA, off on CPU")
     activation_checkpointing: bool = _f(False, doc="recompute decoder-layer activations in backward (less memory)")
     strategy: Literal["ddp", "fsdp"] = _f(
         "ddp", doc="ddp: replicate the student; fsdp: shard it per decoder layer (FSDP2 fully_shard)")

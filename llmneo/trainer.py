@@ -337,6 +337,11 @@ class DistillTrainer:
             base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         student.to(self.device)
         student.train()
+        if self.compiles():
+            # regional compilation: each decoder layer on its own (in place, parameters unchanged), so
+            # compile time is that of one layer; the mask creation and the loss stay eager
+            for layer in getattr(base.get_decoder(), "layers", []):
+                layer.compile()
         self.student = student
         self.distill_module = module = DistillModule(student, LossSpec.from_config(d))
         if self.world > 1 and d.strategy == "fsdp":
@@ -355,6 +360,11 @@ class DistillTrainer:
         self.trainable_count = sum(p.numel() for p in student.parameters() if p.requires_grad)
         # dropout masks differ per rank (restored from the checkpoint on resume)
         torch.manual_seed(d.seed + 1 + self.rank)
+
+    def compiles(self) -> bool:
+        """``distill.compile``: auto = on for CUDA, off on CPU (compile time outweighs its gain there)."""
+        choice = self.d.compile
+        return self.device.type == "cuda" if choice == "auto" else bool(choice)
 
     def frozen_dtype(self) -> torch.dtype:
         """The frozen base's dtype under lora/neo: ``distill.frozen_dtype``; auto = bf16 when training in
