@@ -264,6 +264,7 @@ class DistillTrainer:
         self._setup_model()
         self._setup_teacher()
         self._setup_optimizer()
+        self._setup_micro_batch()
         self._setup_resume()
 
     def _setup_distributed(self) -> None:
@@ -280,10 +281,17 @@ class DistillTrainer:
 
             hf_logging.disable_progress_bar()
         d = self.d
-        if d.global_batch_size % (self.world * d.micro_batch_size):
+        if d.global_batch_size % self.world:
+            raise UserError(f"distill.global_batch_size={d.global_batch_size} must be a multiple of "
+                            f"world size ({self.world})")
+        self.per_rank = d.global_batch_size // self.world
+        if d.micro_batch_size == "auto":  # set for real once the models exist (_setup_micro_batch)
+            self._set_micro_batch(max(m for m in (1, 2) if self.per_rank % m == 0))
+        elif self.per_rank % d.micro_batch_size:
             raise UserError(f"distill.global_batch_size={d.global_batch_size} must be a multiple of "
                             f"world size ({self.world}) × distill.micro_batch_size ({d.micro_batch_size})")
-        self.accum = d.global_batch_size // (self.world * d.micro_batch_size)
+        else:
+            self._set_micro_batch(d.micro_batch_size)
         self.bf16 = bf16 = d.precision == "bf16" or (d.precision == "auto" and self.device.type == "cuda")
         self.autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if bf16 else nullcontext())
         # the same seed on every rank: identical initialization (LoRA A, MoSLoRA mixer) everywhere
@@ -418,6 +426,50 @@ class DistillTrainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_lambda(s, self.max_steps, d.warmup_ratio))
 
+    def _set_micro_batch(self, size: int) -> None:
+        self.micro_batch_size = size
+        self.accum = self.per_rank // size
+
+    def _setup_micro_batch(self) -> None:
+        """``distill.micro_batch_size=auto`` on CUDA: the largest divisor of the per-process batch whose
+        forward + backward on the longest train rows peaks within ``distill.max_memory_gib`` (0: 90% of
+        the device), AdamW's two fp32 moments of the trainable weights added (allocated at the first
+        step). All ranks take the smallest fit. On CPU auto stays at 2 (or 1)."""
+        if self.d.micro_batch_size != "auto" or self.device.type != "cuda":
+            return
+        budget = self.d.max_memory_gib * 2**30 or 0.9 * torch.cuda.get_device_properties(self.device).total_memory
+        budget -= 2 * 4 * sum(p.numel() for p in self.trainable)
+        longest = sorted(range(len(self.train_rows)), key=lambda i: -len(self.train_rows[i]["input_ids"]))
+        rng = torch.get_rng_state(), torch.cuda.get_rng_state(self.device)
+        chosen = 1
+        for size in sorted((m for m in range(1, self.per_rank + 1) if self.per_rank % m == 0), reverse=True):
+            if size == 1:
+                break
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(self.device)
+            try:
+                rows = [longest[i % len(longest)] for i in range(size)]
+                self.micro_step(self.micro_batch(rows), 1, last=False)
+                fits = torch.cuda.max_memory_allocated(self.device) <= budget
+            except torch.OutOfMemoryError:
+                fits = False
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.world > 1:
+                flag = torch.tensor([int(fits)], device=self.device)
+                dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+                fits = bool(flag)
+            if fits:
+                chosen = size
+                break
+        torch.set_rng_state(rng[0])
+        torch.cuda.set_rng_state(rng[1], self.device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(self.device)
+        self._set_micro_batch(chosen)
+        if self.rank == 0:
+            print(f"distill: micro_batch_size=auto: {chosen} sequences per process (budget "
+                  f"{budget / 2**30:.1f} GiB)", file=sys.stderr, flush=True)
+
     def _choose_checkpoint(self, skip: set[str]) -> Path | None:
         """Rank 0 picks the newest checkpoint that verifies (:func:`checkpointing.select`) and tells
         the others, so that every rank loads the same one."""
@@ -515,7 +567,7 @@ class DistillTrainer:
         kd_sum = torch.zeros((), device=self.device)
         seen_tokens = 0
         for micro in range(self.accum):
-            rows = mine[micro * d.micro_batch_size:(micro + 1) * d.micro_batch_size]
+            rows = mine[micro * self.micro_batch_size:(micro + 1) * self.micro_batch_size]
             seen_tokens += sum(len(self.train_rows[i]["input_ids"]) for i in rows)
             ce, kd = self.micro_step(self.micro_batch(rows), n_tokens, last=micro == self.accum - 1)
             ce_sum += ce
@@ -567,7 +619,7 @@ class DistillTrainer:
         online teacher, ``val_kd`` (the top-k cache of ``teacher.mode=offline`` holds the train split
         only, so there val_loss is the CE). Collective: each rank takes every world-th micro-batch and
         the sums are all-reduced, so 1 and N processes give the same value."""
-        module, rows, mb = self.distill_module, self.val_rows, self.d.micro_batch_size
+        module, rows, mb = self.distill_module, self.val_rows, self.micro_batch_size
         batches = [list(range(i, min(i + mb, len(rows)))) for i in range(0, len(rows), mb)]
         mine = batches[self.rank::self.world]
         signal = module.signal
@@ -723,6 +775,7 @@ class DistillTrainer:
             kind="adapter" if self.method in LORA_METHODS else "model",
             status="complete", method=self.method, steps=len(history), world_size=self.world,
             strategy=d.strategy if self.world > 1 else "single", global_batch_size=d.global_batch_size,
+            micro_batch_size=self.micro_batch_size,
             alpha=d.alpha, temperature=d.temperature, divergence=d.divergence,
             teacher_mode=self.cfg.teacher.mode if self.method in KD_METHODS else None,
             topk_tail=d.topk_tail if self.topk is not None else None,
