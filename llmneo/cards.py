@@ -281,6 +281,7 @@ class DistillCard(Card):
     world_size: int = 1
     strategy: str | None = None
     global_batch_size: int | None = None
+    micro_batch_size: int | None = None  # per process, as chosen (distill.micro_batch_size=auto)
     alpha: float | None = None
     temperature: float | None = None
     divergence: str | None = None

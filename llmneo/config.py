@@ -149,7 +149,11 @@ class DistillConfig:
     weight_decay: float = _f(0.0, lo=0.0)
     warmup_ratio: float = _f(0.1, lo=0.0, hi=1.0, hi_open=True, doc="linear warmup share, then cosine")
     global_batch_size: int = _f(8, lo=1, doc="sequences per optimizer step, whatever the world size")
-    micro_batch_size: int = _f(2, lo=1, doc="sequences per forward pass per process")
+    micro_batch_size: int | Literal["auto"] = _f(2, lo=1, doc=(
+        "sequences per forward pass per process; auto: on CUDA the largest that divides the per-process batch "
+        "and fits distill.max_memory_gib (probe steps at start), on CPU 2; the chosen value is on the card"))
+    max_memory_gib: float = _f(0.0, lo=0.0, doc="with micro_batch_size=auto: the GPU memory budget per process "
+                               "(0 = 90% of the device's memory)")
     max_grad_norm: float = _f(1.0, lo=0.0, doc="gradient clipping (0 = off)")
     loss_chunk_tokens: int = _f(512, lo=1, doc="tokens per CE/KD chunk (bounds fp32 logits memory)")
     loss_impl: Literal["chunked", "naive"] = _f(
@@ -159,6 +163,9 @@ class DistillConfig:
     frozen_dtype: Literal["auto", "bf16", "fp32"] = _f(
         "auto", doc="lora/neo: dtype of the frozen base weights; auto = bf16 when training in bf16 with ddp "
         "(half the base's memory, no per-step weight casts), else fp32. The trainable weights stay fp32")
+    compile: Literal["auto", True, False] = _f(
+        "auto", doc="torch.compile each student decoder layer (regional: compile time of one layer); auto = on "
+        "for CUDA, off on CPU")
     activation_checkpointing: bool = _f(False, doc="recompute decoder-layer activations in backward (less memory)")
     strategy: Literal["ddp", "fsdp"] = _f(
         "ddp", doc="ddp: replicate the student; fsdp: shard it per decoder layer (FSDP2 fully_shard)")
@@ -342,7 +349,7 @@ class Config:
                               f"({d.epochs:g}), not both; set the other to 0")
         if d.max_steps == 0 and d.epochs == 0:
             raise ConfigError("distill.max_steps: set distill.max_steps or distill.epochs (both are 0)")
-        if d.global_batch_size % d.micro_batch_size:
+        if d.micro_batch_size != "auto" and d.global_batch_size % d.micro_batch_size:
             raise ConfigError(
                 f"distill.global_batch_size: must be a multiple of distill.micro_batch_size "
                 f"({d.micro_batch_size}), got {d.global_batch_size}")
@@ -405,6 +412,8 @@ def _type_name(tp: Any) -> str:
     if origin in (list, tuple):
         (inner,) = typing.get_args(tp)[:1] or (Any,)
         return f"a list of {_type_name(inner)}"
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp) if a is not type(None))
     return getattr(tp, "__name__", str(tp))
 
 
@@ -417,7 +426,15 @@ def _coerce(path: str, tp: Any, value: Any, meta: dict) -> Any:
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
-        (tp,) = [a for a in args if a is not type(None)]
+        rest = [a for a in args if a is not type(None)]
+        if len(rest) > 1:  # e.g. int | Literal["auto"]: the first that accepts the value
+            for alternative in rest:
+                try:
+                    return _coerce(path, alternative, value, meta)
+                except ConfigError:
+                    pass
+            raise ConfigError(f"{path}: must be {_type_name(tp)}, got {value!r}")
+        (tp,) = rest
         origin = typing.get_origin(tp)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):

@@ -553,7 +553,8 @@ def gate(cfg: Config, metrics: dict[str, float], base: dict[str, float] | None =
 
 MODEL_FACTS = ("source", "ref", "revision", "architecture", "parameters", "layers", "hidden_size", "vocab_size",
                "dtype", "pruned_from", "kept_layers")
-DISTILL_FACTS = ("method", "steps", "world_size", "strategy", "global_batch_size", "trainable_parameters",
+DISTILL_FACTS = ("method", "steps", "world_size", "strategy", "global_batch_size", "micro_batch_size",
+                 "trainable_parameters",
                  "tokens_per_s", "peak_mem_mb", "seconds", "wall_seconds", "final")
 
 

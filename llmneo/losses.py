@@ -97,9 +97,12 @@ class TeacherTopK:
 
     ids: torch.Tensor
     logprobs: torch.Tensor
+    # every id < the student's vocabulary, known on the host (None: unknown, checked on the device,
+    # which makes the host wait for it)
+    in_vocab: bool | None = None
 
     def __getitem__(self, sl) -> TeacherTopK:
-        return TeacherTopK(self.ids[sl], self.logprobs[sl])
+        return TeacherTopK(self.ids[sl], self.logprobs[sl], self.in_vocab)
 
     def chunk(self, sl: slice) -> TeacherTopK:
         return self[sl]
@@ -233,6 +236,22 @@ def shift_mask(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     targets = labels[:, 1:]
     mask = targets != IGNORE_INDEX
     return mask, targets[mask]
+
+
+def target_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(``index`` ``[N]``, ``targets`` ``[N]``): the positions that predict a label, as indices into
+    ``x.flatten(0, 1)`` of a ``[B, L, ...]`` tensor (row-major: the order of ``shift_mask``), and their
+    next-token ids. Computed where ``labels`` are — the trainer calls it on the host, so the device
+    selects with :func:`gather_positions` and never waits for a mask's size."""
+    mask, targets = shift_mask(labels)
+    rows, cols = mask.nonzero(as_tuple=True)
+    return rows * labels.shape[1] + cols, targets
+
+
+def gather_positions(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``x[:, :-1][mask]`` for ``[B, L, ...]`` ``x`` and the ``index`` of :func:`target_positions`,
+    without a device→host synchronisation (an index_select of known size)."""
+    return x.flatten(0, 1).index_select(0, index)
 
 
 def token_loss(student_logits: torch.Tensor, targets: torch.Tensor,
@@ -371,7 +390,8 @@ def _chunk_loss_and_grad(logits: torch.Tensor, targets: torch.Tensor, teacher, s
     """(loss, ce, kd, d loss / d logits) of one chunk; ``logits`` ``[n, V]`` (no graph, may be overwritten)."""
     if teacher is None or (spec.is_forward_kl and not isinstance(teacher, TeacherTopK)):
         return _ce_forward_kl_with_grad(logits, targets, teacher, spec)
-    if spec.is_forward_kl and bool((teacher.ids < logits.shape[-1]).all()):
+    if spec.is_forward_kl and (teacher.in_vocab or (teacher.in_vocab is None
+                                                    and bool((teacher.ids < logits.shape[-1]).all()))):
         return _topk_forward_kl_with_grad(logits, targets, teacher, spec)
     leaf = logits.detach().float().requires_grad_()
     with torch.enable_grad():

@@ -274,6 +274,7 @@ def distill_rows(result: dict) -> list[list]:
     rows = [["method", d.get("method")], ["optimizer steps", d.get("steps")],
             ["processes", f"{d.get('world_size', 1)} ({d.get('strategy') or '-'})"],
             ["global batch (sequences)", d.get("global_batch_size")],
+            ["micro-batch (sequences per process)", d.get("micro_batch_size")],
             ["trainable parameters", f"{d['trainable_parameters'] / 1e6:.2f}M" if d.get("trainable_parameters") else None],
             ["wall time of the step", f"{d['wall_seconds']:.1f} s" if d.get("wall_seconds") is not None else None],
             ["training time", f"{d['seconds']:.1f} s" if d.get("seconds") is not None else None],

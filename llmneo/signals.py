@@ -1,7 +1,8 @@
 """Teacher signals: where the KD targets of a micro-batch come from.
 
 The loss (:mod:`llmneo.losses`) only sees the teacher's targets for the *selected* positions (those
-that predict a label, :func:`llmneo.losses.shift_mask`). A signal produces them:
+that predict a label, given by host-computed indices: :func:`llmneo.losses.target_positions`). A
+signal produces them:
 
 - :class:`OnlineTeacher`: a frozen teacher model run on the same inputs as the student (no grad);
   for the chunked loss only its final hidden states are computed here and its head runs chunk by
@@ -23,7 +24,7 @@ from torch import nn
 
 from llmneo.errors import UserError
 from llmneo.heads import logits_head
-from llmneo.losses import TeacherHead, TeacherTopK
+from llmneo.losses import TeacherHead, TeacherTopK, gather_positions
 
 
 class TeacherSignal(ABC):
@@ -34,10 +35,10 @@ class TeacherSignal(ABC):
         return {}
 
     @abstractmethod
-    def targets(self, model_inputs: dict, mask: torch.Tensor, rows: dict[str, torch.Tensor], *,
+    def targets(self, model_inputs: dict, index: torch.Tensor, rows: dict[str, torch.Tensor], *,
                 chunked: bool) -> torch.Tensor | TeacherHead | TeacherTopK:
-        """Targets of the ``mask``-selected positions (row-major): ``model_inputs`` are the student's
-        forward arguments, ``rows`` what :meth:`batch_rows` added; ``chunked``: for
+        """Targets of the positions ``index`` (:func:`llmneo.losses.target_positions`, row-major):
+        ``model_inputs`` are the student's forward arguments, ``rows`` what :meth:`batch_rows` added; ``chunked``: for
         :func:`llmneo.losses.chunked_distill_loss` (else for :func:`llmneo.losses.selected_loss`)."""
 
 
@@ -47,18 +48,19 @@ class OnlineTeacher(TeacherSignal):
     def __init__(self, model: nn.Module):
         self.model = model
 
-    def targets(self, model_inputs, mask, rows, *, chunked):
+    def targets(self, model_inputs, index, rows, *, chunked):
         with torch.no_grad():
             if not chunked:  # full [B, L, V'] logits: the reference / benchmark baseline
-                return self.model(**model_inputs).logits[:, :-1][mask]
+                return gather_positions(self.model(**model_inputs).logits, index)
             # hidden states only; the teacher head runs per loss chunk on the selected positions
-            hidden = self.model.get_decoder()(**model_inputs).last_hidden_state[:, :-1][mask]
+            hidden = gather_positions(self.model.get_decoder()(**model_inputs).last_hidden_state, index)
         return TeacherHead(hidden, logits_head(self.model))  # with the model's soft-capping
 
 
 class CachedTopK(TeacherSignal):
     """The teacher step's top-k cache (:class:`llmneo.topk.TopKCache`) of the train split; row ``i``
-    holds the targets of train row ``i``'s ``targets_per_row[i]`` labelled positions."""
+    holds the targets of train row ``i``'s ``targets_per_row[i]`` labelled positions. Its ids are
+    checked on the host to be below the cache's ``vocab_size`` (the student's, checked by the trainer)."""
 
     def __init__(self, cache, targets_per_row: Sequence[int]):
         self.cache = cache
@@ -71,9 +73,13 @@ class CachedTopK(TeacherSignal):
             if row_ids.shape[0] != self.targets_per_row[i]:
                 raise UserError(f"top-k cache row {i} has {row_ids.shape[0]} positions, the dataset row "
                                 f"has {self.targets_per_row[i]} labelled positions: re-run the teacher step")
+            # checked here, on the host: the loss then never asks the device (see TeacherTopK.in_vocab)
+            if row_ids.numel() and not 0 <= int(row_ids.min()) <= int(row_ids.max()) < self.cache.vocab_size:
+                raise UserError(f"top-k cache row {i} has token ids outside [0, {self.cache.vocab_size}): "
+                                f"re-run the teacher step")
             ids.append(row_ids)
             logprobs.append(row_lps)
         return {"topk_ids": torch.cat(ids), "topk_logprobs": torch.cat(logprobs)}
 
-    def targets(self, model_inputs, mask, rows, *, chunked):
-        return TeacherTopK(rows["topk_ids"], rows["topk_logprobs"])
+    def targets(self, model_inputs, index, rows, *, chunked):
+        return TeacherTopK(rows["topk_ids"], rows["topk_logprobs"], in_vocab=True)

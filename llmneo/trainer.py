@@ -69,7 +69,7 @@ from llmneo.launch import (
     report_error,
 )
 from llmneo.lora import apply_lora, base_model, save_adapter
-from llmneo.losses import LossSpec, chunked_distill_loss, selected_loss, shift_mask
+from llmneo.losses import LossSpec, chunked_distill_loss, gather_positions, selected_loss, target_positions
 from llmneo.models import load_causal_lm, torch_dtype
 from llmneo.preflight import check_gpus
 from llmneo.signals import CachedTopK, OnlineTeacher, TeacherSignal
@@ -117,26 +117,49 @@ class DistillModule(nn.Module):
         self._signal[0] = signal
         self.spec = self.configured_spec.with_teacher(signal is not None)
 
-    def forward(self, input_ids, labels, attention_mask=None, position_ids=None, **signal_rows):
+    def forward(self, input_ids, labels, attention_mask=None, position_ids=None, target_index=None,
+                target_ids=None, **signal_rows):
         """Sums over the micro-batch's target tokens: (loss, ce, kd). Packed rows come with
         ``position_ids`` and no ``attention_mask`` (:func:`llmneo.data.collate`); ``signal_rows``
-        are what the signal added to the batch (:meth:`TeacherSignal.batch_rows`)."""
+        are what the signal added to the batch (:meth:`TeacherSignal.batch_rows`). ``target_index`` /
+        ``target_ids``: :func:`llmneo.losses.target_positions` of ``labels``, computed on the host by
+        :func:`device_batch` (else here, which makes a device wait for the mask's size)."""
         spec, signal = self.spec, self._signal[0]
         inputs = {"input_ids": input_ids, "use_cache": False}
         if position_ids is not None:
             inputs["position_ids"] = position_ids
-        else:
+        elif attention_mask is not None:
             inputs["attention_mask"] = attention_mask
-        mask, targets = shift_mask(labels)
+        if target_index is None:
+            target_index, target_ids = target_positions(labels)
         chunked = spec.loss_impl == "chunked"
-        teacher = signal.targets(inputs, mask, signal_rows, chunked=chunked) if signal is not None else None
+        teacher = signal.targets(inputs, target_index, signal_rows, chunked=chunked) if signal is not None else None
         if not chunked:  # full [B, L, V] fp32 logits: the reference / benchmark baseline
-            sums = selected_loss(self.student(**inputs).logits[:, :-1][mask].float(), targets, teacher, spec)
+            logits = gather_positions(self.student(**inputs).logits, target_index).float()
+            sums = selected_loss(logits, target_ids, teacher, spec)
             return sums.loss, sums.ce, sums.kd
         base = base_model(self.student)
-        hidden = base.get_decoder()(**inputs).last_hidden_state[:, :-1][mask]
-        sums = chunked_distill_loss(hidden, targets, logits_head(base), teacher, spec)
+        hidden = gather_positions(base.get_decoder()(**inputs).last_hidden_state, target_index)
+        sums = chunked_distill_loss(hidden, target_ids, logits_head(base), teacher, spec)
         return sums.loss, sums.ce, sums.kd
+
+
+def device_batch(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """A collated micro-batch (:func:`llmneo.data.collate`, on the host) ready for
+    :meth:`DistillModule.forward` on ``device`` without any device→host synchronisation:
+
+    - the positions to train on are selected here, from the labels on the host
+      (:func:`llmneo.losses.target_positions`);
+    - the ``attention_mask`` of plain rows is dropped: rows are right-padded and attention is causal,
+      so no labelled position ever sees the padding, and without a mask transformers takes the causal
+      kernel path instead of reading the mask on the device to find that out (packed rows keep
+      their ``position_ids``: transformers still inspects those on the device);
+    - tensors are copied with ``non_blocking=True`` (from pinned memory on CUDA)."""
+    batch = dict(batch)
+    batch["target_index"], batch["target_ids"] = target_positions(batch["labels"])
+    batch.pop("attention_mask", None)
+    pin = device.type == "cuda"
+    return {k: (v.pin_memory() if pin else v).to(device, non_blocking=True) for k, v in batch.items()}
 
 
 # --------------------------------------------------------------------------------------------
@@ -249,6 +272,7 @@ class DistillTrainer:
         self._setup_model()
         self._setup_teacher()
         self._setup_optimizer()
+        self._setup_micro_batch()
         self._setup_resume()
 
     def _setup_distributed(self) -> None:
@@ -266,10 +290,17 @@ class DistillTrainer:
 
             hf_logging.disable_progress_bar()
         d = self.d
-        if d.global_batch_size % (self.world * d.micro_batch_size):
+        if d.global_batch_size % self.world:
+            raise UserError(f"distill.global_batch_size={d.global_batch_size} must be a multiple of "
+                            f"world size ({self.world})")
+        self.per_rank = d.global_batch_size // self.world
+        if d.micro_batch_size == "auto":  # set for real once the models exist (_setup_micro_batch)
+            self._set_micro_batch(max(m for m in (1, 2) if self.per_rank % m == 0))
+        elif self.per_rank % d.micro_batch_size:
             raise UserError(f"distill.global_batch_size={d.global_batch_size} must be a multiple of "
                             f"world size ({self.world}) × distill.micro_batch_size ({d.micro_batch_size})")
-        self.accum = d.global_batch_size // (self.world * d.micro_batch_size)
+        else:
+            self._set_micro_batch(d.micro_batch_size)
         self.bf16 = bf16 = d.precision == "bf16" or (d.precision == "auto" and self.device.type == "cuda")
         self.autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if bf16 else nullcontext())
         # the same seed on every rank: identical initialization (LoRA A, MoSLoRA mixer) everywhere
@@ -326,6 +357,11 @@ class DistillTrainer:
         with self.autocast:  # the fast paths compute the model's own logits (llmneo.heads), or refuse
             check_fast_paths(base, "student", head=d.loss_impl == "chunked", packed=self.packed)
         student.train()
+        if self.compiles():
+            # regional compilation: each decoder layer on its own (in place, parameters unchanged), so
+            # compile time is that of one layer; the mask creation and the loss stay eager
+            for layer in getattr(base.get_decoder(), "layers", []):
+                layer.compile()
         self.student = student
         self.distill_module = module = DistillModule(student, LossSpec.from_config(d))
         if self.world > 1 and d.strategy == "fsdp":
@@ -344,6 +380,11 @@ class DistillTrainer:
         self.trainable_count = sum(p.numel() for p in student.parameters() if p.requires_grad)
         # dropout masks differ per rank (restored from the checkpoint on resume)
         torch.manual_seed(d.seed + 1 + self.rank)
+
+    def compiles(self) -> bool:
+        """``distill.compile``: auto = on for CUDA, off on CPU (compile time outweighs its gain there)."""
+        choice = self.d.compile
+        return self.device.type == "cuda" if choice == "auto" else bool(choice)
 
     def frozen_dtype(self) -> torch.dtype:
         """The frozen base's dtype under lora/neo: ``distill.frozen_dtype``; auto = bf16 when training in
@@ -381,6 +422,10 @@ class DistillTrainer:
         if cache.meta.get("split", "train") != "train" or len(cache) != len(self.train_rows):
             raise UserError(f"{path}: top-k cache holds {len(cache)} rows of split {cache.meta.get('split')!r}, "
                             f"the dataset's train split has {len(self.train_rows)}: re-run the teacher step")
+        student_vocab = base_model(self.student).get_output_embeddings().out_features
+        if cache.vocab_size > student_vocab:
+            raise UserError(f"{path}: top-k cache over a vocabulary of {cache.vocab_size}, the student has "
+                            f"{student_vocab}: re-run the teacher step with this student")
         cached_hash, ours = cache.meta.get("dataset_hash"), self.dataset_card.dataset_hash
         if cached_hash and ours and cached_hash != ours:
             raise UserError(f"{path}: top-k cache was computed for dataset {cached_hash}, this dataset is "
@@ -393,6 +438,50 @@ class DistillTrainer:
                                            fused=self.device.type == "cuda")
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_lambda(s, self.max_steps, d.warmup_ratio))
+
+    def _set_micro_batch(self, size: int) -> None:
+        self.micro_batch_size = size
+        self.accum = self.per_rank // size
+
+    def _setup_micro_batch(self) -> None:
+        """``distill.micro_batch_size=auto`` on CUDA: the largest divisor of the per-process batch whose
+        forward + backward on the longest train rows peaks within ``distill.max_memory_gib`` (0: 90% of
+        the device), AdamW's two fp32 moments of the trainable weights added (allocated at the first
+        step). All ranks take the smallest fit. On CPU auto stays at 2 (or 1)."""
+        if self.d.micro_batch_size != "auto" or self.device.type != "cuda":
+            return
+        budget = self.d.max_memory_gib * 2**30 or 0.9 * torch.cuda.get_device_properties(self.device).total_memory
+        budget -= 2 * 4 * sum(p.numel() for p in self.trainable)
+        longest = sorted(range(len(self.train_rows)), key=lambda i: -len(self.train_rows[i]["input_ids"]))
+        rng = torch.get_rng_state(), torch.cuda.get_rng_state(self.device)
+        chosen = 1
+        for size in sorted((m for m in range(1, self.per_rank + 1) if self.per_rank % m == 0), reverse=True):
+            if size == 1:
+                break
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(self.device)
+            try:
+                rows = [longest[i % len(longest)] for i in range(size)]
+                self.micro_step(self.micro_batch(rows), 1, last=False)
+                fits = torch.cuda.max_memory_allocated(self.device) <= budget
+            except torch.OutOfMemoryError:
+                fits = False
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.world > 1:
+                flag = torch.tensor([int(fits)], device=self.device)
+                dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+                fits = bool(flag)
+            if fits:
+                chosen = size
+                break
+        torch.set_rng_state(rng[0])
+        torch.cuda.set_rng_state(rng[1], self.device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(self.device)
+        self._set_micro_batch(chosen)
+        if self.rank == 0:
+            print(f"distill: micro_batch_size=auto: {chosen} sequences per process (budget "
+                  f"{budget / 2**30:.1f} GiB)", file=sys.stderr, flush=True)
 
     def _choose_checkpoint(self, skip: dict[str, str]) -> Path | None:
         """Rank 0 picks the newest checkpoint that verifies (:func:`checkpointing.select`) and tells
@@ -455,7 +544,7 @@ class DistillTrainer:
         batch = collate([self.train_rows[i] for i in indices], self.pad_id)
         if self.distill_module.signal is not None:
             batch.update(self.distill_module.signal.batch_rows(indices))
-        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        return device_batch(batch, self.device)
 
     # ------------------------------------------------------------------ train
     def _grad_sync(self, enabled: bool):
@@ -466,6 +555,16 @@ class DistillTrainer:
         if hasattr(self.module, "no_sync") and not enabled:  # DDP
             return self.module.no_sync()
         return nullcontext()
+
+    def micro_step(self, inputs: dict[str, torch.Tensor], n_tokens: int, last: bool):
+        """Forward + backward of one micro-batch (gradients accumulate); returns its (ce, kd) sums as
+        device tensors. ``last``: the step's last micro-batch, where DDP/FSDP reduce the gradients."""
+        with self._grad_sync(last):
+            with self.autocast:
+                loss, ce, kd = self.module(**inputs)
+            # DDP/FSDP average gradients over ranks: scale by world / global target tokens
+            (loss * self.world / max(1, n_tokens)).backward()
+        return ce, kd
 
     def train_step(self, step: int) -> dict:
         """One optimizer step over the global batch of ``step``; returns its log record."""
@@ -479,17 +578,11 @@ class DistillTrainer:
         kd_sum = torch.zeros((), device=self.device)
         seen_tokens = 0
         for micro in range(self.accum):
-            rows = mine[micro * d.micro_batch_size:(micro + 1) * d.micro_batch_size]
+            rows = mine[micro * self.micro_batch_size:(micro + 1) * self.micro_batch_size]
             seen_tokens += sum(len(self.train_rows[i]["input_ids"]) for i in rows)
-            inputs = self.micro_batch(rows)
-            with self._grad_sync(micro == self.accum - 1):
-                with self.autocast:
-                    loss, ce, kd = self.module(**inputs)
-                # DDP/FSDP average gradients over ranks: scale by world / global target tokens
-                (loss * self.world / max(1, n_tokens)).backward()
+            ce, kd = self.micro_step(self.micro_batch(rows), n_tokens, last=micro == self.accum - 1)
             ce_sum += ce
             kd_sum += kd
-            del loss, inputs
         if self.world > 1:
             stats = torch.stack([ce_sum, kd_sum, torch.tensor(float(seen_tokens), device=self.device)])
             dist.all_reduce(stats)
@@ -537,7 +630,7 @@ class DistillTrainer:
         online teacher, ``val_kd`` (the top-k cache of ``teacher.mode=offline`` holds the train split
         only, so there val_loss is the CE). Collective: each rank takes every world-th micro-batch and
         the sums are all-reduced, so 1 and N processes give the same value."""
-        module, rows, mb = self.distill_module, self.val_rows, self.d.micro_batch_size
+        module, rows, mb = self.distill_module, self.val_rows, self.micro_batch_size
         batches = [list(range(i, min(i + mb, len(rows)))) for i in range(0, len(rows), mb)]
         mine = batches[self.rank::self.world]
         signal = module.signal
@@ -554,7 +647,7 @@ class DistillTrainer:
                     indices = mine[i] if i < len(mine) else batches[0]
                     batch = collate([rows[j] for j in indices], self.pad_id)
                     with self.autocast:
-                        _, ce, kd = module(**{k: v.to(self.device) for k, v in batch.items()})
+                        _, ce, kd = module(**device_batch(batch, self.device))
                     if i < len(mine):
                         sums += torch.stack([torch.as_tensor(ce, dtype=torch.float64, device=self.device),
                                              torch.as_tensor(kd, dtype=torch.float64, device=self.device),
@@ -693,6 +786,7 @@ class DistillTrainer:
             kind="adapter" if self.method in LORA_METHODS else "model",
             status="complete", method=self.method, steps=len(history), world_size=self.world,
             strategy=d.strategy if self.world > 1 else "single", global_batch_size=d.global_batch_size,
+            micro_batch_size=self.micro_batch_size,
             alpha=d.alpha, temperature=d.temperature, divergence=d.divergence,
             teacher_mode=self.cfg.teacher.mode if self.method in KD_METHODS else None,
             topk_tail=d.topk_tail if self.topk is not None else None,
