@@ -5,6 +5,7 @@ import importlib.util
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -48,7 +49,7 @@ def test_a_worker_failure_is_reported_by_its_exception_line():
 def test_gpu_check_cpu_mode_runs_the_step_clis_and_the_smoke_bench(tmp_path):
     """`gpu_check.sh --cpu`: the same script as on a GPU, tiny preset with gloo, smoke shapes."""
     out = tmp_path / "check"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHON": sys.executable}
     proc = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_check.sh"), "--cpu", str(out)],
                           capture_output=True, text=True, env=env, timeout=900, cwd=tmp_path)
     summary = (out / "summary.txt").read_text()
