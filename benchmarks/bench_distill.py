@@ -38,7 +38,8 @@ Sync check (CUDA only, ``--no-sync-check`` turns it off): every micro-batch of l
 forward and backward, inside ``DistillTrainer._grad_sync``) runs under
 ``torch.cuda.set_sync_debug_mode("error")``, so an operation that makes the host wait for the device
 (``.item()``, ``nonzero``, boolean indexing, ...) fails that configuration with the operation named.
-Synchronising once per optimizer step (the logged numbers) is outside the micro-batches and allowed.
+Synchronising once per optimizer step (the logged numbers) is outside the micro-batches and allowed;
+the warm-up steps are not checked (torch.compile and autotuning synchronise while they compile).
 TRL's trainer is not checked.
 """
 
@@ -284,6 +285,7 @@ def run_llmneo(name: str, root: Path, shape: dict, device: str, args) -> dict:
 
     class BenchTrainer(DistillTrainer):
         guarded_micro_batches = 0
+        sync_check = False  # on for the timed and profiled steps (warm-up may compile, autotune, probe)
 
         def load_tokenizer(self):
             return build_tiny_tokenizer()
@@ -296,8 +298,8 @@ def run_llmneo(name: str, root: Path, shape: dict, device: str, args) -> dict:
 
         @contextmanager
         def _grad_sync(self, enabled: bool):  # one micro-batch's forward and backward
-            with super()._grad_sync(enabled), sync_errors(check):
-                self.guarded_micro_batches += 1
+            with super()._grad_sync(enabled), sync_errors(self.sync_check):
+                self.guarded_micro_batches += self.sync_check
                 yield
 
     trainer = BenchTrainer(cfg, inputs, workdir)
@@ -307,6 +309,7 @@ def run_llmneo(name: str, root: Path, shape: dict, device: str, args) -> dict:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     training_peak_reset()
+    trainer.sync_check = check
     records = run_steps(trainer, warmup, steps)
     whole, train_peak = memory_mb(device)
     table_file = Path(args.profile_dir) / f"prof-{name}.txt" if args.profile_dir else None
