@@ -4,7 +4,7 @@
 #   bash benchmarks/gpu_check.sh OUTDIR          # on a CUDA machine (OUTDIR default: $OUT, else ./gpu-check)
 #   bash benchmarks/gpu_check.sh --cpu OUTDIR    # the same script on CPU: smoke bench shapes, gloo
 #
-# Parts, each with its own time limit (all limits together stay under CHECK_BUDGET_S, 450 s by
+# Parts, each with its own time limit (all limits together stay under CHECK_BUDGET_S, 465 s by
 # default; 900 s with --cpu), so that one failure or hang does not eat the others' time; a part that fails is named
 # in summary.txt with its last error line, the rest still run:
 #   env            device, driver, Python package versions               env.log
@@ -18,7 +18,8 @@
 #                  uninterrupted run's step                               <part>.log, <part>/
 #   profile        torch.profiler tables (CPU ops + kernels) of neo, neo-offline, lora
 #                                                                          profile/prof-*.txt
-#   bench-auto     the bench with distill.micro_batch_size=auto (llmneo versions that have it)
+#   bench-auto     the bench (neo kd neo-offline lora) with distill.micro_batch_size=auto (llmneo
+#                  versions that have it)
 #                                                                          bench-auto.{log,json}
 #   summary.txt    one line per part (ok / FAILED and why, seconds) and the bench tables
 #
@@ -26,7 +27,7 @@
 # are made importable as llmneo_presets, llmneo_components and llmneo_pipelines through links in a
 # scratch folder on PYTHONPATH, and wheels in WHEELS (default: wheels/ in the repository, if any) are
 # installed with --no-deps into a scratch folder that comes first on PYTHONPATH.
-# Environment: PYTHON (default python3), WHEELS, CHECK_BUDGET_S, CLI_STEPS (distill steps, default 60),
+# Environment: PYTHON (default python3), WHEELS, CHECK_BUDGET_S, CLI_STEPS (distill steps, default 30; 60 with --cpu),
 # MAX_MEMORY_GIB (for bench-auto).
 set -uo pipefail
 
@@ -35,8 +36,8 @@ if [[ "${1:-}" == "--cpu" ]]; then MODE=cpu; shift; fi
 OUTDIR="${1:-${OUT:-gpu-check}}"
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PY="${PYTHON:-python3}"
-BUDGET="${CHECK_BUDGET_S:-$([[ $MODE == cpu ]] && echo 900 || echo 450)}"
-STEPS="${CLI_STEPS:-60}"
+BUDGET="${CHECK_BUDGET_S:-$([[ $MODE == cpu ]] && echo 900 || echo 465)}"
+STEPS="${CLI_STEPS:-$([[ $MODE == cpu ]] && echo 60 || echo 30)}"
 mkdir -p "$OUTDIR" || { echo "error: cannot create $OUTDIR" >&2; exit 2; }
 OUTDIR="$(cd "$OUTDIR" && pwd)"
 SCRATCH="$(mktemp -d "${TMPDIR:-/tmp}/gpu-check-XXXXXX")"
@@ -108,7 +109,7 @@ part env 60 env_report
 
 if [[ $MODE == gpu ]]; then
   BENCH=(--gpu); BENCH_MAIN=(--only neo,kd,trl-gkd,neo-offline,neo-naive,lora --steps 4)
-  PROFILED=neo,neo-offline,lora; AUTO=neo,kd,neo-offline,neo-naive,lora
+  PROFILED=neo,neo-offline,lora; AUTO=neo,kd,neo-offline,lora
   NGPU=$("$PY" -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
   NPROC=$(( NGPU >= 2 ? 2 : 1 ))
 else
