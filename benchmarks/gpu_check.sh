@@ -28,7 +28,8 @@
 # scratch folder on PYTHONPATH, and wheels in WHEELS (default: wheels/ in the repository, if any) are
 # installed with --no-deps into a scratch folder that comes first on PYTHONPATH.
 # Environment: PYTHON (default python3), WHEELS, CHECK_BUDGET_S, CLI_STEPS (distill steps, default 30; 60 with --cpu),
-# MAX_MEMORY_GIB (for bench-auto).
+# MAX_MEMORY_GIB (for bench-auto), NO_SYNC_CHECK=1 (bench without the CUDA sync check, e.g. to
+# measure a trainer that still synchronises inside its micro-batches).
 set -uo pipefail
 
 MODE=gpu
@@ -108,7 +109,7 @@ export -f env_report
 part env 60 env_report
 
 if [[ $MODE == gpu ]]; then
-  BENCH=(--gpu); BENCH_MAIN=(--only neo,kd,trl-gkd,neo-offline,neo-naive,lora --steps 4)
+  BENCH=(--gpu ${NO_SYNC_CHECK:+--no-sync-check}); BENCH_MAIN=(--only neo,kd,trl-gkd,neo-offline,neo-naive,lora --steps 4)
   PROFILED=neo,neo-offline,lora; AUTO=neo,kd,neo-offline,lora
   NGPU=$("$PY" -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
   NPROC=$(( NGPU >= 2 ? 2 : 1 ))
