@@ -65,9 +65,13 @@ class DataConfig:
                      "a folder saved by datasets' save_to_disk | hf:DATASET_ID[@REVISION] | s3://bucket/prefix-or-key")
     subset: str = _f("", doc="with hf:ID: the dataset configuration/subset name (e.g. 7M for Infinity-Instruct)")
     split: str = _f("train", doc="with hf:ID or a saved DatasetDict: the split to read")
-    format: Literal["auto", "alpaca", "messages", "sharegpt", "text"] = _f(
+    format: Literal["auto", "alpaca", "messages", "sharegpt", "turns", "prompt", "text"] = _f(
         "auto", doc="record format; auto = detected per record (messages > conversations > "
-        "instruction/output > text), counts per format in card.json")
+        "instruction/output > turns > prompt > text), counts per format in card.json")
+    answers: Literal["given", "missing", "teacher"] = _f(
+        "given", doc="given: train on the answers in the data (prompt-only records are rejected); missing: the "
+        "teacher writes the answers records lack; teacher: the teacher writes every answer (sequence-level KD; "
+        "see generate.* and docs/data.md)")
     chat_template: str = _f("", doc="'' = the student tokenizer's chat template; 'chatml'; or a Jinja template")
     max_length: int = _f(256, lo=8, hi=MAX_LENGTH, doc="max tokens per example (prompt + response)")
     truncation: Literal["truncate", "drop"] = _f("truncate", doc="what to do with longer examples")
