@@ -88,6 +88,24 @@ class DataConfig:
 
 
 @dataclass
+class GenerateConfig:
+    """The teacher writing the answers (data.answers=missing|teacher; llmneo/generate.py)."""
+
+    engine: Literal["transformers"] = _f("transformers", doc="generation engine (transformers' generate)")
+    max_new_tokens: int = _f(256, lo=1, doc="longest answer in tokens; an answer cut there is rejected "
+                             "(truncated), not kept")
+    temperature: float = _f(0.0, lo=0.0, doc="0 = greedy; > 0 samples at this temperature")
+    top_p: float = _f(1.0, lo=0.0, hi=1.0, lo_open=True, doc="with temperature > 0: nucleus sampling mass")
+    seed: int = _f(0, doc="sampling seed (each shard is seeded from it and its index: a resumed run "
+                   "equals an uninterrupted one)")
+    batch_size: int = _f(0, lo=0, doc="prompts per generate call; 0 = auto (8 on CPU; on CUDA sized to free "
+                         "memory for the KV cache)")
+    shard_prompts: int = _f(256, lo=1, doc="records per shard: a killed run resumes after the last finished shard")
+    max_prompts: int = _f(0, lo=0, doc="answer at most this many records, the first ones of the source (0 = all)")
+    samples: int = _f(3, lo=0, doc="generated answers shown in the step's card and the report")
+
+
+@dataclass
 class TinyModelConfig:
     """Shape of a random-init Llama built from config (tests, the `tiny` preset)."""
 
@@ -306,6 +324,7 @@ def _digest(payload: Any) -> str:
 class Config:
     name: str = _f("tiny", doc="preset/run name")
     data: DataConfig = field(default_factory=DataConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     student: StudentConfig = field(default_factory=StudentConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
