@@ -27,6 +27,7 @@ How it streams (memory does not grow with the number of rows):
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import itertools
 import json
@@ -410,12 +411,26 @@ def _is_val(position: int, fraction: Fraction) -> bool:
     return math.ceil((position + 1) * fraction) > math.ceil(position * fraction)
 
 
-def run_prep(cfg: Config, tokenizer, out_dir: str | Path) -> DatasetCard:
-    """Prepare ``cfg.data`` into ``out_dir``; returns the card (also written, last, as card.json)."""
+def run_prep(cfg: Config, tokenizer, out_dir: str | Path, answers_dir: str | Path | None = None) -> DatasetCard:
+    """Prepare ``cfg.data`` into ``out_dir``; returns the card (also written, last, as card.json).
+
+    ``answers_dir``: the generate step's folder; when it holds the teacher's answers they are read
+    instead of ``data.source`` (the card keeps ``data.source`` and records the generation)."""
     from tqdm import tqdm
 
     t0 = time.time()
     dcfg = cfg.data
+    generated = None
+    if answers_dir is not None:
+        from llmneo.cards import AnswersCard
+
+        answers = AnswersCard.read(answers_dir)
+        if answers.generated:
+            generated = {"answers": answers.answers, "generation_key": answers.generation_key,
+                         "teacher": answers.teacher, "generation": answers.generation,
+                         "counts": answers.counts, "rejected_by_kind": answers.rejected_by_kind,
+                         "samples": answers.samples}
+            dcfg = dataclasses.replace(dcfg, source=str(Path(answers_dir) / "answers.jsonl"), format="messages")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     cards.remove(out)  # first: a failed re-run must not leave the previous run's card (= "complete")
@@ -515,9 +530,11 @@ def run_prep(cfg: Config, tokenizer, out_dir: str | Path) -> DatasetCard:
 
     seconds = time.time() - t0
     tokens = stats.summary()
-    stats.plot(out / HISTOGRAM, f"{dcfg.source}: {kept} examples, mean {tokens['mean_length']} tokens", dcfg.max_length)
+    stats.plot(out / HISTOGRAM, f"{cfg.data.source}: {kept} examples, mean {tokens['mean_length']} tokens", dcfg.max_length)
+    if generated is not None:
+        source_info = {**source_info, "generated": generated}
     card = DatasetCard(
-        source=dcfg.source,
+        source=cfg.data.source,
         source_info=source_info,
         content_hash=content_hash,
         formats=formats,
