@@ -10,6 +10,8 @@ from llmneo.config import load_config
 from llmneo.errors import UserError
 from llmneo.generate import Generation, TransformersGenerator, run_generate, work_root
 
+REPO_DATA = __import__("pathlib").Path(__file__).parent / "data"
+
 
 @pytest.fixture(autouse=True)
 def cache(tmp_path, monkeypatch):
@@ -182,3 +184,25 @@ def test_transformers_generator_matches_unbatched_greedy_generation():
     g = stopped.generate(convs[:1], seed=0)[0]
     assert g.finished and g.new_tokens == k + 1 and g.text == tok.decode(ref[:k].tolist(), skip_special_tokens=True).strip()
     assert first.new_tokens == 6
+
+
+def test_prep_reads_the_teacher_answers_and_records_the_generation(tmp_path):
+    """generate → prep (the pipeline's order): prep tokenizes the answered conversations, its card keeps
+    data.source and records the teacher and parameters; prep without the answers says what to run."""
+    from llmneo.cards import DatasetCard
+    from llmneo.data import read_split
+    from llmneo.steps import prepare_dataset
+
+    src = REPO_DATA / "mt_bench_small.jsonl"
+    cfg = config(src, "data.min_rows=1")
+    answers = run_generate(cfg, tmp_path / "answers", Scripted)
+    card = prepare_dataset(cfg, tmp_path / "dataset", tmp_path / "answers")
+    assert card.source == str(src) and card.counts["kept"] == 12 and card.formats == {"messages": 12}
+    generated = card.source_info["generated"]
+    assert generated["generation_key"] == answers.generation_key and generated["teacher"] == answers.teacher
+    assert len(read_split(tmp_path / "dataset", "train")) + len(read_split(tmp_path / "dataset", "val")) == 12
+    assert DatasetCard.read(tmp_path / "dataset").dataset_hash == card.dataset_hash
+    with pytest.raises(UserError, match="run `llmneo generate --out DIR`"):
+        prepare_dataset(cfg, tmp_path / "d2")
+    with pytest.raises(UserError, match="not of this configuration"):
+        prepare_dataset(config(src, "data.answers=missing"), tmp_path / "d3", tmp_path / "answers")
