@@ -95,6 +95,7 @@ class TransformersGenerator:
         from transformers import GenerationConfig
 
         self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
+        self.progress: Callable[[int, int], None] | None = None  # (prompts, new tokens) after each batch
         self.renderer = ChatRenderer(tokenizer, template)
         self.device = next(model.parameters()).device
         self.stop = set(stop_token_ids if stop_token_ids is not None else _stop_tokens(model, tokenizer))
@@ -138,6 +139,8 @@ class TransformersGenerator:
                 kept = new if end is None else new[:end]
                 text = self.tokenizer.decode(kept, skip_special_tokens=True).strip()
                 out[i] = Generation(text, len(kept) + (end is not None), end is not None)
+            if self.progress is not None:
+                self.progress(len(idx), sum(out[i].new_tokens for i in idx))
         return out  # type: ignore[return-value]
 
 
@@ -448,9 +451,11 @@ def run_generate(cfg: Config, out_dir: str | Path,
                 g = generator()
                 if prompt_len is None and isinstance(g, TransformersGenerator):
                     prompt_len = lambda prefix, g=g: len(g.prompt_ids(prefix))  # noqa: E731
+                    g.progress = bar.update_tokens  # per batch: a long round does not look stuck
                 t1 = time.time()
+                per_round = bar.update_tokens if getattr(g, "progress", None) is None else (lambda n, t: None)
                 answered, shard_rejects, stats = _answer_shard(shard, g, _derive(cfg.generate.seed, index),
-                                                               cfg.data.max_length, prompt_len, bar.update_tokens)
+                                                               cfg.data.max_length, prompt_len, per_round)
                 answers_path, rejects_path, marker = _shard_paths(work, index)
                 _atomic_write(answers_path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in answered))
                 _atomic_write(rejects_path, "".join(json.dumps(r) + "\n" for r in shard_rejects))
