@@ -559,7 +559,7 @@ class _progress:
         self.prompts += prompts
         self.tokens += tokens
         dt = max(time.time() - self.t0, 1e-9)
-        self.bar.set_postfix_str(f"{self.prompts / dt:.1f} prompts/s, {self.tokens / dt:.0f} tok/s", refresh=False)
+        self.bar.set_postfix_str(f"{self.prompts / dt:.3g} prompts/s, {self.tokens / dt:.0f} tok/s", refresh=False)
         self.bar.refresh()
 
     def skip(self, done: dict) -> None:
