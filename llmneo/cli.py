@@ -97,7 +97,7 @@ def _print_registered(manifest: dict, _args) -> None:
 
 # How a step's result is shown (``--json``: the whole card or result as JSON instead).
 PRINTERS: dict[str, Callable[[Any, argparse.Namespace], None]] = {
-    "prep": _print_summary, "teacher": _print_summary, "distill": _print_summary,
+    "generate": _print_summary, "prep": _print_summary, "teacher": _print_summary, "distill": _print_summary,
     "merge-eval": _print_merge_eval, "register": _print_registered}
 
 
@@ -115,7 +115,8 @@ def cmd_step(args) -> int:
         _check_out(getattr(args, _dest(option)), f"--{option}")
     folders = [getattr(args, _dest(o)) for o in (*step.inputs, *step.outputs)]
     extra = ({"run_id": args.run_id, "force": args.force, "aliases": args.alias} if step.name == "register"
-             else {"overwrite": args.overwrite} if step.name == "distill" else {})
+             else {"overwrite": args.overwrite} if step.name == "distill"
+             else {"answers_dir": args.answers} if step.name == "prep" else {})
     result = step.function(_config(args), *folders, **extra)
     if args.json:
         _print_card(result)
@@ -178,6 +179,9 @@ def build_parser(extensions: Sequence[Callable[[Any], None]] = (), epilog: str |
                                 "A forced version moves no alias (not even registry.aliases) but --alias")
             p.add_argument("--alias", action="append", default=[], metavar="ALIAS",
                            help="also point ALIAS at the registered version (repeatable; e.g. --alias latest)")
+        if step.name == "prep":
+            p.add_argument("--answers", type=Path, default=None,
+                           help="with data.answers=missing|teacher: the folder `llmneo generate` wrote")
         if step.name == "distill":
             p.add_argument("--overwrite", action="store_true",
                            help="replace a completed run of another configuration in --out")

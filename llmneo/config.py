@@ -65,9 +65,13 @@ class DataConfig:
                      "a folder saved by datasets' save_to_disk | hf:DATASET_ID[@REVISION] | s3://bucket/prefix-or-key")
     subset: str = _f("", doc="with hf:ID: the dataset configuration/subset name (e.g. 7M for Infinity-Instruct)")
     split: str = _f("train", doc="with hf:ID or a saved DatasetDict: the split to read")
-    format: Literal["auto", "alpaca", "messages", "sharegpt", "text"] = _f(
+    format: Literal["auto", "alpaca", "messages", "sharegpt", "turns", "prompt", "text"] = _f(
         "auto", doc="record format; auto = detected per record (messages > conversations > "
-        "instruction/output > text), counts per format in card.json")
+        "instruction/output > turns > prompt > text), counts per format in card.json")
+    answers: Literal["given", "missing", "teacher"] = _f(
+        "given", doc="given: train on the answers in the data (prompt-only records are rejected); missing: the "
+        "teacher writes the answers records lack; teacher: the teacher writes every answer (sequence-level KD; "
+        "see generate.* and docs/data.md)")
     chat_template: str = _f("", doc="'' = the student tokenizer's chat template; 'chatml'; or a Jinja template")
     max_length: int = _f(256, lo=8, hi=MAX_LENGTH, doc="max tokens per example (prompt + response)")
     truncation: Literal["truncate", "drop"] = _f("truncate", doc="what to do with longer examples")
@@ -81,6 +85,24 @@ class DataConfig:
     seed: int = _f(0, doc="shuffle/split seed")
     buffer_mb: float = _f(32.0, lo=0.0, lo_open=True, mechanics=True, doc="records held in memory before a "
                           "sorted run is spilled to disk (bounds prep memory; the output does not depend on it)")
+
+
+@dataclass
+class GenerateConfig:
+    """The teacher writing the answers (data.answers=missing|teacher; llmneo/generate.py)."""
+
+    engine: Literal["transformers"] = _f("transformers", doc="generation engine (transformers' generate)")
+    max_new_tokens: int = _f(256, lo=1, doc="longest answer in tokens; an answer cut there is rejected "
+                             "(truncated), not kept")
+    temperature: float = _f(0.0, lo=0.0, doc="0 = greedy; > 0 samples at this temperature")
+    top_p: float = _f(1.0, lo=0.0, hi=1.0, lo_open=True, doc="with temperature > 0: nucleus sampling mass")
+    seed: int = _f(0, doc="sampling seed (each shard is seeded from it and its index: a resumed run "
+                   "equals an uninterrupted one)")
+    batch_size: int = _f(0, lo=0, doc="prompts per generate call; 0 = auto (8 on CPU; on CUDA sized to free "
+                         "memory for the KV cache)")
+    shard_prompts: int = _f(256, lo=1, doc="records per shard: a killed run resumes after the last finished shard")
+    max_prompts: int = _f(0, lo=0, doc="answer at most this many records, the first ones of the source (0 = all)")
+    samples: int = _f(3, lo=0, doc="generated answers shown in the step's card and the report")
 
 
 @dataclass
@@ -319,6 +341,7 @@ def _digest(payload: Any) -> str:
 class Config:
     name: str = _f("tiny", doc="preset/run name")
     data: DataConfig = field(default_factory=DataConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     student: StudentConfig = field(default_factory=StudentConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)

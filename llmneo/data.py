@@ -27,6 +27,7 @@ How it streams (memory does not grow with the number of rows):
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import itertools
 import json
@@ -51,7 +52,7 @@ ROLE_ALIASES = {"human": "user", "user": "user", "gpt": "assistant", "assistant"
                 "system": "system", "bot": "assistant", "model": "assistant"}
 ENCODE_BATCH = 256
 
-__all__ = ["IGNORE_INDEX", "ChatRenderer", "RecordError", "detect_format", "to_messages", "encode_batch",
+__all__ = ["IGNORE_INDEX", "ChatRenderer", "RecordError", "detect_format", "to_conversation", "to_messages", "encode_batch",
            "read_split", "iter_split", "run_prep"]
 
 
@@ -71,10 +72,19 @@ def detect_format(rec: dict) -> str:
         return "sharegpt"
     if _present(rec, "instruction") or _present(rec, "output"):
         return "alpaca"
+    if _present(rec, "turns"):
+        return "turns"
+    if _present(rec, "prompt"):
+        return "prompt"
     if _present(rec, "text"):
         return "text"
     raise RecordError("unknown format: expected one of the fields messages, conversations, "
-                      "instruction/output, text", "unknown_format")
+                      "instruction/output, turns (MT-Bench questions), prompt, text", "unknown_format")
+
+
+# What a record without answers lacks, and how to supply them (a record's reject reason)
+PROMPT_ONLY_HINT = ("has no answers (prompt-only); set data.answers=teacher to have the teacher write them, or "
+                    "give them (messages with assistant turns, instruction/output, prompt/completion)")
 
 
 def _str_field(rec: dict, key: str, required: bool = True) -> str:
@@ -99,12 +109,46 @@ def _content(value, where: str) -> str:
     raise RecordError(f"{where} must be a string, got {type(value).__name__}", "wrong_type")
 
 
-def to_messages(rec: dict, fmt: str) -> list[dict] | str:
-    """Normalize a record to chat messages ``[{"role", "content"}]`` (a plain string for ``text``).
+def _user_turn(text: str, where: str) -> dict:
+    if not text.strip():
+        raise RecordError(f"empty field {where}", "empty")
+    return {"role": "user", "content": text}
 
-    alpaca: instruction (+ input) → user, output → assistant; ``system`` is used when present.
-    messages: role/content; sharegpt: from/value (human/gpt/system, as in Infinity-Instruct), with
-    an optional top-level ``system`` string.
+
+def _answer(rec: dict, key: str) -> dict:
+    """An assistant turn from ``rec[key]``, or a placeholder (content None) when the field is absent."""
+    return {"role": "assistant", "content": _str_field(rec, key, required=False) if rec.get(key) is not None
+            else None}
+
+
+def _alpaca(rec: dict) -> list[dict]:
+    """instruction (+ input) → user, output → assistant; Alpaca's seed-task form ``instances: [{input,
+    output}]`` gives one exchange per instance (the same instruction applied to each input)."""
+    instruction = _str_field(rec, "instruction")
+    instances = rec.get("instances")
+    if instances is None or rec.get("output") is not None:
+        instances = [rec]
+    elif not isinstance(instances, list) or not instances or not all(isinstance(i, dict) for i in instances):
+        raise RecordError("field 'instances' must be a non-empty list of objects {input, output}", "wrong_type")
+    messages = []
+    for inst in instances:
+        inp = _str_field(inst, "input", required=False)
+        prompt = f"{instruction}\n\n{inp}" if inp.strip() else instruction
+        if not prompt.strip():
+            raise RecordError("empty field 'instruction'", "empty")
+        messages += [{"role": "user", "content": prompt}, _answer(inst, "output")]
+    return messages
+
+
+def to_conversation(rec: dict, fmt: str) -> list[dict] | str:
+    """A record as chat messages ``[{"role", "content"}]`` (a plain string for ``text``) in which an
+    answer the record lacks is a placeholder ``{"role": "assistant", "content": None}``.
+
+    alpaca: instruction (+ input) → user, output → assistant (``instances``: one exchange each);
+    messages: role/content; sharegpt: from/value (human/gpt/system, as in Infinity-Instruct); a
+    conversation ending on a user turn gets a placeholder after it. turns (MT-Bench questions):
+    every turn a user turn followed by a placeholder. prompt: a user turn, answered by ``completion``
+    when present. An optional top-level ``system`` string becomes the system turn.
     """
     if fmt == "text":
         text = _str_field(rec, "text")
@@ -113,12 +157,20 @@ def to_messages(rec: dict, fmt: str) -> list[dict] | str:
         return text
     system = _str_field(rec, "system", required=False)
     if fmt == "alpaca":
-        instruction, inp = _str_field(rec, "instruction"), _str_field(rec, "input", required=False)
-        output = _str_field(rec, "output")
-        prompt = f"{instruction}\n\n{inp}" if inp.strip() else instruction
-        if not prompt.strip():
-            raise RecordError("empty field 'instruction'", "empty")
-        messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": output}]
+        messages = _alpaca(rec)
+    elif fmt == "turns":
+        turns = rec.get("turns")
+        if turns is None:
+            raise RecordError("missing field 'turns'", "missing_field")
+        if not isinstance(turns, list) or not turns:
+            raise RecordError("field 'turns' must be a non-empty list of strings", "wrong_type")
+        messages = []
+        for i, turn in enumerate(turns):
+            if not isinstance(turn, str):
+                raise RecordError(f"turns[{i}] must be a string, got {type(turn).__name__}", "wrong_type")
+            messages += [_user_turn(turn, f"turns[{i}]"), {"role": "assistant", "content": None}]
+    elif fmt == "prompt":
+        messages = [_user_turn(_str_field(rec, "prompt"), "'prompt'"), _answer(rec, "completion")]
     else:
         key, role_key, content_key = (("messages", "role", "content") if fmt == "messages"
                                       else ("conversations", "from", "value"))
@@ -136,11 +188,28 @@ def to_messages(rec: dict, fmt: str) -> list[dict] | str:
                 raise RecordError(f"{key}[{i}].{role_key}: unknown role {role!r}", "unknown_role")
             content = _content(turn.get(content_key), f"{key}[{i}].{content_key}")
             messages.append({"role": ROLE_ALIASES[role.lower()], "content": content})
+        if messages[-1]["role"] == "user":
+            messages.append({"role": "assistant", "content": None})
     if system.strip() and messages[0]["role"] != "system":
         messages.insert(0, {"role": "system", "content": system})
+    return messages
+
+
+def to_messages(rec: dict, fmt: str) -> list[dict] | str:
+    """Normalize a record with its answers to chat messages (a plain string for ``text``): see
+    :func:`to_conversation`. A record without any answer is rejected with what is missing and how to
+    supply it (``data.answers=teacher``); a missing last answer after given ones is left out."""
+    messages = to_conversation(rec, fmt)
+    if isinstance(messages, str):
+        return messages
+    if messages[-1]["content"] is None and any(m["content"] is not None for m in messages
+                                                if m["role"] == "assistant"):
+        messages = messages[:-1]  # [user, assistant, user]: the trailing question is context, not trained
     responses = [m for m in messages if m["role"] == "assistant"]
     if not responses:
         raise RecordError("no assistant turn", "no_response")
+    if any(m["content"] is None for m in responses):
+        raise RecordError(f"record {PROMPT_ONLY_HINT}", "prompt_only")
     if any(not m["content"].strip() for m in responses):
         raise RecordError("empty response", "empty")
     return messages
@@ -342,12 +411,26 @@ def _is_val(position: int, fraction: Fraction) -> bool:
     return math.ceil((position + 1) * fraction) > math.ceil(position * fraction)
 
 
-def run_prep(cfg: Config, tokenizer, out_dir: str | Path) -> DatasetCard:
-    """Prepare ``cfg.data`` into ``out_dir``; returns the card (also written, last, as card.json)."""
+def run_prep(cfg: Config, tokenizer, out_dir: str | Path, answers_dir: str | Path | None = None) -> DatasetCard:
+    """Prepare ``cfg.data`` into ``out_dir``; returns the card (also written, last, as card.json).
+
+    ``answers_dir``: the generate step's folder; when it holds the teacher's answers they are read
+    instead of ``data.source`` (the card keeps ``data.source`` and records the generation)."""
     from tqdm import tqdm
 
     t0 = time.time()
     dcfg = cfg.data
+    generated = None
+    if answers_dir is not None:
+        from llmneo.cards import AnswersCard
+
+        answers = AnswersCard.read(answers_dir)
+        if answers.generated:
+            generated = {"answers": answers.answers, "generation_key": answers.generation_key,
+                         "teacher": answers.teacher, "generation": answers.generation,
+                         "counts": answers.counts, "rejected_by_kind": answers.rejected_by_kind,
+                         "samples": answers.samples}
+            dcfg = dataclasses.replace(dcfg, source=str(Path(answers_dir) / "answers.jsonl"), format="messages")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     cards.remove(out)  # first: a failed re-run must not leave the previous run's card (= "complete")
@@ -447,9 +530,11 @@ def run_prep(cfg: Config, tokenizer, out_dir: str | Path) -> DatasetCard:
 
     seconds = time.time() - t0
     tokens = stats.summary()
-    stats.plot(out / HISTOGRAM, f"{dcfg.source}: {kept} examples, mean {tokens['mean_length']} tokens", dcfg.max_length)
+    stats.plot(out / HISTOGRAM, f"{cfg.data.source}: {kept} examples, mean {tokens['mean_length']} tokens", dcfg.max_length)
+    if generated is not None:
+        source_info = {**source_info, "generated": generated}
     card = DatasetCard(
-        source=dcfg.source,
+        source=cfg.data.source,
         source_info=source_info,
         content_hash=content_hash,
         formats=formats,

@@ -624,7 +624,9 @@ def run_merge_eval(cfg: Config, dataset_dir: str | Path, teacher_artifact: str |
         "method": distill_card.method,
         "teacher": teacher_card.source,
         "student": student_card.source,
-        "dataset": {"source": dataset_card.source, "counts": dataset_card.counts},
+        "dataset": {"source": dataset_card.source, "counts": dataset_card.counts,
+                    **({"generated": dataset_card.source_info["generated"]}
+                       if dataset_card.source_info.get("generated") else {})},
         "samples": evaluation["samples"],
         "models": {"teacher": model_facts(teacher_card), "base_student": model_facts(student_card)},
         "distill": distill_facts(distill_card),

@@ -365,6 +365,12 @@ def write_report(out_dir: Path, result: dict, log_path: Path | None, cfg: Config
             for name in names:
                 md += [f"**{name}**", "", *_fence(sample["outputs"][name]), ""]
             md += ["*reference answer*", "", *_fence(sample["reference"]), ""]
+    generated = (result.get("dataset") or {}).get("generated")
+    if generated:
+        md += ["## Teacher-written answers", "", _md_text(generated_line(generated)), ""]
+        for sample in generated.get("samples") or []:
+            md += [f"Source row {sample['row']}:", "",
+                   *_fence("\n".join(f"[{m['role']}] {m['content']}" for m in sample["messages"])), ""]
     if cost:
         md += ["## Distillation run", "", markdown_table(["what", "value"], cost), ""]
     if result.get("merge"):
@@ -401,6 +407,11 @@ def write_report(out_dir: Path, result: dict, log_path: Path | None, cfg: Config
             + f'<td class="ref"><pre>{html.escape(s["reference"])}</pre></td></tr>' for s in samples)
         body += ["<h2>Sample generations</h2>", f"<p>{html.escape(sample_note)}</p>",
                  f'<table class="samples"><thead><tr>{head}</tr></thead><tbody>{trs}</tbody></table>']
+    if generated:
+        body += ["<h2>Teacher-written answers</h2>", f"<p>{html.escape(generated_line(generated))}</p>"]
+        body += [f"<p>Source row {s['row']}:</p><pre>"
+                 + html.escape("\n".join(f"[{m['role']}] {m['content']}" for m in s["messages"])) + "</pre>"
+                 for s in generated.get("samples") or []]
     if cost:
         body += ["<h2>Distillation run</h2>", html_table(["what", "value"], cost)]
     if image:
@@ -420,6 +431,18 @@ def write_report(out_dir: Path, result: dict, log_path: Path | None, cfg: Config
     html_path.write_text(f"<!doctype html><html><head><meta charset=\"utf-8\"><title>{html.escape(title)}"
                          f"</title><style>{style}</style></head><body>{''.join(body)}</body></html>\n")
     return md_path, html_path
+
+
+def generated_line(generated: dict) -> str:
+    """The generate step in one sentence: who answered, how, and what was kept."""
+    g, c = generated.get("generation") or {}, generated.get("counts") or {}
+    how = ("greedy" if not g.get("temperature") else
+           f"sampled at temperature {g['temperature']}, top-p {g.get('top_p')}, seed {g.get('seed')}")
+    rejected = ", ".join(f"{k} {v}" for k, v in (generated.get("rejected_by_kind") or {}).items()) or "none"
+    return (f"The training answers were written by the teacher ({(generated.get('teacher') or {}).get('source')}, "
+            f"fingerprint {(generated.get('teacher') or {}).get('fingerprint')}; data.answers="
+            f"{generated.get('answers')}): {how}, at most {g.get('max_new_tokens')} new tokens; "
+            f"{c.get('answered', 0)} records answered, {c.get('kept', 0)} kept; rejected: {rejected}.")
 
 
 def write_model_card(out_dir: Path, result: dict, cfg: Config) -> Path:

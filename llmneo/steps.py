@@ -1,4 +1,4 @@
-"""The five pipeline steps, as plain functions on local folders, and :data:`STEPS`, their table.
+"""The six pipeline steps, as plain functions on local folders, and :data:`STEPS`, their table.
 
 The CLI (``llmneo prep|teacher|distill|merge-eval|register``) and the KFP components
 (``components/*.py``) call exactly these functions: one piece of code per step, local run = cluster
@@ -22,7 +22,7 @@ from pathlib import Path
 import yaml
 
 from llmneo import cards
-from llmneo.cards import DatasetCard, DistillCard, EvalCard, ModelCards
+from llmneo.cards import AnswersCard, DatasetCard, DistillCard, EvalCard, ModelCards
 from llmneo.config import Config, dump_yaml
 from llmneo.errors import UserError, environment_faults
 from llmneo.launch import (
@@ -41,18 +41,36 @@ from llmneo.launch import (
 # function so that `import llmneo.steps` (the CLI, the light CPU image's register step) stays light.
 
 
-def prepare_dataset(cfg: Config, dataset_out: str | Path) -> DatasetCard:
-    """Step 1: data prep (tokenized with the student's tokenizer)."""
+def generate_answers(cfg: Config, answers_out: str | Path) -> AnswersCard:
+    """Step 1: with ``data.answers=missing|teacher`` the teacher writes the answers (reused or resumed
+    from ``$LLMNEO_CACHE/generated``); with ``given``, only a card saying so."""
+    from llmneo.generate import run_generate
+
+    with environment_faults(answers_out):
+        return run_generate(cfg, answers_out)
+
+
+def prepare_dataset(cfg: Config, dataset_out: str | Path, answers_dir: str | Path | None = None) -> DatasetCard:
+    """Step 2: data prep (tokenized with the student's tokenizer), of the teacher's answers
+    (``answers_dir``, the generate step's folder) when ``data.answers`` is not ``given``."""
     from llmneo.data import run_prep
     from llmneo.teacher import student_tokenizer
 
+    if cfg.data.answers != "given":
+        if answers_dir is None:
+            raise UserError(f"data.answers={cfg.data.answers}: prep reads the teacher's answers: run `llmneo "
+                            f"generate --out DIR` with the same configuration, then `llmneo prep --answers DIR`")
+        card = AnswersCard.read(answers_dir)
+        if card.answers != cfg.data.answers or card.source != cfg.data.source:
+            raise UserError(f"{answers_dir}: answers of data.source={card.source} with data.answers={card.answers}, "
+                            f"not of this configuration: run `llmneo generate` again")
     with environment_faults(dataset_out):
-        return run_prep(cfg, student_tokenizer(cfg), dataset_out)
+        return run_prep(cfg, student_tokenizer(cfg), dataset_out, answers_dir)
 
 
 def load_teacher(cfg: Config, dataset_dir: str | Path, teacher_out: str | Path,
                  student_out: str | Path) -> ModelCards:
-    """Step 2: load and verify the teacher; materialize the base student; check tokenizers vs data;
+    """Step 3: load and verify the teacher; materialize the base student; check tokenizers vs data;
     with ``teacher.mode=offline``, cache the teacher's top-k log-probabilities (``teacher_out/topk``)."""
     from llmneo.teacher import run_teacher
 
@@ -62,7 +80,7 @@ def load_teacher(cfg: Config, dataset_dir: str | Path, teacher_out: str | Path,
 
 def distill_student(cfg: Config, dataset_dir: str | Path, teacher_dir: str | Path, student_dir: str | Path,
                     out_dir: str | Path, task_config: dict | None = None, overwrite: bool = False) -> DistillCard:
-    """Step 3: NEO distillation under torchrun (gloo on CPU, nccl on GPU).
+    """Step 4: NEO distillation under torchrun (gloo on CPU, nccl on GPU).
 
     Re-running with the same ``out_dir`` (a KFP retry, a preempted pod) resumes from the newest valid
     checkpoint (``out_dir/checkpoint``, or ``distill.checkpoint_uri``); a run already complete for the same configuration returns
@@ -137,7 +155,7 @@ def _failure_hint(cfg: Config, out: Path, returncode: int) -> str:
 
 def merge_and_evaluate(cfg: Config, dataset_dir: str | Path, teacher_dir: str | Path, student_dir: str | Path,
                        distill_dir: str | Path, model_out: str | Path) -> dict:
-    """Step 4: merge the adapter, evaluate against the teacher, write the report and gate."""
+    """Step 5: merge the adapter, evaluate against the teacher, write the report and gate."""
     from llmneo.evaluate import run_merge_eval
 
     with environment_faults(model_out):
@@ -146,7 +164,7 @@ def merge_and_evaluate(cfg: Config, dataset_dir: str | Path, teacher_dir: str | 
 
 def register_model(cfg: Config, model_dir: str | Path, run_id: str | None = None, force: str | None = None,
                    aliases: list[str] | tuple[str, ...] = ()) -> dict:
-    """Step 5: upload the merged model into the registry (manifest with sha256/size of every file and
+    """Step 6: upload the merged model into the registry (manifest with sha256/size of every file and
     the lineage, written last), point ``registry.aliases`` at it, mirror it into a Kubeflow Model
     Registry when ``registry.kubeflow_url`` is set. Returns the manifest.
 
@@ -206,9 +224,12 @@ class Step:
 
 
 STEPS: tuple[Step, ...] = (
+    Step("generate", "generate-answers", "teacher answers", generate_answers, {},
+         {"out": "answers output folder"},
+         "with data.answers=missing|teacher: the teacher writes the answers"),
     Step("prep", "prep-data", "data prep", prepare_dataset, {},
          {"out": "dataset output folder"},
-         "prepare data into a dataset folder"),
+         "prepare data into a dataset folder (--answers: the generate step's folder)"),
     Step("teacher", "load-teacher", "teacher loading", load_teacher,
          {"dataset": "the prepared dataset"},
          {"teacher-out": "teacher model folder", "student-out": "base student model folder"},

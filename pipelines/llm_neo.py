@@ -1,4 +1,4 @@
-"""The LLM-NEO DAG: data prep → teacher loading → NEO distill → merge-and-eval → (gate) → register.
+"""The LLM-NEO DAG: teacher answers (data.answers) → data prep → teacher loading → NEO distill → merge-and-eval → (gate) → register.
 
     python -m llmneo_pipelines.llm_neo --output pipelines/llm_neo.yaml   # compile (`make pipeline`)
     llmneo run --preset tiny                                            # run locally via kfp.local
@@ -46,6 +46,7 @@ from kfp import compiler, dsl, kubernetes
 
 from llmneo.cluster import HUB_SECRET, POD_IDENTITY_ENV, S3_SECRET, SECRET_ENV, WORKFLOW_ENV, WORKFLOW_FIELD
 from llmneo_components.distill import distill, distill_multinode
+from llmneo_components.generate import generate_answers
 from llmneo_components.images import CPU_IMAGE
 from llmneo_components.merge_eval import merge_eval
 from llmneo_components.prep import prep_data
@@ -59,7 +60,7 @@ CACHE_PVC = "llmneo-cache"  # k8s/base/pvc.yaml: HF_HOME and LLMNEO_CACHE of the
 # folder is an emptyDir uploaded only on success, so a retried (preempted) pod would restart at step 0.
 CHECKPOINTS = "/cache/checkpoints"
 # Pod deadlines (activeDeadlineSeconds): a hung step fails instead of holding its node forever.
-TIMEOUT_S = {"prep": 4 * 3600, "teacher": 6 * 3600, "distill": 72 * 3600, "eval": 12 * 3600, "register": 2 * 3600}
+TIMEOUT_S = {"generate": 24 * 3600, "prep": 4 * 3600, "teacher": 6 * 3600, "distill": 72 * 3600, "eval": 12 * 3600, "register": 2 * 3600}
 # CPU/memory requests of the light steps (no GPU): enough to tokenize and to load/verify an 8B teacher.
 LIGHT = {"prep": ("2", "8Gi"), "teacher": ("4", "48Gi"), "register": ("1", "2Gi")}
 A100_TOLERATIONS = [{"key": GPU, "operator": "Exists", "effect": "NoSchedule"}]
@@ -70,7 +71,7 @@ A100_TOLERATIONS = [{"key": GPU, "operator": "Exists", "effect": "NoSchedule"}]
 # model to its commit and downloads it into the cache volume, where distill and merge-eval find it
 # without the hub (llmneo.models.hub_snapshot reads a pinned commit locally first); they still
 # re-list s3:// model sources and write checkpoints/staging to S3. register writes the registry.
-STEP_SECRETS = {"prep": (S3_SECRET, HUB_SECRET), "teacher": (S3_SECRET, HUB_SECRET), "distill": (S3_SECRET,),
+STEP_SECRETS = {"generate": (S3_SECRET, HUB_SECRET), "prep": (S3_SECRET, HUB_SECRET), "teacher": (S3_SECRET, HUB_SECRET), "distill": (S3_SECRET,),
                 "distill-multinode": (S3_SECRET,), "eval": (S3_SECRET,), "register": (S3_SECRET,)}
 
 
@@ -127,7 +128,14 @@ def llm_neo(preset: str = "tiny", overrides: list = [], config: str = "",  # noq
         registry_uri: where register stores the model, e.g. s3://bucket/registry; empty = the configuration's registry.uri (which must then be an s3:// URI: a folder inside the pod is lost).
     """
     cfg = dict(preset=preset, overrides=overrides, config=config)
-    prep_task = prep_data(**cfg)
+    # the teacher writes the answers (data.answers=missing|teacher; with given a card only): its own
+    # cacheable output; its shards live on the cache volume (LLMNEO_CACHE), so a retry resumes
+    generate_task = generate_answers(**cfg)
+    generate_task.set_display_name("teacher answers").set_retry(num_retries=1, backoff_duration="60s")
+    # on the eval GPUs (the teacher must fit there as for evaluation); "0" = CPU
+    _secrets_and_cache(_gpu_pool(generate_task, eval_gpus, gpu_node_selector, gpu_tolerations), "generate")
+    kubernetes.set_timeout(generate_task, TIMEOUT_S["generate"])
+    prep_task = prep_data(**cfg, answers=generate_task.outputs["answers"])
     prep_task.set_display_name("data prep").set_retry(num_retries=2, backoff_duration="30s")
     _secrets_and_cache(_light(prep_task, "prep"), "prep")
     kubernetes.set_timeout(prep_task, TIMEOUT_S["prep"])

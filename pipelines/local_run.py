@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from llmneo.cards import DatasetCard, DistillCard, EvalCard, ModelCard, ModelCards
+from llmneo.cards import AnswersCard, DatasetCard, DistillCard, EvalCard, ModelCard, ModelCards
 from llmneo.config import load_config
 from llmneo.errors import UserError
 from llmneo.preflight import hub_access, preflight
@@ -52,7 +52,7 @@ def _card(artifact: tuple[str, dict] | None, read):
 
 
 # The card of each step's output (the register step has none: its result is the output parameter)
-CARD_OF = {"prep-data": ("dataset", DatasetCard.read), "distill": ("adapter", DistillCard.read),
+CARD_OF = {"generate-answers": ("answers", AnswersCard.read), "prep-data": ("dataset", DatasetCard.read), "distill": ("adapter", DistillCard.read),
            "merge-eval": ("model", EvalCard.read)}
 
 
@@ -85,7 +85,7 @@ def summarize(run_dir: Path, wall: float) -> tuple[str, dict]:
     def artifact(task: str, name: str):
         return outs[task][1].get(name)
 
-    done = {task: step_card(run_dir, task, outs[task]) for task, _ in STEPS[:4]}
+    done = {task: step_card(run_dir, task, outs[task]) for task, _ in STEPS[:-1]}
     registered = outs["register"][0].get("Output")
     model_uri = (artifact("merge-eval", "model") or (None, {}))[0]
     evaluation = {}
@@ -93,8 +93,8 @@ def summarize(run_dir: Path, wall: float) -> tuple[str, dict]:
         evaluation = json.loads((Path(model_uri) / "eval.json").read_text())
     register_seconds = outs["register"][1].get("metrics", ("", {}))[1].get("seconds", "-")
     rows = [[label, card.step_metrics()["seconds"], card.summary_line()] if card else
-            [label, "-", "did not run"] for (task, label), card in zip(STEPS[:4], done.values(), strict=True)]
-    rows.append([STEPS[4][1], register_seconds if registered else "-", registered or "skipped (gate failed)"])
+            [label, "-", "did not run"] for (task, label), card in zip(STEPS[:-1], done.values(), strict=True)]
+    rows.append([STEPS[-1][1], register_seconds if registered else "-", registered or "skipped (gate failed)"])
     text = table(["step", "work s", "result"], rows, align_right=False)
     # two measures, named: the progress lines time whole tasks, the cards time the step's own work
     text += ("\nwork s: the step's own work (its card); the 'done in' times above are whole tasks, with "

@@ -3,9 +3,10 @@
     HF_HUB_OFFLINE=1 .venv/bin/python scripts/build_demo_data.py [--limit N]
 
 The embedded default distills SmolLM2-135M-Instruct into its pruned copy. Its instruction set is
-written for this project from templates (below); the responses are the teacher's own greedy answers
-(sequence-level KD data, as allowed by the issue), so the demo's val split measures how closely the
-student follows the teacher. Deterministic: fixed templates, fixed seed, greedy decoding.
+written for this project from templates (below); the responses are the teacher's own greedy answers,
+written by the product's own generation step (``data.answers=teacher``, :mod:`llmneo.generate`) — the
+same path a user takes with prompt-only data. Deterministic: fixed templates, greedy decoding.
+Answers cut at ``--max-new-tokens`` are rejected (not kept), as in the pipeline.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import tempfile
 from pathlib import Path
 
 OUT = Path(__file__).resolve().parents[1] / "llmneo" / "assets" / "smollm2_instruct.jsonl"
@@ -75,36 +77,22 @@ def main() -> int:
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=16)
     args = parser.parse_args()
-    import torch
-    from tqdm import tqdm
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from llmneo.config import load_config
+    from llmneo.generate import ANSWERS, run_generate
 
-    from llmneo.models import smollm2_dir
-
-    torch.manual_seed(0)
-    path = smollm2_dir()
-    tok = AutoTokenizer.from_pretrained(path)
-    tok.padding_side = "left"
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     items = prompts()
     if args.limit:
         items = items[: args.limit]
-    rows = []
-    for start in tqdm(range(0, len(items), args.batch_size), desc="teacher answers"):
-        batch = items[start:start + args.batch_size]
-        texts = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
-                                         add_generation_prompt=True) for p in batch]
-        enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-        with torch.no_grad():
-            out = model.generate(**enc, max_new_tokens=args.max_new_tokens, do_sample=False,
-                                 pad_token_id=tok.pad_token_id)
-        for prompt, ids in zip(batch, out[:, enc["input_ids"].shape[1]:], strict=True):
-            answer = tok.decode(ids, skip_special_tokens=True).strip()
-            if answer:
-                rows.append({"messages": [{"role": "user", "content": prompt},
-                                          {"role": "assistant", "content": answer}]})
-    OUT.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    print(f"wrote {len(rows)} rows to {OUT.relative_to(OUT.parents[2])}")
+    with tempfile.TemporaryDirectory(prefix="llmneo-demo-data-") as tmp:
+        source = Path(tmp) / "prompts.jsonl"
+        source.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in items))
+        card = run_generate(load_config("smollm2-demo", [
+            f"data.source={source}", "data.answers=teacher", f"generate.max_new_tokens={args.max_new_tokens}",
+            f"generate.batch_size={args.batch_size}", "generate.temperature=0"]), Path(tmp) / "answers")
+        rows = [json.loads(line) for line in (Path(tmp) / "answers" / ANSWERS).read_text().splitlines()]
+    OUT.write_text("".join(json.dumps({"messages": r["messages"]}) + "\n" for r in rows))
+    print(f"wrote {len(rows)} rows to {OUT.relative_to(OUT.parents[2])} ({card.counts['rejected']} prompts rejected: "
+          f"{card.rejected_by_kind})")
     return 0
 
 

@@ -55,7 +55,7 @@ def test_console_script_is_the_library_cli_plus_the_kfp_commands():
     assert scripts == {"llmneo": "llmneo_pipelines.cli:main"}
     library = set(_subcommands(library_cli.build_parser()))
     full = set(_subcommands(console.build_parser()))
-    assert library == {"config", "prep", "teacher", "distill", "merge-eval", "register", "compare", "registry"}
+    assert library == {"config", "generate", "prep", "teacher", "distill", "merge-eval", "register", "compare", "registry"}
     assert full == library | {"run", "upload", "submit", "schedule", "prune-checkpoints"}
 
 
@@ -64,13 +64,14 @@ def test_step_subcommands_follow_the_steps_table():
     from llmneo import cli as library_cli
     from llmneo.steps import STEPS
 
-    assert [s.name for s in STEPS] == ["prep", "teacher", "distill", "merge-eval", "register"]
-    assert [s.task for s in STEPS] == ["prep-data", "load-teacher", "distill", "merge-eval", "register"]
+    assert [s.name for s in STEPS] == ["generate", "prep", "teacher", "distill", "merge-eval", "register"]
+    assert [s.task for s in STEPS] == ["generate-answers", "prep-data", "load-teacher", "distill", "merge-eval",
+                                       "register"]
     commands = _subcommands(library_cli.build_parser())
     for step in STEPS:
         options = {o for a in commands[step.name]._actions for o in a.option_strings if a.required}
         assert options == {f"--{o}" for o in (*step.inputs, *step.outputs)}, step.name
-    expected = {"prep": ["--out"], "teacher": ["--dataset", "--teacher-out", "--student-out"],
+    expected = {"generate": ["--out"], "prep": ["--out"], "teacher": ["--dataset", "--teacher-out", "--student-out"],
                 "distill": ["--dataset", "--teacher", "--student", "--out"],
                 "merge-eval": ["--dataset", "--teacher", "--student", "--adapter", "--out"],
                 "register": ["--model"]}

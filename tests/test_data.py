@@ -9,7 +9,16 @@ import torch
 
 from llmneo.cards import DatasetCard
 from llmneo.config import load_config
-from llmneo.data import IGNORE_INDEX, ChatRenderer, encode_batch, resolve_chat_template, run_prep, to_messages
+from llmneo.data import (
+    IGNORE_INDEX,
+    PROMPT_ONLY_HINT,
+    ChatRenderer,
+    encode_batch,
+    resolve_chat_template,
+    run_prep,
+    to_conversation,
+    to_messages,
+)
 from llmneo.data_sources import RecordError
 from llmneo.errors import UserError
 from llmneo.models import build_tiny_tokenizer
@@ -61,6 +70,57 @@ def test_each_format_normalizes_to_the_same_conversation():
     assert to_messages(messages, "messages") == expected
     assert to_messages(sharegpt, "sharegpt") == expected
     assert to_messages({"text": "just text"}, "text") == "just text"
+
+
+def test_alpaca_seed_tasks_with_instances_are_accepted(tmp_path, tok):
+    """Alpaca's seed_tasks.jsonl form: instruction + instances [{input, output}] (several instances:
+    one exchange each, the same instruction applied to every input)."""
+    seed = {"id": "seed_task_0", "name": "breakfast_suggestion", "instruction": "Is there anything I can eat?",
+            "instances": [{"input": "", "output": "Yes, oatmeal."}], "is_classification": False}
+    assert to_messages(seed, "alpaca") == [{"role": "user", "content": "Is there anything I can eat?"},
+                                           {"role": "assistant", "content": "Yes, oatmeal."}]
+    two = {"instruction": "Add.", "instances": [{"input": "1 2", "output": "3"}, {"input": "2 2", "output": "4"}]}
+    assert to_messages(two, "alpaca") == [{"role": "user", "content": "Add.\n\n1 2"}, {"role": "assistant", "content": "3"},
+                                          {"role": "user", "content": "Add.\n\n2 2"}, {"role": "assistant", "content": "4"}]
+    rows = [dict(seed, id=f"seed_task_{i}", instruction=f"Task {i}?") for i in range(175)]
+    card, _ = prep(tmp_path, tok, rows)
+    assert card.counts["kept"] == 175 and card.formats == {"alpaca": 175}
+    with pytest.raises(RecordError, match="'instances' must be a non-empty list"):
+        to_messages({"instruction": "x", "instances": []}, "alpaca")
+
+
+def test_prompt_only_formats_become_placeholders_and_are_refused_with_a_hint():
+    """turns (MT-Bench), prompt, instruction without output, messages ending on a user turn: each
+    answer the record lacks is a placeholder; given answers are kept (prompt/completion)."""
+    hole = {"role": "assistant", "content": None}
+    mt_bench = {"question_id": 81, "category": "writing", "turns": ["Write a haiku.", "Now make it rhyme."]}
+    assert to_conversation(mt_bench, "turns") == [{"role": "user", "content": "Write a haiku."}, hole,
+                                                  {"role": "user", "content": "Now make it rhyme."}, hole]
+    assert to_conversation({"prompt": "Hi?"}, "prompt") == [{"role": "user", "content": "Hi?"}, hole]
+    assert to_messages({"prompt": "Hi?", "completion": "Hello."}, "prompt") == [
+        {"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello."}]
+    assert to_conversation({"instruction": "Name a color.", "system": "Be brief."}, "alpaca") == [
+        {"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a color."}, hole]
+    assert to_conversation({"messages": [{"role": "user", "content": "q"}]}, "messages") == [
+        {"role": "user", "content": "q"}, hole]
+    for rec, fmt in ((mt_bench, "turns"), ({"prompt": "Hi?"}, "prompt"), ({"instruction": "Name one."}, "alpaca")):
+        with pytest.raises(RecordError, match="data.answers=teacher") as e:
+            to_messages(rec, fmt)
+        assert e.value.kind == "prompt_only"
+    # a trailing question after given answers stays context (as before), not a prompt-only record
+    assert to_messages({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"},
+                                     {"role": "user", "content": "q2"}]}, "messages")[-1]["content"] == "q2"
+    with pytest.raises(RecordError, match=r"turns\[1\] must be a string"):
+        to_conversation({"turns": ["a", 3]}, "turns")
+    with pytest.raises(RecordError, match="empty field turns"):
+        to_conversation({"turns": ["a", " "]}, "turns")
+
+
+def test_prompt_only_data_fails_prep_naming_what_is_missing(tmp_path, tok):
+    rows = [{"question_id": i, "category": "x", "turns": [f"Question {i}?"]} for i in range(5)]
+    with pytest.raises(UserError, match=r"all 5 rows rejected \(first: row 1: record has no answers.*"
+                                        r"data.answers=teacher"):
+        prep(tmp_path, tok, rows)
 
 
 def test_auto_detection_counts_formats_and_override_rejects_other_formats(tmp_path, tok):
@@ -175,13 +235,14 @@ def test_each_kind_of_bad_record_goes_to_rejects_with_row_and_reason(tmp_path, t
     assert by_row[3] == ("empty", "empty response")
     assert by_row[4] == ("wrong_type", "field 'instruction' must be a string, got int")
     assert by_row[5][0] == "undecodable" and by_row[5][1].startswith("undecodable bytes")
-    assert by_row[6] == ("no_response", "no assistant turn")
+    # prompt-only records say what is missing and how to supply it
+    assert by_row[6] == ("prompt_only", f"record {PROMPT_ONLY_HINT}")
     assert by_row[7] == ("duplicate", "exact duplicate of row 1")
     assert by_row[8] == ("not_object", "record is a JSON list, expected an object")
     assert by_row[9][0] == "unknown_format"
     assert by_row[10] == ("unknown_role", "conversations[0].from: unknown role 'wizard'")
     assert by_row[11] == ("wrong_type", "field 'messages' must be a non-empty list")
-    assert by_row[12] == ("missing_field", "missing field 'output'")
+    assert by_row[12] == ("prompt_only", f"record {PROMPT_ONLY_HINT}")
     assert by_row[14][0] == "too_long" and "data.max_length=64" in by_row[14][1]
     assert by_row[15] == ("empty", "empty field 'text'")
     assert 13 not in by_row and 1 not in by_row

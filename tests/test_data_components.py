@@ -19,6 +19,16 @@ class FakeArtifact:
         self.metrics[key] = value
 
 
+def given_answers(tmp_path, overrides):
+    """The generate component's output with data.answers=given: a card only (prep reads data.source)."""
+    from llmneo_components.generate import generate_answers
+
+    answers, metrics = FakeArtifact(tmp_path / "answers"), FakeArtifact(tmp_path / "m0")
+    generate_answers.python_func(preset="tiny", config="", overrides=overrides, answers=answers, metrics=metrics)
+    assert answers.metadata["answers"] == "given" and not (tmp_path / "answers" / "answers.jsonl").exists()
+    return answers
+
+
 def test_prep_and_teacher_components_log_counts_rejects_and_topk(tmp_path):
     from llmneo_components.prep import prep_data
     from llmneo_components.teacher import load_teacher
@@ -27,8 +37,10 @@ def test_prep_and_teacher_components_log_counts_rejects_and_topk(tmp_path):
     rows = [{"instruction": f"Question {i}?", "output": f"Answer {i}."} for i in range(10)]
     src.write_text("".join(json.dumps(r) + "\n" for r in rows) + "{broken\n" + json.dumps(rows[0]) + "\n")
     overrides = [f"data.source={src}", "teacher.mode=offline", "teacher.topk=4"]
+    answers = given_answers(tmp_path, overrides)
     dataset, metrics = FakeArtifact(tmp_path / "dataset"), FakeArtifact(tmp_path / "m1")
-    prep_data.python_func(preset="tiny", config="", overrides=overrides, dataset=dataset, metrics=metrics)
+    prep_data.python_func(preset="tiny", config="", overrides=overrides, answers=answers, dataset=dataset,
+                          metrics=metrics)
     card = DatasetCard.read(tmp_path / "dataset")
     m = metrics.metrics
     assert (m["rows_read"], m["rows_kept"], m["rows_rejected"]) == (12, 10, 2)
@@ -51,7 +63,7 @@ def test_component_user_error_is_one_line_and_exit_2(tmp_path, capsys):
 
     with pytest.raises(SystemExit) as e:
         prep_data.python_func(preset="tiny", config="", overrides=[f"data.source={tmp_path / 'missing.jsonl'}"],
-                              dataset=FakeArtifact(tmp_path / "d"), metrics=FakeArtifact(tmp_path / "m"))
+                              answers=given_answers(tmp_path, []), dataset=FakeArtifact(tmp_path / "d"), metrics=FakeArtifact(tmp_path / "m"))
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("error: data.source: ") and err.endswith("missing.jsonl' does not exist")

@@ -26,16 +26,17 @@ def test_default_output_is_a_line_per_step_and_the_summary(tiny_run):
     assert len(lines) <= 40, out
     assert "\x1b[" not in out  # not a terminal: no colour codes
     assert "executor_input" not in out and "Warning" not in out and "fatal:" not in out
-    for number, (task, label) in enumerate([("prep-data", "data prep"), ("load-teacher", "teacher loading"),
+    for number, (task, label) in enumerate([("generate-answers", "teacher answers"), ("prep-data", "data prep"),
+                                            ("load-teacher", "teacher loading"),
                                             ("distill", "NEO distill"), ("merge-eval", "merge and eval"),
                                             ("register", "register")], 1):
         log = run / "logs" / f"{task}.log"
-        start, end = [line for line in lines if line.startswith(f"[{number}/5] {label}")]
+        start, end = [line for line in lines if line.startswith(f"[{number}/6] {label}")]
         assert start.endswith(f"(log: {log.relative_to(root)})") and " done in " in end
         assert "Got executor_input" in log.read_text() and "\x1b[" not in log.read_text()
     assert "3 steps × 8 sequences = 0.42 epochs of 57 train rows" in out  # the distill start line
     distill_log = (run / "logs" / "distill.log").read_text()
-    assert "distill: 3 steps × 8 sequences" in distill_log and "[3/5 distill] neo: 100%" in distill_log
+    assert "distill: 3 steps × 8 sequences" in distill_log and "[4/6 distill] neo: 100%" in distill_log
 
 
 def test_artifacts_exist(tiny_run):

@@ -71,8 +71,8 @@ def test_each_step_gets_only_the_secrets_it_needs(compiled):
     load-teacher: hf: models, pinned into the cache the later steps read); S3 wherever s3:// inputs,
     checkpoints, staging or the registry may be touched."""
     _, executors = compiled
-    assert len(executors) == 6
-    want = {"prep-data": {"llmneo-s3", "llmneo-hub"}, "load-teacher": {"llmneo-s3", "llmneo-hub"},
+    assert len(executors) == 7
+    want = {"generate-answers": {"llmneo-s3", "llmneo-hub"}, "prep-data": {"llmneo-s3", "llmneo-hub"}, "load-teacher": {"llmneo-s3", "llmneo-hub"},
             "distill": {"llmneo-s3"}, "distill-multinode": {"llmneo-s3"}, "merge-eval": {"llmneo-s3"},
             "register": {"llmneo-s3"}}
     assert {name.removeprefix("exec-") for name in executors} == set(want)

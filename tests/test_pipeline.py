@@ -1,4 +1,4 @@
-"""The DAG compiles, holds the five steps and the gate, and the committed YAML has not drifted."""
+"""The DAG compiles, holds the six steps and the gate, and the committed YAML has not drifted."""
 
 import ast
 import subprocess
@@ -8,7 +8,7 @@ import yaml
 
 from conftest import REPO
 
-TASKS = {"prep-data", "load-teacher", "distill", "merge-eval", "register"}
+TASKS = {"generate-answers", "prep-data", "load-teacher", "distill", "merge-eval", "register"}
 
 
 def compile_to(tmp_path):

@@ -168,3 +168,21 @@ def test_validation_panel_plots_like_against_like(tmp_path, online):
     name, key = ("loss", "loss") if online else ("CE", "ce")
     assert saved["lines"] == {f"val {name}": [r[f"val_{key}"] for r in log if "val_loss" in r],
                               f"train {name}": [r[key] for r in log]}
+
+
+def test_report_shows_the_teacher_written_answers(tmp_path):
+    """data.answers=teacher: the report says who wrote the training answers, how, and shows a few."""
+    res = result()
+    res["dataset"]["generated"] = {
+        "answers": "teacher", "teacher": {"source": "smollm2", "fingerprint": "0123abcd"},
+        "generation": {"temperature": 0.0, "max_new_tokens": 192}, "counts": {"answered": 12, "kept": 11},
+        "rejected_by_kind": {"truncated": 1},
+        "samples": [{"row": 1, "messages": [{"role": "user", "content": "Who wrote Hamlet?"},
+                                            {"role": "assistant", "content": "Shakespeare <3"}]}]}
+    md_path, html_path = write_report(tmp_path, res, tmp_path / "none.jsonl", load_config("tiny"))
+    md, page = md_path.read_text(), html_path.read_text()
+    line = ("The training answers were written by the teacher (smollm2, fingerprint 0123abcd; data.answers=teacher): "
+            "greedy, at most 192 new tokens; 12 records answered, 11 kept; rejected: truncated 1.")
+    assert "## Teacher-written answers" in md and "[assistant] Shakespeare <3" in md
+    assert "[assistant] Shakespeare &lt;3" in page and "<h2>Teacher-written answers</h2>" in page
+    assert line.replace("data.answers", "data\\.answers") in md or line in md
