@@ -91,7 +91,7 @@ def test_step_subcommand_calls_the_step_function_with_folders_in_order(monkeypat
     assert seen[-1] == ((Path("d"), Path("t"), Path("s")), {})
     assert '"ok": 1' in capsys.readouterr().out
     assert library_cli.main(["register", "--model", "m", "--run-id", "r1"]) == 0
-    assert seen[-1] == ((Path("m"),), {"run_id": "r1", "force": None})
+    assert seen[-1] == ((Path("m"),), {"run_id": "r1", "force": None, "aliases": []})
     assert capsys.readouterr().out.strip() == "registered m:v1 at u"
 
 

@@ -256,7 +256,7 @@ def test_two_runs_of_the_same_configuration_have_the_same_cache_key_inputs(compi
     spec, _ = compiled
     args = {"preset": "tiny", "config": "distill:\n  alpha: 0.5\n", "distill_gpus": "6"}
     first, second = (_cache_relevant_inputs(spec, args, run) for run in ("run-a", "run-b"))
-    assert set(first) == {"prep-data", "load-teacher", "distill", "distill-multinode", "merge-eval"}
+    assert set(first) == {"generate-answers", "prep-data", "load-teacher", "distill", "distill-multinode", "merge-eval"}
     assert first == second
     # not vacuous: the run id as an input (as distill once had it) makes two runs differ
     import copy
