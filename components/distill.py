@@ -35,21 +35,23 @@ def distill(preset: str, overrides: list, config: str, gpus: str, nodes: int, da
 
     from llmneo.errors import guarded
     from llmneo.steps import distill_student
+    from llmneo.sweep import PointGuard
     from llmneo_components.params import checkpoint_setting, load_run_config, parse_gpus
 
-    # the pipeline's GPU/node counts win over the preset: the pod has exactly that many GPUs
-    n_gpus = parse_gpus(gpus, "distill_gpus")
-    cluster = [f"distill.nnodes={nodes}"] + ([f"distill.nproc_per_node={n_gpus}"] if n_gpus > 0 else [])
-    cfg = load_run_config(preset, overrides, config, cluster)
-    keep = checkpoint_setting(cfg, checkpoints, run_id)
-    if keep:
-        cfg = load_run_config(preset, overrides, config, cluster + keep)
-        print(f"distill: checkpoints in {cfg.distill.checkpoint_uri}", flush=True)
-    task = dataclasses.asdict(task_config) if task_config is not None else None
-    card = guarded(distill_student, cfg, dataset.path, teacher.path, student.path, adapter.path, task)
-    for name, value in card.step_metrics().items():
-        metrics.log_metric(name, value)
-    adapter.metadata.update(card.metadata())
+    with PointGuard(adapter.path, overrides, "distill"):  # in a sweep: a failure is recorded, the sweep goes on
+        # the pipeline's GPU/node counts win over the preset: the pod has exactly that many GPUs
+        n_gpus = parse_gpus(gpus, "distill_gpus")
+        cluster = [f"distill.nnodes={nodes}"] + ([f"distill.nproc_per_node={n_gpus}"] if n_gpus > 0 else [])
+        cfg = load_run_config(preset, overrides, config, cluster)
+        keep = checkpoint_setting(cfg, checkpoints, run_id)
+        if keep:
+            cfg = load_run_config(preset, overrides, config, cluster + keep)
+            print(f"distill: checkpoints in {cfg.distill.checkpoint_uri}", flush=True)
+        task = dataclasses.asdict(task_config) if task_config is not None else None
+        card = guarded(distill_student, cfg, dataset.path, teacher.path, student.path, adapter.path, task)
+        for name, value in card.step_metrics().items():
+            metrics.log_metric(name, value)
+        adapter.metadata.update(card.metadata())
 
 
 # The same function as a TrainJob launcher for distill_nodes > 1: the pod itself stays small (CPU);

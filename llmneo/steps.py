@@ -135,6 +135,7 @@ def register_model(cfg: Config, model_dir: str | Path, run_id: str | None = None
     (a reason, recorded in the lineage as ``forced``) registers a failed-gate model."""
     from llmneo.registry import git_commit, open_registry
     from llmneo.registry.kubeflow import mirror
+    from llmneo.sweep import winner_lineage
 
     model_dir = Path(model_dir)
     card = EvalCard.read(model_dir)
@@ -151,6 +152,9 @@ def register_model(cfg: Config, model_dir: str | Path, run_id: str | None = None
                "config": yaml.safe_load(dump_yaml(cfg))}
     if force is not None:
         lineage["forced"] = force.strip()
+    sweep = winner_lineage(model_dir)  # a sweep's winner: every point's overrides and metrics
+    if sweep is not None:
+        lineage["sweep"] = sweep
     registry = open_registry(cfg.registry)
     with environment_faults(cfg.registry.uri):
         manifest = registry.register(cfg.registry.name, model_dir, lineage, card.metrics, cfg.registry.aliases)
