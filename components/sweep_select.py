@@ -1,6 +1,6 @@
 """Component: the sweep's selection (rank the points, the winner for registration, the report)."""
 
-from typing import List, NamedTuple
+from typing import NamedTuple
 
 from kfp import dsl
 from kfp.dsl import HTML, Input, Markdown, Metrics, Model, Output
@@ -9,7 +9,7 @@ from llmneo_components.images import IMAGE
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
-def select_sweep(overrides: list, metrics: list, models: Input[List[Model]], winner: Output[Model],
+def select_sweep(overrides: list, metrics: list, models: Input[list[Model]], winner: Output[Model],
                  summary: Output[Metrics], report: Output[Markdown],
                  report_html: Output[HTML]) -> NamedTuple("Selection", [("gate", str), ("overrides", list)]):
     """Rank every point by its evaluation card, keep the winner, apply the gate, write the sweep report.

@@ -317,7 +317,7 @@ def plot(table: dict, out_png: Path) -> Path | None:
         xs = [float(v) if numeric else labels.index(v) for v in values]
         ys = [float(row["metrics"][name]) for _, row in done]
         ax.scatter(xs, ys, color="tab:blue", label="point")
-        for (i, row), x, y in zip(done, xs, ys, strict=True):
+        for (_, row), x, y in zip(done, xs, ys, strict=True):
             if row["winner"]:
                 ax.scatter([x], [y], s=160, marker="*", color="tab:red", zorder=3, label="winner")
         if not numeric:

@@ -21,7 +21,9 @@ points, submit with ``--no-cache``.
 Caching: a point's distill and merge-eval inputs are the shared inputs plus the point's overrides,
 and no run id, so the same point in a later (widened) sweep is a cache hit; plan puts each distinct
 point once. Select and register never cache (register writes to the registry). One node per point
-(``distill.nnodes`` 1); a point's retry restarts its training (no checkpoint folder is shared).
+(``distill.nnodes`` 1), and one GPU count (``gpus``) for both of its steps: the merge-and-eval pod's
+limit comes from a parameter that is also a component input (kfp.local 2.17 does not pass a loop
+body a pipeline parameter used only in a resource limit); a point's retry restarts its training (no checkpoint folder is shared).
 
 ``parallelism`` is fixed when compiling: KFP's ParallelFor takes an int (kfp/dsl/tasks_group.py
 ParallelFor) and the pipeline spec stores it as ``iteratorPolicy.parallelismLimit`` (an int32 of
@@ -62,7 +64,7 @@ def build(parallelism: int = PARALLELISM):
                   "evaluate every grid point, rank them, register the best one with the sweep table in its lineage.")
     def llm_neo_sweep(preset: str = "tiny", overrides: list = [], config: str = "",  # noqa: B006
                       grid: list = DEFAULT_GRID, metrics: list = DEFAULT_METRICS,  # noqa: B006
-                      max_kl_to_teacher: float = 1000000.0, distill_gpus: str = "0", eval_gpus: str = "0",
+                      max_kl_to_teacher: float = 1000000.0, gpus: str = "0",
                       gpu_node_selector: dict = {}, gpu_tolerations: list = A100_TOLERATIONS,  # noqa: B006
                       registry_uri: str = ""):
         """LLM-NEO sweep.
@@ -74,8 +76,7 @@ def build(parallelism: int = PARALLELISM):
             grid: swept settings as KEY=V1,V2 strings, every combination is a point, e.g. ["distill.alpha=0.5,0.9", "distill.lora_rank=16,64"].
             metrics: ranking metrics of the points' evaluation cards; the first ranks, the next break ties (min:NAME / max:NAME set the direction).
             max_kl_to_teacher: register the winner only if KL(teacher||student) on val is at most this.
-            distill_gpus: GPUs per point for distill = torchrun processes, a whole number as text ("0" = CPU, processes from the preset).
-            eval_gpus: GPUs per point for merge-and-eval, a whole number as text ("0" = CPU).
+            gpus: GPUs of each point's distill (= torchrun processes) and merge-and-eval pods, a whole number as text ("0" = CPU, processes from the preset).
             gpu_node_selector: node selector of the GPU pool as JSON, e.g. {"cloud.google.com/gke-accelerator": "nvidia-tesla-a100"}.
             gpu_tolerations: tolerations for the GPU pool's taints as a JSON list of Kubernetes tolerations.
             registry_uri: where register stores the winner, e.g. s3://bucket/registry; empty = the configuration's registry.uri.
@@ -95,11 +96,11 @@ def build(parallelism: int = PARALLELISM):
         plan_task.set_display_name("sweep plan").set_cpu_request("1").set_memory_request("2Gi")
 
         with dsl.ParallelFor(plan_task.output, parallelism=parallelism, name="sweep-points") as point:
-            distill_task = distill(**cfg, overrides=point, gpus=distill_gpus, nodes=1,
+            distill_task = distill(**cfg, overrides=point, gpus=gpus, nodes=1,
                                    dataset=prep_task.outputs["dataset"], teacher=teacher_task.outputs["teacher"],
                                    student=teacher_task.outputs["student"])
             distill_task.set_display_name("NEO distill").set_env_variable(POINT_ENV, "1")
-            _secrets_and_cache(_gpu_pool(distill_task, distill_gpus, gpu_node_selector, gpu_tolerations), "distill")
+            _secrets_and_cache(_gpu_pool(distill_task, gpus, gpu_node_selector, gpu_tolerations), "distill")
             kubernetes.empty_dir_mount(distill_task, volume_name="dshm", mount_path="/dev/shm", medium="Memory")
             kubernetes.set_timeout(distill_task, TIMEOUT_S["distill"])
 
@@ -107,7 +108,7 @@ def build(parallelism: int = PARALLELISM):
                                    dataset=prep_task.outputs["dataset"], teacher=teacher_task.outputs["teacher"],
                                    student=teacher_task.outputs["student"], adapter=distill_task.outputs["adapter"])
             eval_task.set_display_name("merge and eval").set_env_variable(POINT_ENV, "1")
-            _secrets_and_cache(_gpu_pool(eval_task, eval_gpus, gpu_node_selector, gpu_tolerations), "eval")
+            _secrets_and_cache(_gpu_pool(eval_task, gpus, gpu_node_selector, gpu_tolerations), "eval")
             kubernetes.empty_dir_mount(eval_task, volume_name="dshm", mount_path="/dev/shm", medium="Memory")
             kubernetes.set_timeout(eval_task, TIMEOUT_S["eval"])
 

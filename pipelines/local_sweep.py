@@ -2,8 +2,8 @@
 
     llmneo sweep --preset tiny --grid distill.alpha=0.5,0.9 --grid distill.lora_rank=16,64 [key=value ...]
 
-The same compiled components as on a cluster (SubprocessRunner, current interpreter; kfp.local runs
-the points one after the other and caches nothing). At the end: the sweep table (the select step's
+The same compiled components as on a cluster (SubprocessRunner, current interpreter; kfp.local
+caches nothing). At the end: the sweep table (the select step's
 report.md), where the HTML report is, and the registered winner.
 """
 
@@ -71,9 +71,9 @@ def run_sweep_local(preset: str, overrides: list[str], grid: list[str], metrics:
     try:
         with output:
             llm_neo_sweep(preset=preset, overrides=overrides, grid=list(grid), metrics=metrics,
-                          max_kl_to_teacher=cfg.eval.max_kl_to_teacher, distill_gpus="0", eval_gpus="0")
+                          max_kl_to_teacher=cfg.eval.max_kl_to_teacher, gpus="0")
     except RuntimeError as e:
-        print(f"error: pipeline failed: {str(e).splitlines()[0]}", file=sys.stderr)
+        print(f"error: pipeline failed: {str(e).splitlines()[0]}", file=sys.__stderr__)
         return 1
     new = sorted((p for p in root.iterdir() if p.name not in before), key=lambda p: p.stat().st_mtime)
     if not new:
