@@ -7,8 +7,10 @@ caches nothing). At the end: the sweep table (the select step's
 report.md), where the HTML report is, and the registered winner.
 """
 
+import contextlib
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -27,6 +29,26 @@ def sweep_console() -> local_console.StepConsole:
         return f"[sweep] {task:<14}"
 
     return local_console.StepConsole(sys.stdout, label)
+
+
+@contextlib.contextmanager
+def one_task_at_a_time():
+    """kfp.local runs a ParallelFor's iterations in threads; the quiet console follows one task at a
+    time (its log file), so the tasks are run one after the other (on a laptop they share the CPUs)."""
+    from kfp.local import task_dispatcher
+
+    original = task_dispatcher.run_single_task_implementation
+    lock = threading.Lock()
+
+    def run_task(*args, **kwargs):
+        with lock:
+            return original(*args, **kwargs)
+
+    task_dispatcher.run_single_task_implementation = run_task
+    try:
+        yield
+    finally:
+        task_dispatcher.run_single_task_implementation = original
 
 
 def summarize(run_dir: Path, wall: float) -> tuple[str, dict]:
@@ -69,7 +91,7 @@ def run_sweep_local(preset: str, overrides: list[str], grid: list[str], metrics:
     t0 = time.time()
     output = local_console.streamed() if verbose else local_console.routed(sweep_console())
     try:
-        with output:
+        with output, one_task_at_a_time():
             llm_neo_sweep(preset=preset, overrides=overrides, grid=list(grid), metrics=metrics,
                           max_kl_to_teacher=cfg.eval.max_kl_to_teacher, gpus="0")
     except RuntimeError as e:
