@@ -355,11 +355,11 @@ def write_report(table: dict, out_dir: str | Path) -> tuple[Path, Path]:
     png = plot(table, out_dir / "sweep.png")
     ranked = ", then ".join(parse_metric(m)[0] for m in table["metrics"])
     md = ["# Sweep", "", headline(table), "", f"Ranked by {ranked}.", "", markdown_table(headers, rows), ""]
-    if png is not None:
-        md += [f"![{table['metric']} against each swept setting](sweep.png)", ""]
+    inline = f"data:image/png;base64,{base64.b64encode(png.read_bytes()).decode()}" if png else ""
+    if png is not None:  # inlined: the report is shown alone (a KFP Markdown artifact), without sweep.png
+        md += [f"![{table['metric']} against each swept setting]({inline})", ""]
     (out_dir / "report.md").write_text("\n".join(md))
-    image = (f'<img alt="{html.escape(table["metric"])} against each swept setting" '
-             f'src="data:image/png;base64,{base64.b64encode(png.read_bytes()).decode()}">' if png else "")
+    image = (f'<img alt="{html.escape(table["metric"])} against each swept setting" src="{inline}">' if png else "")
     page = ("<!doctype html><html><head><meta charset='utf-8'><title>Sweep</title>"
             "<style>body{font-family:sans-serif;margin:1.5em}table{border-collapse:collapse}"
             "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}</style></head><body>"

@@ -81,6 +81,7 @@ def add_commands(sub) -> None:
     p.add_argument("--version", default=None, help="version name (default: package version + content hash)")
     p.add_argument("--description", default=None, help="version description shown in the UI")
     p.add_argument("--package", default=None, help="compiled pipeline YAML (default: the packaged one)")
+    p.add_argument("--sweep", action="store_true", help="upload the sweep pipeline (llm-neo-sweep) instead")
     p.set_defaults(fn=kfp_client.cmd_upload)
 
     p = sub.add_parser("submit", help="create a Kubeflow Pipelines run and print its URL",

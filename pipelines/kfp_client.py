@@ -340,9 +340,12 @@ def submit(client, host: str, preset: str, overrides: list[str], pool: dict | No
 
 def cmd_upload(args) -> int:
     host = args.host or os.environ.get("KFP_HOST", "")
-    result = upload(connect(host, args.namespace), args.version, args.description, args.package)
+    sweep = getattr(args, "sweep", False)
+    pipeline = SWEEP_PIPELINE if sweep else PIPELINE_NAME
+    package = args.package or (_packaged_sweep() if sweep else None)
+    result = upload(connect(host, args.namespace), args.version, args.description, package, pipeline=pipeline)
     verb = "uploaded" if result["created"] else "already uploaded"
-    print(f"{verb} {PIPELINE_NAME} version {result['version']} (pipeline {result['pipeline_id']}, "
+    print(f"{verb} {pipeline} version {result['version']} (pipeline {result['pipeline_id']}, "
           f"version {result['version_id']})")
     print(f"{host.rstrip('/')}/#/pipelines/details/{result['pipeline_id']}/version/{result['version_id']}")
     return 0

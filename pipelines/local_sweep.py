@@ -56,7 +56,9 @@ def summarize(run_dir: Path, wall: float) -> tuple[str, dict]:
     params, artifacts = executor_outputs(run_dir, SELECT)
     registered = executor_outputs(run_dir, REGISTER)[0].get("Output")
     report = artifacts.get("report", (None, {}))[0]
-    lines = [Path(report).read_text().strip() if report and Path(report).is_file() else "the select step did not run",
+    shown = ("\n".join(line for line in Path(report).read_text().splitlines() if not line.startswith("![")).strip()
+             if report and Path(report).is_file() else "the select step did not run")  # the plot: in the report
+    lines = [shown,
              "", f"total wall time {wall:.1f} s"]
     if report:
         lines.append(f"report:           {report} (HTML: {artifacts.get('report_html', ('-',))[0]})")

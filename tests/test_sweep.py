@@ -97,7 +97,7 @@ def test_select_ranks_by_kl_breaks_ties_and_skips_failed_points(tmp_path):
                                                            ["distill.alpha=0.9"], ["distill.alpha=0.1"]]
     assert lineage["points"][2]["winner"] and lineage["points"][2]["metrics"]["top1_agreement"] == 0.6
     md = (tmp_path / "rep" / "report.md").read_text()
-    assert "★ winner" in md and "failed: distill: out of memory" in md and "![" in md
+    assert "★ winner" in md and "failed: distill: out of memory" in md and "](data:image/png;base64," in md
     assert (tmp_path / "rep" / "sweep.png").stat().st_size > 1000
     assert "data:image/png;base64," in (tmp_path / "rep" / "report.html").read_text()
     # higher-is-better first: agreement
@@ -172,3 +172,55 @@ def test_committed_sweep_yaml_has_not_drifted(tmp_path):
     fresh = compile_sweep(tmp_path).read_text()
     assert fresh == (REPO / "pipelines" / "llm_neo_sweep.yaml").read_text(), \
         "pipelines/llm_neo_sweep.yaml is stale: run `make pipeline` and commit it"
+
+
+# --------------------------------------------------------------------------------------------
+# Kubeflow: upload / submit --sweep / schedules (against the recording fake kfp.Client)
+# --------------------------------------------------------------------------------------------
+
+
+def test_submit_sweep_compiles_with_the_parallelism_and_sends_the_grid(tmp_path):
+    from kfp_fake import FakeKfp
+
+    from llmneo_pipelines import kfp_client
+
+    fake = FakeKfp()
+    seen = {}
+    original = fake.run_pipeline
+
+    def run_pipeline(**kwargs):  # the compiled package is a temporary file: read it while it exists
+        if kwargs.get("pipeline_package_path"):
+            seen["spec"] = next(yaml.safe_load_all(open(kwargs["pipeline_package_path"])))
+        return original(**kwargs)
+
+    fake.run_pipeline = run_pipeline
+    params = {"registry_uri": "s3://models/registry"}
+    package = kfp_client.sweep_package("tiny", ["distill.max_steps=2"], ["distill.alpha=0.5,0.9"],
+                                       ["top1_agreement"], params, 2, tmp_path)
+    kfp_client.submit(fake, "http://h", "tiny", ["distill.max_steps=2"], None, params, package=package,
+                      pipeline=kfp_client.SWEEP_PIPELINE)
+    (run,) = fake.runs
+    assert run["params"]["grid"] == ["distill.alpha=0.5,0.9"] and run["params"]["metrics"] == ["top1_agreement"]
+    (loop,) = [t for t in seen["spec"]["root"]["dag"]["tasks"].values() if "parameterIterator" in t]
+    assert loop["iteratorPolicy"] == {"parallelismLimit": 2}
+    with pytest.raises(UserError, match=r"^--sweep: give the swept settings with --grid"):
+        kfp_client.sweep_package("tiny", [], [], [], {}, None, tmp_path)
+    with pytest.raises(UserError, match=r"^grid point distill.alpha=2: distill.alpha"):
+        kfp_client.sweep_package("tiny", [], ["distill.alpha=0.5,2"], [], {}, None, tmp_path)
+    up = kfp_client.upload(fake, version="0.1.0", package=kfp_client._packaged_sweep(), pipeline=kfp_client.SWEEP_PIPELINE)
+    kfp_client.submit(fake, "http://h", "tiny", ["registry.uri=s3://models/registry"], None, {"grid": ["distill.alpha=0.5,0.9"]},
+                      version="0.1.0", package=kfp_client._packaged_sweep(), pipeline=kfp_client.SWEEP_PIPELINE)
+    assert fake.runs[-1]["version_id"] == up["version_id"]
+
+
+def test_schedule_with_a_grid_runs_the_sweep(tmp_path):
+    from llmneo_pipelines import kfp_client, schedules
+
+    path = tmp_path / "s.yaml"
+    path.write_text("name: weekly-sweep\ncron: '0 3 * * 1'\npreset: tiny\noverrides: [registry.uri=s3://models/registry]\n"
+                    "grid: ['distill.alpha=0.5,0.9']\n")
+    s = schedules.load_schedule(path, {})
+    assert s.pipeline == kfp_client.SWEEP_PIPELINE and s.arguments["grid"] == ["distill.alpha=0.5,0.9"]
+    path.write_text("name: bad\ncron: '0 3 * * 1'\npreset: tiny\ngrid: ['data.max_length=64,128']\n")
+    with pytest.raises(UserError, match=r"s.yaml: --grid data.max_length: the sweep prepares the data"):
+        schedules.load_schedule(path, {})
