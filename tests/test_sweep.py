@@ -43,6 +43,14 @@ def test_plan_refuses_bad_grids_in_one_line(grid, message):
 
 
 def test_point_guard_records_a_failure_and_passes_it_on(tmp_path, capsys):
+    """Why a point records its failure instead of failing its task (what this relies on upstream):
+    on Argo, KFP's ParallelFor iterations are tasks of a DAG template whose fail-fast is on by default
+    (argoproj/argo-workflows docs/walk-through/dag.md, DAGTemplate.FailFast: "stop scheduling new
+    steps, as soon as it detects that one of the DAG nodes is failed"), so one failed point would stop
+    the points not yet started and fail the loop, and nothing after the loop would run. The SDK's
+    escape, ``PipelineTask.ignore_upstream_failure`` (kfp 2.17, kfp/dsl/pipeline_task.py), refuses a
+    task whose inputs are upstream outputs without a default, which select's ``dsl.Collected`` models
+    are. So the failure is data: ``sweep_point.json`` with status failed, the task succeeds."""
     env = {POINT_ENV: "1"}
 
     def fails():
