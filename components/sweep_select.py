@@ -11,7 +11,7 @@ from llmneo_components.images import IMAGE
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
 def select_sweep(overrides: list, metrics: list, models: Input[list[Model]], winner: Output[Model],
                  summary: Output[Metrics], report: Output[Markdown],
-                 report_html: Output[HTML]) -> NamedTuple("Selection", [("gate", str), ("overrides", list)]):
+                 report_html: Output[HTML]) -> NamedTuple("Selection", [("Output", str), ("overrides", list)]):
     """Rank every point by its evaluation card, keep the winner, apply the gate, write the sweep report.
 
     Args:
@@ -24,7 +24,9 @@ def select_sweep(overrides: list, metrics: list, models: Input[list[Model]], win
         report_html: the same report as one HTML page, with the plot of the metric against each swept setting.
 
     Returns:
-        gate: "pass" when the winner passed the gate (then it is registered), else "fail"; overrides: the winner's overrides.
+        Output: the gate, "pass" when the winner passed it (then it is registered), else "fail" (named
+        Output like merge-eval's: kfp.local 2.17 resolves a condition on a task output only by that
+        name); overrides: the winner's overrides.
     """
     import shutil
     import tempfile
@@ -47,5 +49,5 @@ def select_sweep(overrides: list, metrics: list, models: Input[list[Model]], win
         if table["winner_value"] is not None:
             summary.log_metric(f"winner_{table['metric_name']}", table["winner_value"])
     chosen = (table["points"][best]["overrides"] if best is not None else [])
-    selection = namedtuple("Selection", ["gate", "overrides"])
+    selection = namedtuple("Selection", ["Output", "overrides"])
     return selection(table["gate"], [*overrides, *chosen])

@@ -117,7 +117,7 @@ def build(parallelism: int = PARALLELISM):
         select_task.set_display_name("select the best point").set_caching_options(False)
         select_task.set_cpu_request("1").set_memory_request("8Gi")
 
-        with dsl.If(select_task.outputs["gate"] == "pass", name="registration-gate"):
+        with dsl.If(select_task.outputs["Output"] == "pass", name="registration-gate"):
             register_task = register(**cfg, overrides=select_task.outputs["overrides"],
                                      run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER, model=select_task.outputs["winner"],
                                      registry_uri=registry_uri)

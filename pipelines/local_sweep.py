@@ -65,7 +65,7 @@ def summarize(run_dir: Path, wall: float) -> tuple[str, dict]:
     lines.append(f"run folder:       {run_dir}")
     lines.append(f"registered model: {registered.split('@', 1)[1]}" if registered
                  else "registered model: none (no point passed, or the winner failed the gate)")
-    return "\n".join(lines), {"registered": registered, "gate": params.get("gate"),
+    return "\n".join(lines), {"registered": registered, "gate": params.get("Output"),
                               "winner": artifacts.get("winner", (None,))[0], "report": report}
 
 

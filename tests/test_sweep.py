@@ -168,7 +168,7 @@ def test_sweep_yaml_parallel_for_parallelism_and_parameters(tmp_path):
     (loop_id,) = [k for k, t in root.items() if t is loop]
     assert root["select-sweep"]["inputs"]["artifacts"]["models"]["taskOutputArtifact"]["producerTask"] == loop_id
     (gate,) = [k for k, t in root.items() if t["taskInfo"]["name"] == "registration-gate"]
-    assert "select-sweep-gate" in root[gate]["triggerPolicy"]["condition"]
+    assert "select-sweep-Output" in root[gate]["triggerPolicy"]["condition"]
     params = spec["root"]["inputDefinitions"]["parameters"]
     assert set(params) == {"preset", "overrides", "config", "grid", "metrics", "max_kl_to_teacher", "gpus",
                            "gpu_node_selector", "gpu_tolerations", "registry_uri"}
