@@ -21,7 +21,7 @@ help:
 	@echo "make compare    NEO vs the untouched student, SFT, LoRA and KD on $(PRESET), same data, steps and seeds (table + plot)"
 	@echo "make test       lint + all tests (unit + integration)"
 	@echo "make test-fast  unit tests only"
-	@echo "make pipeline   recompile pipelines/llm_neo.yaml"
+	@echo "make pipeline   recompile pipelines/llm_neo.yaml and pipelines/llm_neo_sweep.yaml"
 	@echo "make images     build the CUDA and the light CPU images (Docker, or podman: see README 'Run on Kubeflow', docs/pipeline.md)"
 
 setup: $(VENV)/.installed
@@ -59,9 +59,10 @@ test-fast: setup
 
 pipeline: setup
 	$(PY) -m llmneo_pipelines.llm_neo --output pipelines/llm_neo.yaml
+	$(PY) -m llmneo_pipelines.llm_neo_sweep --output pipelines/llm_neo_sweep.yaml
 
 check-drift: pipeline
-	git diff --exit-code pipelines/llm_neo.yaml
+	git diff --exit-code pipelines/llm_neo.yaml pipelines/llm_neo_sweep.yaml
 
 # Image references: components/images.py (override with LLMNEO_IMAGE / LLMNEO_CPU_IMAGE, e.g. your registry).
 # Docker when it runs, else podman (with podman and no BASE_IMAGE: a base image built from Debian packages).

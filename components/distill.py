@@ -36,36 +36,38 @@ def distill(preset: str, overrides: list, config: str, gpus: str, nodes: int, da
 
     from llmneo.errors import guarded
     from llmneo.steps import distill_student
+    from llmneo.sweep import PointGuard
     from llmneo_components.params import checkpoint_setting, load_run_config, parse_gpus
 
-    # the pipeline's GPU/node counts win over the preset: the pod has exactly that many GPUs
-    n_gpus = parse_gpus(gpus, "distill_gpus")
-    if n_gpus > 0:  # the trainer refuses to run on fewer (llmneo.preflight.check_gpus)
-        from llmneo.preflight import GPUS_ENV
+    with PointGuard(adapter.path, overrides, "distill"):  # in a sweep: a failure is recorded, the sweep goes on
+        # the pipeline's GPU/node counts win over the preset: the pod has exactly that many GPUs
+        n_gpus = parse_gpus(gpus, "distill_gpus")
+        if n_gpus > 0:  # the trainer refuses to run on fewer (llmneo.preflight.check_gpus)
+            from llmneo.preflight import GPUS_ENV
 
-        os.environ[GPUS_ENV] = str(n_gpus)
-    cluster = [f"distill.nnodes={nodes}"] + ([f"distill.nproc_per_node={n_gpus}"] if n_gpus > 0 else [])
-    cfg = load_run_config(preset, overrides, config, cluster)
-    from llmneo.cluster import WORKFLOW_ENV, shared_volume_at
+            os.environ[GPUS_ENV] = str(n_gpus)
+        cluster = [f"distill.nnodes={nodes}"] + ([f"distill.nproc_per_node={n_gpus}"] if n_gpus > 0 else [])
+        cfg = load_run_config(preset, overrides, config, cluster)
+        from llmneo.cluster import WORKFLOW_ENV, shared_volume_at
 
-    task = dataclasses.asdict(task_config) if task_config is not None else None
-    # several nodes: on the cache PVC that KFP forwards to every TrainJob node (a retry's new TrainJob
-    # resumes from there), never in a node's emptyDir
-    keep = checkpoint_setting(cfg, checkpoints, os.environ.get(WORKFLOW_ENV, ""),
-                              shared=shared_volume_at(task, checkpoints))
-    if keep:
-        cfg = load_run_config(preset, overrides, config, cluster + keep)
-        print(f"distill: checkpoints in {cfg.distill.checkpoint_uri}", flush=True)
-        # retention: runs that failed for good leave their checkpoints; the next run removes old ones
-        from llmneo.launch import prune_checkpoints
-        from llmneo_components.params import CHECKPOINT_RETENTION_DAYS
+        task = dataclasses.asdict(task_config) if task_config is not None else None
+        # several nodes: on the cache PVC that KFP forwards to every TrainJob node (a retry's new TrainJob
+        # resumes from there), never in a node's emptyDir
+        keep = checkpoint_setting(cfg, checkpoints, os.environ.get(WORKFLOW_ENV, ""),
+                                  shared=shared_volume_at(task, checkpoints))
+        if keep:
+            cfg = load_run_config(preset, overrides, config, cluster + keep)
+            print(f"distill: checkpoints in {cfg.distill.checkpoint_uri}", flush=True)
+            # retention: runs that failed for good leave their checkpoints; the next run removes old ones
+            from llmneo.launch import prune_checkpoints
+            from llmneo_components.params import CHECKPOINT_RETENTION_DAYS
 
-        prune_checkpoints(checkpoints, CHECKPOINT_RETENTION_DAYS, keep=cfg.distill.checkpoint_uri,
-                          log=lambda line: print(f"distill: {line}", flush=True))
-    card = guarded(distill_student, cfg, dataset.path, teacher.path, student.path, adapter.path, task)
-    for name, value in card.step_metrics().items():
-        metrics.log_metric(name, value)
-    adapter.metadata.update(card.metadata())
+            prune_checkpoints(checkpoints, CHECKPOINT_RETENTION_DAYS, keep=cfg.distill.checkpoint_uri,
+                              log=lambda line: print(f"distill: {line}", flush=True))
+        card = guarded(distill_student, cfg, dataset.path, teacher.path, student.path, adapter.path, task)
+        for name, value in card.step_metrics().items():
+            metrics.log_metric(name, value)
+        adapter.metadata.update(card.metadata())
 
 
 # The same function as a TrainJob launcher for distill_nodes > 1: the pod itself stays small (CPU);

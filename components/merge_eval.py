@@ -34,14 +34,22 @@ def merge_eval(preset: str, overrides: list, config: str, max_kl_to_teacher: flo
     from llmneo.cards import EvalCard
     from llmneo.errors import guarded
     from llmneo.steps import merge_and_evaluate
+    from llmneo.sweep import PointGuard
     from llmneo_components.params import load_run_config
 
-    cfg = load_run_config(preset, overrides, config, [f"eval.max_kl_to_teacher={max_kl_to_teacher}"])
-    guarded(merge_and_evaluate, cfg, dataset.path, teacher.path, student.path, adapter.path, model.path)
-    card = guarded(EvalCard.read, model.path)
-    for name, value in card.step_metrics().items():
-        metrics.log_metric(name, value)
-    shutil.copy(f"{model.path}/report.md", report.path)
-    shutil.copy(f"{model.path}/report.html", report_html.path)
-    model.metadata.update(card.metadata())
-    return "pass" if card.passed else "fail"
+    # in a sweep: a failure (here or in this point's distill) is recorded, the sweep goes on
+    with PointGuard(model.path, overrides, "merge-eval", upstream=adapter.path) as point:
+        if point.run:
+            cfg = load_run_config(preset, overrides, config, [f"eval.max_kl_to_teacher={max_kl_to_teacher}"])
+            guarded(merge_and_evaluate, cfg, dataset.path, teacher.path, student.path, adapter.path, model.path)
+            card = guarded(EvalCard.read, model.path)
+            for name, value in card.step_metrics().items():
+                metrics.log_metric(name, value)
+            shutil.copy(f"{model.path}/report.md", report.path)
+            shutil.copy(f"{model.path}/report.html", report_html.path)
+            model.metadata.update(card.metadata())
+            return "pass" if card.passed else "fail"
+    for page in (report.path, report_html.path):  # a failed sweep point: its error, in place of the report
+        with open(page, "w") as f:
+            f.write(f"sweep point failed: {point.error_line()}\n")
+    return "fail"

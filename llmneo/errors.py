@@ -71,6 +71,13 @@ def environment_faults(where: str | os.PathLike):
         raise mapped from None
 
 
+def _exit(message: str) -> SystemExit:
+    """Exit code 2, carrying the error line (a sweep point records it: llmneo.sweep.PointGuard)."""
+    error = SystemExit(2)
+    error.llmneo_error = message
+    return error
+
+
 def guarded(fn: Callable, *args, **kwargs):
     """Call ``fn``; on a :class:`UserError` — or an environment fault such as a full disk or a
     denied permission (:func:`environment_error`) — print one line and exit 2 (used by the CLI and
@@ -79,13 +86,13 @@ def guarded(fn: Callable, *args, **kwargs):
         return fn(*args, **kwargs)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
-        raise SystemExit(2) from None
+        raise _exit(str(e)) from None
     except OSError as e:  # a path named in the error itself (mkdir, open, rename, ...)
         mapped = environment_error(e)
         if mapped is None:
             raise
         print(f"error: {mapped}", file=sys.stderr, flush=True)
-        raise SystemExit(2) from None
+        raise _exit(str(mapped)) from None
 
 
 def quiet_broken_pipe(fn: Callable, *args, **kwargs):

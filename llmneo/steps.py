@@ -174,6 +174,7 @@ def register_model(cfg: Config, model_dir: str | Path, run_id: str | None = None
     for here, not ``registry.aliases``. ``aliases`` are moved in addition to ``registry.aliases``."""
     from llmneo.registry import git_commit, open_registry
     from llmneo.registry.kubeflow import mirror
+    from llmneo.sweep import winner_lineage
 
     model_dir = Path(model_dir)
     card = EvalCard.read(model_dir)
@@ -191,6 +192,9 @@ def register_model(cfg: Config, model_dir: str | Path, run_id: str | None = None
                "config": yaml.safe_load(dump_yaml(cfg))}
     if force is not None:
         lineage["forced"] = force.strip()
+    sweep = winner_lineage(model_dir)  # a sweep's winner: every point's overrides and metrics
+    if sweep is not None:
+        lineage["sweep"] = sweep
     registry = open_registry(cfg.registry)
     with environment_faults(cfg.registry.uri):
         move = list(aliases) if force is not None else [*cfg.registry.aliases, *aliases]

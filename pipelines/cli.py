@@ -21,12 +21,29 @@ import argparse
 import sys
 
 from llmneo import cli as library_cli
-from llmneo_pipelines import kfp_client, local_run, schedules
+from llmneo_pipelines import kfp_client, local_run, local_sweep, schedules
 
 
 def cmd_run(args) -> int:
     return local_run.run_local(args.preset, args.overrides, pipeline_root=args.pipeline_root, runner=args.runner,
                                verbose=args.verbose)
+
+
+def cmd_sweep(args) -> int:
+    return local_sweep.run_sweep_local(args.preset, args.overrides, args.grid, args.metric,
+                                       pipeline_root=args.pipeline_root, verbose=args.verbose)
+
+
+def sweep_options(p: argparse.ArgumentParser, local: bool) -> None:
+    """The grid and ranking options shared by ``llmneo sweep`` and ``llmneo submit --sweep``."""
+    p.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
+                   help="swept setting (repeatable: every combination is a point), e.g. distill.alpha=0.5,0.9")
+    p.add_argument("--metric", action="append", default=[], metavar="NAME",
+                   help="ranking metric (repeatable: the next ones break ties; default kl_to_teacher, "
+                        "top1_agreement, perplexity; min:NAME / max:NAME set the direction)")
+    if not local:
+        p.add_argument("--parallelism", type=int, default=None,
+                       help="points trained at once (compiled into the sweep pipeline; default 4)")
 
 
 def add_commands(sub) -> None:
@@ -45,6 +62,15 @@ def add_commands(sub) -> None:
                         "<run folder>/logs/<task>.log)")
     p.set_defaults(fn=cmd_run)
 
+    p = sub.add_parser("sweep", help="a sweep locally through kfp.local: one teacher, every grid point, the best registered",
+                       description="the sweep DAG (pipelines/llm_neo_sweep.py) through kfp.local")
+    p.add_argument("--preset", default="tiny", help=library_cli.PRESET_HELP)
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="configuration overrides shared by every point")
+    sweep_options(p, local=True)
+    p.add_argument("--pipeline-root", default="runs/kfp", help="where kfp.local keeps artifacts")
+    p.add_argument("-v", "--verbose", action="store_true", help="stream every step's full output")
+    p.set_defaults(fn=cmd_sweep)
+
     def connection(p: argparse.ArgumentParser) -> None:
         p.add_argument("--host", default=None, help="Kubeflow Pipelines URL (default: $KFP_HOST)")
         p.add_argument("--namespace", default=None, help="KFP namespace / Kubeflow profile (default: $KFP_NAMESPACE)")
@@ -61,6 +87,7 @@ def add_commands(sub) -> None:
     p.add_argument("--description", default=None, help="version description shown in the UI")
     p.add_argument("--package", default=None, help="compiled pipeline YAML (default: the packaged one)")
     image_registry(p)
+    p.add_argument("--sweep", action="store_true", help="upload the sweep pipeline (llm-neo-sweep) instead")
     p.set_defaults(fn=kfp_client.cmd_upload)
 
     p = sub.add_parser("submit", help="create a Kubeflow Pipelines run and print its URL",
@@ -77,6 +104,8 @@ def add_commands(sub) -> None:
     p.add_argument("--service-account", default="llmneo-pipeline", help="runs' service account ('' = KFP default)")
     p.add_argument("--no-cache", action="store_true", help="disable KFP caching for this run")
     image_registry(p)
+    p.add_argument("--sweep", action="store_true", help="run the sweep pipeline (llm-neo-sweep) over --grid")
+    sweep_options(p, local=False)
     p.set_defaults(fn=kfp_client.cmd_submit)
 
     p = sub.add_parser("schedule", help="GitOps: recurring runs declared in k8s/schedules/*.yaml")
@@ -115,6 +144,7 @@ EXAMPLES = """examples:
   llmneo run --preset tiny distill.max_steps=8           the whole pipeline on this machine
   llmneo upload --host URL [--version NAME]              the compiled pipeline into Kubeflow Pipelines
   llmneo submit --host URL --preset NAME [key=value ...] a Kubeflow Pipelines run; prints its URL
+  llmneo sweep --preset tiny --grid distill.alpha=0.5,0.9 a sweep through kfp.local (submit --sweep: on Kubeflow)
   llmneo schedule sync --dir k8s/schedules [--dry-run]   recurring runs declared in YAML files
 """ + library_cli.EXAMPLES.removeprefix("examples:\n")
 

@@ -389,13 +389,15 @@ def run_url(host: str, run_id: str) -> str:
 def submit(client, host: str, preset: str, overrides: list[str], pool: dict | None = None,
            params: dict | None = None, experiment: str = DEFAULT_EXPERIMENT, version: str | None = None,
            run_name: str | None = None, service_account: str | None = DEFAULT_SERVICE_ACCOUNT,
-           enable_caching: bool | None = None, namespace: str | None = None, image_registry: str | None = None) -> dict:
-    """Create one run (of the local compiled package, or of an uploaded ``version``); returns its id and URL.
-    ``enable_caching`` only with the local package (:func:`check_caching`); ``image_registry`` as for
-    :func:`upload` (an uploaded version keeps the images it was uploaded with)."""
+           enable_caching: bool | None = None, namespace: str | None = None, image_registry: str | None = None,
+           package: str | Path | None = None, pipeline: str = PIPELINE_NAME) -> dict:
+    """Create one run (of the local compiled ``package``, default the packaged llm-neo, or of an uploaded
+    ``version`` of ``pipeline``); returns its id and URL. ``enable_caching`` only with the local
+    package (:func:`check_caching`); ``image_registry`` as for :func:`upload` (an uploaded version
+    keeps the images it was uploaded with)."""
 
     check_caching(version, enable_caching)
-    args = run_parameters(preset, overrides, pool, params)
+    args = run_parameters(preset, overrides, pool, params, package=package)
     name = run_name or f"{preset}-{time.strftime('%Y%m%d-%H%M%S')}"
     check_server(client)
     with _api_errors(f"submit to {host}"):
@@ -403,13 +405,13 @@ def submit(client, host: str, preset: str, overrides: list[str], pool: dict | No
         kwargs = dict(experiment_id=exp.experiment_id, job_name=name, params=args, enable_caching=enable_caching,
                       service_account=service_account or None)
         if version:
-            pipeline_id, found = resolve_version(client, version)
+            pipeline_id, found = resolve_version(client, version, pipeline)
             check_version_images(found)
             run = client.run_pipeline(pipeline_id=pipeline_id, version_id=found.pipeline_version_id, **kwargs)
         else:
-            with registry_package(package_path(), image_registry) as package:
-                check_images(pipeline_spec(package), f"pipeline {package.name}")
-                run = client.run_pipeline(pipeline_package_path=str(package), **kwargs)
+            with registry_package(package or package_path(), image_registry) as sent:
+                check_images(pipeline_spec(sent), f"pipeline {sent.name}")
+                run = client.run_pipeline(pipeline_package_path=str(sent), **kwargs)
     return {"run_id": run.run_id, "name": name, "url": run_url(host, run.run_id), "parameters": args}
 
 
@@ -426,17 +428,50 @@ def check_package_images(package: str | Path | None, registry: str | None) -> No
 
 def cmd_upload(args) -> int:
     host = args.host or os.environ.get("KFP_HOST", "")
-    check_package_images(args.package, args.image_registry)
-    result = upload(connect(host, args.namespace), args.version, args.description, args.package,
+    sweep = getattr(args, "sweep", False)
+    pipeline = SWEEP_PIPELINE if sweep else PIPELINE_NAME
+    package = args.package or (_packaged_sweep() if sweep else None)
+    check_package_images(package, args.image_registry)
+    result = upload(connect(host, args.namespace), args.version, args.description, package, pipeline=pipeline,
                     image_registry=args.image_registry)
     verb = "uploaded" if result["created"] else "already uploaded"
-    print(f"{verb} {PIPELINE_NAME} version {result['version']} (pipeline {result['pipeline_id']}, "
+    print(f"{verb} {pipeline} version {result['version']} (pipeline {result['pipeline_id']}, "
           f"version {result['version_id']})")
     print(f"{host.rstrip('/')}/#/pipelines/details/{result['pipeline_id']}/version/{result['version_id']}")
     return 0
 
 
+SWEEP_PIPELINE = "llm-neo-sweep"  # = pipelines/llm_neo_sweep.py PIPELINE_NAME
+
+
+def sweep_package(preset: str, overrides: list[str], grid: list[str], metrics: list[str], params: dict,
+                  parallelism: int | None, folder: str | Path) -> Path:
+    """``llmneo submit --sweep``: the grid checked here (every point's configuration), ``grid`` and
+    ``metrics`` set as pipeline parameters in ``params``, and the sweep pipeline compiled into
+    ``folder`` with ``parallelism`` (a compile-time setting of KFP's ParallelFor)."""
+    from llmneo.sweep import parse_metric, plan_points
+    from llmneo_pipelines.llm_neo_sweep import PARALLELISM, compile_pipeline
+
+    if not grid:
+        raise UserError("--sweep: give the swept settings with --grid KEY=V1,V2 (repeatable)")
+    plan_points(list(overrides), list(grid), lambda point: load_config(preset, point))
+    for m in metrics:
+        parse_metric(m)
+    if parallelism is not None and parallelism < 0:
+        raise UserError(f"--parallelism: expected 0 (no limit) or more points at once, got {parallelism}")
+    params.update(grid=list(grid), **({"metrics": list(metrics)} if metrics else {}))
+    path = Path(folder) / "llm_neo_sweep.yaml"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        compile_pipeline(str(path), PARALLELISM if parallelism is None else parallelism)
+    return path
+
+
 def cmd_submit(args) -> int:
+    if getattr(args, "sweep", False):
+        return _cmd_submit_sweep(args)
+    if getattr(args, "grid", None):
+        raise UserError("--grid: add --sweep to run the sweep pipeline")
     host = args.host or os.environ.get("KFP_HOST", "")
     pool, params = read_pool(args.pool_file), parse_params(args.param)
     run_parameters(args.preset, args.overrides, pool, params)  # validate before connecting
@@ -450,3 +485,28 @@ def cmd_submit(args) -> int:
                     image_registry=args.image_registry)
     print(f"run {result['name']} ({result['run_id']}): {result['url']}")
     return 0
+
+
+def _cmd_submit_sweep(args) -> int:
+    import tempfile
+
+    host = args.host or os.environ.get("KFP_HOST", "")
+    pool, params = read_pool(args.pool_file), parse_params(args.param)
+    with tempfile.TemporaryDirectory(prefix="llmneo-sweep-") as folder:
+        package = None if args.version else sweep_package(args.preset, args.overrides, args.grid, args.metric,
+                                                          params, args.parallelism, folder)
+        if args.version:
+            params.update(grid=list(args.grid), **({"metrics": list(args.metric)} if args.metric else {}))
+        check_caching(args.version, False if args.no_cache else None)
+        result = submit(connect(host, args.namespace), host, args.preset, args.overrides, pool, params,
+                        experiment=args.experiment, version=args.version, run_name=args.run_name,
+                        service_account=args.service_account, enable_caching=False if args.no_cache else None,
+                        namespace=args.namespace or os.environ.get("KFP_NAMESPACE") or None,
+                        package=package or _packaged_sweep(), pipeline=SWEEP_PIPELINE)
+    print(f"sweep run {result['name']} ({result['run_id']}): {result['url']}")
+    return 0
+
+
+def _packaged_sweep() -> Path:
+    """The compiled sweep pipeline shipped with the package (pipelines/llm_neo_sweep.yaml)."""
+    return Path(str(resources.files("llmneo_pipelines").joinpath("llm_neo_sweep.yaml")))

@@ -146,6 +146,15 @@ def step_console(cfg, interval: float = 30.0) -> local_console.StepConsole:
     return console
 
 
+def pin_registry(cfg, overrides: list[str]) -> list[str]:
+    """``overrides`` + the registry this command resolved (the override, else $LLMNEO_REGISTRY, else
+    the preset's): components run in their own processes and read the preset again; a local
+    registry is pinned to this directory."""
+    registry = cfg.registry.uri
+    is_local = "://" not in registry or registry.startswith("file://")
+    return [*overrides, f"registry.uri={Path(registry.removeprefix('file://')).resolve() if is_local else registry}"]
+
+
 def run_local(preset: str, overrides: list[str], pipeline_root: str = "runs/kfp", runner: str = "subprocess",
               verbose: bool = False) -> int:
     from kfp import local
@@ -158,12 +167,7 @@ def run_local(preset: str, overrides: list[str], pipeline_root: str = "runs/kfp"
     cfg = load_config(preset, overrides)  # validate before anything runs
     preflight(cfg)  # every input exists and is readable: a missing file fails now, not after retries
     hub_access(cfg)  # offline when every input is local or packaged; else the hub must answer
-    overrides = list(overrides)
-    registry = cfg.registry.uri  # the override, else $LLMNEO_REGISTRY, else the preset's
-    # components run in their own processes (and read the preset again): pin the registry that this
-    # command resolved, a local one to this directory
-    is_local = "://" not in registry or registry.startswith("file://")
-    overrides.append(f"registry.uri={Path(registry.removeprefix('file://')).resolve() if is_local else registry}")
+    overrides = pin_registry(cfg, overrides)
     root = Path(pipeline_root).resolve()
     root.mkdir(parents=True, exist_ok=True)
     if runner == "containers":  # every step in the project's images; only the pipeline root is shared

@@ -10,6 +10,7 @@ One file per schedule::
     preset: smollm2-demo
     overrides: [distill.max_steps=12]
     pipeline_version: "0.1.0"       # uploaded version name; "latest" or absent: the newest
+    grid: ["distill.alpha=0.5,0.9"] # optional: a sweep (pipeline llm-neo-sweep, uploaded with --sweep)
     parameters: {distill_gpus: 1}   # pipeline parameters over the pool file's
     enabled: true                   # false: kept, but paused
     max_concurrency: 1
@@ -52,7 +53,7 @@ from llmneo_pipelines.kfp_client import (
 
 MARKER = "[llmneo-schedule]"
 KEYS = {"name", "cron", "preset", "overrides", "pipeline_version", "parameters", "enabled", "max_concurrency",
-        "description"}
+        "description", "grid"}
 NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 CRON_FIELD = re.compile(r"^[0-9A-Za-z*/,\-?]+$")
 
@@ -70,6 +71,7 @@ class Schedule:
     description: str = ""
     source: str = ""
     arguments: dict[str, Any] = field(default_factory=dict)
+    pipeline: str = kfp_client.PIPELINE_NAME  # llm-neo, or llm-neo-sweep with a grid
 
 
 def kfp_cron(cron: str, where: str) -> str:
@@ -107,12 +109,27 @@ def load_schedule(path: Path, pool: dict) -> Schedule:
         raise UserError(f"{where}: enabled: true or false, got {enabled!r}")
     if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
         raise UserError(f"{where}: max_concurrency: a positive integer, got {concurrency!r}")
+    grid = data.get("grid")
+    if grid is not None:  # a sweep: the grid is a parameter of the sweep pipeline, checked point by point
+        if not isinstance(grid, list) or not grid or not all(isinstance(g, str) for g in grid):
+            raise UserError(f"{where}: grid: a list of KEY=V1,V2 strings, each quoted in a [...] list")
+        from llmneo.config import load_config
+        from llmneo.sweep import plan_points
+
+        try:
+            plan_points(overrides, grid, lambda point: load_config(str(data["preset"]), point))
+        except UserError as e:
+            raise UserError(f"{where}: {e}") from None
+        params = {**params, "grid": grid}
     version = data.get("pipeline_version")
     sched = Schedule(name=data["name"], cron=kfp_cron(data["cron"], where), preset=str(data["preset"]),
                      overrides=overrides, pipeline_version=str(version) if version is not None else None,
                      parameters=params, enabled=enabled, max_concurrency=concurrency,
                      description=str(data.get("description") or ""), source=where)
-    sched.arguments = run_parameters(sched.preset, overrides, pool, params, where=where)
+    if grid is not None:
+        sched.pipeline = kfp_client.SWEEP_PIPELINE
+    sched.arguments = run_parameters(sched.preset, overrides, pool, params, where=where,
+                                     package=kfp_client._packaged_sweep() if grid is not None else None)
     return sched
 
 
@@ -181,10 +198,10 @@ def plan(client, schedules: list[Schedule], experiment_id: str, namespace: str |
     versions: dict[str | None, tuple[str, Any]] = {}
     actions = []
     for s in schedules:
-        if s.pipeline_version not in versions:
-            versions[s.pipeline_version] = resolve_version(client, s.pipeline_version)
-            check_version_images(versions[s.pipeline_version][1])
-        pipeline_id, version = versions[s.pipeline_version]
+        if (s.pipeline, s.pipeline_version) not in versions:
+            versions[s.pipeline, s.pipeline_version] = resolve_version(client, s.pipeline_version, s.pipeline)
+            check_version_images(versions[s.pipeline, s.pipeline_version][1])
+        pipeline_id, version = versions[s.pipeline, s.pipeline_version]
         fp = fingerprint(s, version.pipeline_version_id, service_account)
         existing = current.pop(s.name, [])
         matching = [r for r in existing if owned(r)[1] == fp and _status_matches(r, s.enabled)]
