@@ -497,12 +497,15 @@ def _cmd_submit_sweep(args) -> int:
                                                           params, args.parallelism, folder)
         if args.version:
             params.update(grid=list(args.grid), **({"metrics": list(args.metric)} if args.metric else {}))
+        else:
+            check_package_images(package, args.image_registry)
         check_caching(args.version, False if args.no_cache else None)
         result = submit(connect(host, args.namespace), host, args.preset, args.overrides, pool, params,
                         experiment=args.experiment, version=args.version, run_name=args.run_name,
                         service_account=args.service_account, enable_caching=False if args.no_cache else None,
                         namespace=args.namespace or os.environ.get("KFP_NAMESPACE") or None,
-                        package=package or _packaged_sweep(), pipeline=SWEEP_PIPELINE)
+                        image_registry=args.image_registry, package=package or _packaged_sweep(),
+                        pipeline=SWEEP_PIPELINE)
     print(f"sweep run {result['name']} ({result['run_id']}): {result['url']}")
     return 0
 

@@ -77,7 +77,8 @@ class FakeKfp:
                                        description=description, pipeline_spec=spec,
                                        created_at=datetime.datetime(2026, 1, 1) + datetime.timedelta(seconds=next(self._clock)))
         self.versions[pipeline_id].append(v)
-        self.version_packages = {**getattr(self, "version_packages", {}), v.pipeline_version_id: Path(path)}
+        # the server keeps the spec, not the uploaded file (the client may upload a temporary copy)
+        self.version_specs = {**getattr(self, "version_specs", {}), v.pipeline_version_id: spec}
         return v
 
     def upload_pipeline(self, pipeline_package_path, pipeline_name=None, description=None, namespace=None):
@@ -115,8 +116,9 @@ class FakeKfp:
             spec = next(yaml.safe_load_all(Path(package).read_text()))
         else:
             assert any(v.pipeline_version_id == version_id for vs in self.versions.values() for v in vs), version_id
-            uploaded = getattr(self, "version_packages", {}).get(version_id)  # the version's own package
-            spec = next(yaml.safe_load_all((uploaded or Path(__file__).parents[1] / "pipelines" / "llm_neo.yaml").read_text()))
+            spec = getattr(self, "version_specs", {}).get(version_id)  # the version's own spec
+            if spec is None:
+                spec = next(yaml.safe_load_all((Path(__file__).parents[1] / "pipelines" / "llm_neo.yaml").read_text()))
         declared = spec["root"]["inputDefinitions"]["parameters"]
         unknown = set(params) - set(declared)
         if unknown:

@@ -56,7 +56,7 @@ def test_console_script_is_the_library_cli_plus_the_kfp_commands():
     library = set(_subcommands(library_cli.build_parser()))
     full = set(_subcommands(console.build_parser()))
     assert library == {"config", "generate", "prep", "teacher", "distill", "merge-eval", "register", "compare", "registry"}
-    assert full == library | {"run", "upload", "submit", "schedule", "prune-checkpoints"}
+    assert full == library | {"run", "upload", "submit", "schedule", "prune-checkpoints", "sweep"}
 
 
 def test_step_subcommands_follow_the_steps_table():

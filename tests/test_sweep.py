@@ -206,7 +206,7 @@ def test_submit_sweep_compiles_with_the_parallelism_and_sends_the_grid(tmp_path)
     package = kfp_client.sweep_package("tiny", ["distill.max_steps=2"], ["distill.alpha=0.5,0.9"],
                                        ["top1_agreement"], params, 2, tmp_path)
     kfp_client.submit(fake, "http://h", "tiny", ["distill.max_steps=2"], None, params, package=package,
-                      pipeline=kfp_client.SWEEP_PIPELINE)
+                      pipeline=kfp_client.SWEEP_PIPELINE, image_registry="registry.example.com/team")
     (run,) = fake.runs
     assert run["params"]["grid"] == ["distill.alpha=0.5,0.9"] and run["params"]["metrics"] == ["top1_agreement"]
     (loop,) = [t for t in seen["spec"]["root"]["dag"]["tasks"].values() if "parameterIterator" in t]
@@ -215,7 +215,8 @@ def test_submit_sweep_compiles_with_the_parallelism_and_sends_the_grid(tmp_path)
         kfp_client.sweep_package("tiny", [], [], [], {}, None, tmp_path)
     with pytest.raises(UserError, match=r"^grid point distill.alpha=2: distill.alpha"):
         kfp_client.sweep_package("tiny", [], ["distill.alpha=0.5,2"], [], {}, None, tmp_path)
-    up = kfp_client.upload(fake, version="0.1.0", package=kfp_client._packaged_sweep(), pipeline=kfp_client.SWEEP_PIPELINE)
+    up = kfp_client.upload(fake, version="0.1.0", package=kfp_client._packaged_sweep(), pipeline=kfp_client.SWEEP_PIPELINE,
+                           image_registry="registry.example.com/team")
     kfp_client.submit(fake, "http://h", "tiny", ["registry.uri=s3://models/registry"], None, {"grid": ["distill.alpha=0.5,0.9"]},
                       version="0.1.0", package=kfp_client._packaged_sweep(), pipeline=kfp_client.SWEEP_PIPELINE)
     assert fake.runs[-1]["version_id"] == up["version_id"]
