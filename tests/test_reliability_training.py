@@ -324,16 +324,22 @@ def cli_distill(ws: Path, out: Path, *overrides: str) -> list[str]:
             "--teacher", str(ws / "teacher"), "--student", str(ws / "student"), "--out", str(out), *overrides]
 
 
-@pytest.mark.integration
-def test_a_nan_stop_through_torchrun_is_one_line_without_a_resume_hint(tiny_workspace, tmp_path):
-    """The trainer stops on a non-finite loss (a NaN planted in the checkpoint it resumes): the CLI
-    prints the trainer's one line, no torchrun traceback (ChildFailedError) and no "re-running
-    resumes from it" (a re-run would stop the same way)."""
+def trained_ddp(tiny_workspace, tmp_path) -> tuple[Path, list[str]]:
+    """A 4-step DDP run through the CLI (torchrun) that keeps a checkpoint of every step but the last."""
     overrides = ["distill.max_steps=4", "distill.save_every=1", "distill.keep_checkpoint=true",
                  "distill.strategy=ddp"]
     out = tmp_path / "ddp"
     done = subprocess.run(cli_distill(tiny_workspace, out, *overrides), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
+    return out, overrides
+
+
+@pytest.mark.integration
+def test_a_nan_stop_through_torchrun_is_one_line_without_a_resume_hint(tiny_workspace, tmp_path):
+    """The trainer stops on a non-finite loss (a NaN planted in the checkpoint it resumes): the CLI
+    prints the trainer's one line, no torchrun traceback (ChildFailedError) and no "re-running
+    resumes from it" (a re-run would stop the same way)."""
+    out, overrides = trained_ddp(tiny_workspace, tmp_path)
     root = out / "checkpoint"
     (out / "card.json").unlink()
     newest = checkpointing.candidates(root)[0]  # the last step is not checkpointed: step 3
@@ -349,11 +355,7 @@ def test_a_nan_stop_through_torchrun_is_one_line_without_a_resume_hint(tiny_work
 @pytest.mark.integration
 def test_torchrun_falls_back_past_a_truncated_shard_and_stops_in_one_line_when_none_is_valid(tiny_workspace,
                                                                                            tmp_path):
-    overrides = ["distill.max_steps=4", "distill.save_every=1", "distill.keep_checkpoint=true",
-                 "distill.strategy=ddp"]
-    out = tmp_path / "ddp"
-    done = subprocess.run(cli_distill(tiny_workspace, out, *overrides), capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
+    out, overrides = trained_ddp(tiny_workspace, tmp_path)
     root = out / "checkpoint"
     assert [p.name for p in checkpointing.candidates(root)] == ["step-000003", "step-000002"]
     reference = adapter(out)
