@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from llmneo.attention import use_causal_attention
 from llmneo.data import read_split
 from llmneo.errors import UserError
 from llmneo.heads import check_fast_paths
@@ -122,6 +123,9 @@ class SetupMixin:
         student.to(self.device)
         with self.autocast:  # the fast paths compute the model's own logits (llmneo.heads), or refuse
             check_fast_paths(base, "student", head=d.loss_impl == "chunked", packed=self.packed)
+            # no mask built and read on the device in every forward (llmneo.attention); packed rows need theirs
+            if not self.packed:
+                use_causal_attention(base)
         student.train()
         if self.compiles():
             # regional compilation: each decoder layer on its own (in place, parameters unchanged), so
@@ -171,6 +175,8 @@ class SetupMixin:
         teacher.eval()
         teacher.requires_grad_(False)
         check_fast_paths(teacher, "teacher", head=self.d.loss_impl == "chunked", packed=self.packed)
+        if not self.packed:
+            use_causal_attention(teacher)
         student_vocab = base_model(self.student).get_output_embeddings().out_features
         if teacher.get_output_embeddings().out_features < student_vocab:
             raise UserError(f"teacher {self.inputs.teacher}: vocabulary smaller than the student's ({student_vocab})")

@@ -4,11 +4,9 @@ CUDA (a boolean mask's nonzero, ``.item()``/``float()``, ``torch.equal``...) are
 on the CPU, and must be 0 for every method. The one synchronisation per optimizer step (the logged
 numbers) lies outside the micro-batches and is not counted.
 
-One is not ours and stays: transformers (5.24) builds the attention mask of every model forward in
-``masking_utils.create_causal_mask``, whose ``find_packed_sequence_indices`` reads the position ids
-on the device (``if (...).all()``) whenever no 2D attention mask is given, and whose
-``_ignore_causal_mask_sdpa`` reads the 2D mask (``fast_all``) when one is. It is counted apart, by
-the frame it comes from, and must be the only origin left (one per model forward)."""
+The mask transformers (5.24) builds in every model forward (``masking_utils.create_causal_mask``)
+read the position ids or the mask on the device; :mod:`llmneo.attention` switches the models to a
+causal SDPA for which no mask is built, so that is 0 too."""
 
 import sys
 
@@ -16,8 +14,10 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from llmneo.attention import CAUSAL_SDPA, use_causal_attention
 from llmneo.config import load_config
 from llmneo.launch import TrainerInputs, write_workdir
+from llmneo.lora import base_model
 from llmneo.trainer import DistillTrainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -31,9 +31,6 @@ SYNCING = {aten.nonzero.default, aten.masked_select.default, aten._local_scalar_
 # these sync only with a boolean index (it is turned into nonzero)
 INDEXING = {aten.index.Tensor, aten.index_put.default, aten.index_put_.default,
             aten._index_put_impl_.default}
-
-
-TRANSFORMERS_MASK = "transformers.masking_utils.find_packed_sequence_indices"
 
 
 def origin() -> str:
@@ -120,8 +117,79 @@ def test_no_sync_inside_a_micro_batch(method, overrides, tiny_workspace, offline
     trainer.setup()
     assert trainer.accum >= 2  # several micro-batches are counted
     counter = count_in_micro_batches(trainer)
-    ours = [(op, where) for op, where in zip(counter.ops, counter.origins, strict=True) if where != TRANSFORMERS_MASK]
-    assert ours == [], f"{len(ours)} syncing ops: {sorted(set(ours))}"
-    # transformers' mask creation: one read per model forward (student, and the online teacher)
-    forwards = trainer.accum * (2 if method in ("kd", "neo") else 1)
-    assert counter.ops == ["aten._local_scalar_dense.default"] * forwards
+    assert base_model(trainer.student).config._attn_implementation == CAUSAL_SDPA
+    assert counter.ops == [], f"{len(counter.ops)} syncing ops: {sorted(set(zip(counter.ops, counter.origins, strict=True)))}"
+
+
+def test_transformers_reads_its_mask_on_the_device_without_the_causal_attention(tiny_workspace, tmp_path):
+    """The counter sees transformers' own read (one per model forward, from
+    ``masking_utils.find_packed_sequence_indices``) when the model keeps plain SDPA."""
+    cfg = load_config("tiny", ["distill.method=neo", "distill.max_steps=1"])
+    workdir = write_workdir(tmp_path, cfg, TrainerInputs.of(tiny_workspace / "dataset", tiny_workspace / "teacher",
+                                                            tiny_workspace / "student"))
+    trainer = DistillTrainer.from_workdir(workdir)
+    trainer.setup()
+    for model in (base_model(trainer.student), trainer.distill_module.signal.model):
+        model.set_attn_implementation("sdpa")
+    counter = count_in_micro_batches(trainer)
+    assert counter.ops == ["aten._local_scalar_dense.default"] * (2 * trainer.accum)
+    assert set(counter.origins) == {"transformers.masking_utils.find_packed_sequence_indices"}
+
+
+def tiny_lm(kind: str, **extra):
+    from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
+
+    config_cls, model_cls = {"llama": (LlamaConfig, LlamaForCausalLM), "mistral": (MistralConfig, MistralForCausalLM)}[kind]
+    torch.manual_seed(0)
+    config = config_cls(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, **{"attn_implementation": "sdpa", **extra})
+    return model_cls(config)
+
+
+def test_causal_attention_equals_the_masked_forward_on_right_padded_rows():
+    model = tiny_lm("llama")
+    ids = torch.randint(1, 64, (3, 11), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[1, 7:] = 0
+    mask[2, 4:] = 0
+    with torch.no_grad():
+        want = model(input_ids=ids, attention_mask=mask).logits
+        assert use_causal_attention(model) and model.config._attn_implementation == CAUSAL_SDPA
+        got = model(input_ids=ids).logits
+    keep = mask.bool()
+    torch.testing.assert_close(got[keep], want[keep], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind, extra", [("mistral", {"sliding_window": 4}), ("llama", {"attn_implementation": "eager"})])
+def test_models_that_need_their_mask_keep_their_attention(kind, extra):
+    """A sliding window (Mistral, Gemma 2/3's sliding layers) is not plain causal attention, and an
+    implementation other than SDPA is left as the user chose it."""
+    model = tiny_lm(kind, **extra)
+    before = model.config._attn_implementation
+    assert not use_causal_attention(model)
+    assert model.config._attn_implementation == before
+
+
+def test_a_model_whose_attention_differs_goes_back_to_sdpa(monkeypatch):
+    """The set-up check is what decides: when the logits under the causal SDPA differ from the
+    model's own masked forward (here: a model that ignores its mask's causality would), it keeps SDPA."""
+    from llmneo import attention
+
+    model = tiny_lm("llama")
+    monkeypatch.setattr(attention, "_relative_error", lambda got, want: (1.0, 1.0, 1e-4))
+    assert not attention.use_causal_attention(model)
+    assert model.config._attn_implementation == "sdpa"
+
+
+def test_packed_rows_keep_the_mask_transformers_builds(tiny_workspace, tmp_path):
+    """Packed rows need the block-diagonal mask transformers builds from their restarting position
+    ids: the trainer leaves the student's attention as it is."""
+    from llmneo.steps import prepare_dataset
+
+    cfg = load_config("tiny", ["data.packing=true", "distill.method=lora", "distill.max_steps=1"])
+    prepare_dataset(cfg, tmp_path / "packed")
+    workdir = write_workdir(tmp_path / "w", cfg, TrainerInputs.of(tmp_path / "packed", tiny_workspace / "teacher",
+                                                                  tiny_workspace / "student"))
+    trainer = DistillTrainer.from_workdir(workdir)
+    trainer.setup()
+    assert trainer.packed and base_model(trainer.student).config._attn_implementation == "sdpa"
