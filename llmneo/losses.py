@@ -60,11 +60,13 @@ class LossSpec:
     topk_tail: str = "tail"  # offline teacher: tail | renormalize
     loss_chunk_tokens: int = 512
     loss_impl: str = "chunked"  # chunked | naive
+    # not a configuration field: the trainer sets it from distill.compile as resolved for its device
+    compiled: bool = False  # the closed-form chunk losses through torch.compile
 
     @classmethod
     def from_config(cls, distill: Any) -> LossSpec:
         """The loss fields of a ``DistillConfig`` (or anything with attributes of the same names)."""
-        return cls(**{f.name: getattr(distill, f.name) for f in dataclasses.fields(cls)})
+        return cls(**{f.name: getattr(distill, f.name) for f in dataclasses.fields(cls) if f.name != "compiled"})
 
     def with_teacher(self, present: bool) -> LossSpec:
         """The spec in effect: without a teacher signal there is no KD term, so alpha is 0 (CE alone)."""
@@ -389,15 +391,29 @@ def _topk_forward_kl_with_grad(logits: torch.Tensor, targets: torch.Tensor, teac
 def _chunk_loss_and_grad(logits: torch.Tensor, targets: torch.Tensor, teacher, spec: LossSpec):
     """(loss, ce, kd, d loss / d logits) of one chunk; ``logits`` ``[n, V]`` (no graph, may be overwritten)."""
     if teacher is None or (spec.is_forward_kl and not isinstance(teacher, TeacherTopK)):
-        return _ce_forward_kl_with_grad(logits, targets, teacher, spec)
+        return _closed_form(_ce_forward_kl_with_grad, spec)(logits, targets, teacher, spec)
     if spec.is_forward_kl and (teacher.in_vocab or (teacher.in_vocab is None
                                                     and bool((teacher.ids < logits.shape[-1]).all()))):
-        return _topk_forward_kl_with_grad(logits, targets, teacher, spec)
+        return _closed_form(_topk_forward_kl_with_grad, spec)(logits, targets, teacher, spec)
     leaf = logits.detach().float().requires_grad_()
     with torch.enable_grad():
         loss, ce, kd = token_loss(leaf, targets, teacher, spec)
         (grad,) = torch.autograd.grad(loss, leaf)
     return loss.detach(), ce.detach(), kd.detach(), grad
+
+
+_COMPILED: dict[Callable, Callable] = {}
+
+
+def _closed_form(fn: Callable, spec: LossSpec) -> Callable:
+    """``fn``, or with ``spec.compiled`` its ``torch.compile`` (one per function, dynamic in the
+    chunk's length: the last chunk of a micro-batch is shorter). Element-wise chains over ``[n, V]``
+    fuse into a few kernels instead of a launch per op."""
+    if not spec.compiled:
+        return fn
+    if fn not in _COMPILED:
+        _COMPILED[fn] = torch.compile(fn, dynamic=True)
+    return _COMPILED[fn]
 
 
 class _ChunkedHeadLoss(torch.autograd.Function):

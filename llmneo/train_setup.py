@@ -3,6 +3,7 @@ optimizer and the micro-batch size (:class:`SetupMixin`, a part of :class:`llmne
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 import sys
@@ -133,7 +134,7 @@ class SetupMixin:
             for layer in getattr(base.get_decoder(), "layers", []):
                 layer.compile()
         self.student = student
-        self.distill_module = module = DistillModule(student, LossSpec.from_config(d))
+        self.distill_module = module = DistillModule(student, dataclasses.replace(LossSpec.from_config(d), compiled=self.compiles()))
         if self.world > 1 and d.strategy == "fsdp":
             from torch.distributed.fsdp import fully_shard
 
