@@ -42,10 +42,6 @@ def distill(preset: str, overrides: list, config: str, gpus: str, nodes: int, da
     with PointGuard(adapter.path, overrides, "distill"):  # in a sweep: a failure is recorded, the sweep goes on
         # the pipeline's GPU/node counts win over the preset: the pod has exactly that many GPUs
         n_gpus = parse_gpus(gpus, "distill_gpus")
-        if n_gpus > 0:  # the trainer refuses to run on fewer (llmneo.preflight.check_gpus)
-            from llmneo.preflight import GPUS_ENV
-
-            os.environ[GPUS_ENV] = str(n_gpus)
         cluster = [f"distill.nnodes={nodes}"] + ([f"distill.nproc_per_node={n_gpus}"] if n_gpus > 0 else [])
         cfg = load_run_config(preset, overrides, config, cluster)
         from llmneo.cluster import WORKFLOW_ENV, shared_volume_at
@@ -64,7 +60,12 @@ def distill(preset: str, overrides: list, config: str, gpus: str, nodes: int, da
 
             prune_checkpoints(checkpoints, CHECKPOINT_RETENTION_DAYS, keep=cfg.distill.checkpoint_uri,
                               log=lambda line: print(f"distill: {line}", flush=True))
-        card = guarded(distill_student, cfg, dataset.path, teacher.path, student.path, adapter.path, task)
+        from llmneo.preflight import requested_gpus
+
+        # the trainer refuses to run on fewer GPUs than the pod asked for (llmneo.preflight.check_gpus);
+        # set for this call only, so that a step run in-process leaves the caller's environment as it was
+        with requested_gpus(n_gpus):
+            card = guarded(distill_student, cfg, dataset.path, teacher.path, student.path, adapter.path, task)
         for name, value in card.step_metrics().items():
             metrics.log_metric(name, value)
         adapter.metadata.update(card.metadata())

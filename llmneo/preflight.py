@@ -21,6 +21,7 @@ input is local or packaged, else one probe of the hub (seconds) and one line whe
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -102,6 +103,24 @@ def preflight(cfg: Config, local: bool = True) -> None:
 # The GPUs a step was given (the pipeline's distill_gpus), exported by the distill step to its torchrun.
 GPUS_ENV = "LLMNEO_GPUS"
 DRIVER_DIRS = ("/usr/local/nvidia/lib64", "/usr/local/nvidia/lib")  # GKE's device plugin mount
+
+
+@contextlib.contextmanager
+def requested_gpus(n: int):
+    """``$LLMNEO_GPUS`` = n (n > 0) for the duration of the block, for the torchrun processes a step
+    starts; the caller's environment is restored afterwards."""
+    if n <= 0:
+        yield
+        return
+    before = os.environ.get(GPUS_ENV)
+    os.environ[GPUS_ENV] = str(n)
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(GPUS_ENV, None)
+        else:
+            os.environ[GPUS_ENV] = before
 
 
 def check_gpus(env: dict | None = None, device_count=None) -> None:

@@ -10,7 +10,7 @@ import pytest
 
 from llmneo import data_sources
 from llmneo.config import load_config
-from llmneo.data import run_prep
+from llmneo.data import PROMPT_ONLY_HINT, run_prep
 from llmneo.errors import UserError
 from llmneo.models import build_tiny_tokenizer
 
@@ -85,7 +85,8 @@ def test_parquet_file_with_nulls_and_wrong_types(tmp_path, tok, reference):
     bad = RECORDS[:4] + [{"instruction": "q", "input": "", "output": None}]
     pq.write_table(pa.Table.from_pylist(bad), tmp_path / "bad.parquet")
     prep(tok, tmp_path / "bad.parquet", tmp_path / "out2")
-    assert rejects(tmp_path / "out2") == [{"row": 5, "reason": "missing field 'output'", "kind": "missing_field"}]
+    # a null answer makes the row prompt-only: rejected with the way to have the teacher answer it
+    assert rejects(tmp_path / "out2") == [{"row": 5, "reason": "record " + PROMPT_ONLY_HINT, "kind": "prompt_only"}]
 
 
 def test_corrupt_parquet_is_a_clear_error(tmp_path, tok):
@@ -110,7 +111,7 @@ def test_folder_of_mixed_files_numbers_rows_across_files(tmp_path, tok, referenc
     # a bad record names its file and its row in that file
     (folder / "b.json").write_text(json.dumps(RECORDS[4:6] + [{"instruction": "x"}] + RECORDS[6:8]))
     prep(tok, folder, tmp_path / "out2")
-    assert rejects(tmp_path / "out2") == [{"row": 7, "reason": "missing field 'output'", "kind": "missing_field",
+    assert rejects(tmp_path / "out2") == [{"row": 7, "reason": "record " + PROMPT_ONLY_HINT, "kind": "prompt_only",
                                            "where": "b.json:3"}]
 
 

@@ -1,6 +1,8 @@
 """What a step does inside a Kubeflow pod when the cluster set-up is incomplete: one ``error:`` line
 naming what is missing, never a silent fallback."""
 
+import os
+
 import pytest
 
 from llmneo.errors import UserError
@@ -84,7 +86,7 @@ def test_distill_step_exports_the_requested_gpus(monkeypatch, tmp_path):
                            wall_seconds=1.0)
 
     monkeypatch.setattr(llmneo.steps, "distill_student", fake)
-    monkeypatch.setenv("LLMNEO_GPUS", "")  # restored (removed) after the test: the step sets os.environ
+    monkeypatch.delenv("LLMNEO_GPUS", raising=False)
     art = {k: dsl.Model(uri=str(tmp_path / k)) for k in ("dataset", "teacher", "student", "adapter")}
     for a in art.values():
         a.path = a.uri
@@ -92,6 +94,9 @@ def test_distill_step_exports_the_requested_gpus(monkeypatch, tmp_path):
                         teacher=art["teacher"], student=art["student"], adapter=art["adapter"],
                         metrics=dsl.Metrics(uri=str(tmp_path / "m")))
     assert seen["gpus"] == "6"
+    # only for the step's own training: a step run in-process (kfp.local, tests) leaves no GPU request
+    # behind for the next CPU run in the same process
+    assert "LLMNEO_GPUS" not in os.environ
 
 
 def test_first_run_checklist_covers_the_set_up_in_order_with_commands_that_parse():
