@@ -264,15 +264,57 @@ def server_version(client) -> str:
         return ""
 
 
+# Read an artifact of a run that does not exist: KFP >= 2.15 serves this route with its own HTTP handler
+# (backend/src/apiserver/server/run_artifact_server.go RunArtifactServer.ReadArtifact, added in 2.15.0 by
+# "Implemented HTTP Artifact Streaming", #12394), whose errors are ``{"error_message", "error_details"}``
+# (writeErrorToResponse → api.Error); up to 2.14 the route is RunService.ReadArtifact behind grpc-gateway,
+# whose errors are a gRPC status ``{"code", "message", "details"}``.
+ARTIFACT_PROBE = "/apis/v2beta1/runs/{run_id}/nodes/{node_id}/artifacts/{artifact_name}:read"
+
+
+def artifact_api_style(client) -> str | None:
+    """``"2.15+"`` or ``"<2.15"`` from how the API server answers :data:`ARTIFACT_PROBE` for a made-up
+    run; None when the answer says neither (a proxy in between, no such route)."""
+    from kfp_server_api.exceptions import ApiException
+
+    names = {"run_id": "llmneo-version-probe", "node_id": "none", "artifact_name": "none"}
+    try:
+        client._healthz_api.api_client.call_api(
+            ARTIFACT_PROBE, "GET", path_params=names, header_params={"Accept": "application/json"},
+            auth_settings=["Bearer"], _return_http_data_only=True)
+        return None  # a made-up run has no artifact: an answer without an error says nothing
+    except ApiException as e:
+        try:
+            body = json.loads(e.body or "{}")
+        except (ValueError, TypeError):
+            return None
+    if not isinstance(body, dict):
+        return None
+    if "error_message" in body:
+        return "2.15+"
+    if "code" in body and "message" in body:
+        return "<2.15"
+    return None
+
+
 def check_server(client) -> str:
-    """Refuse a KFP API server older than :data:`MIN_KFP`; an unversioned (dev) build passes."""
+    """Refuse a KFP API server older than :data:`MIN_KFP`. The version is healthz ``tag_name``; release
+    images up to 2.15 report "unknown" there (upstream sets TAG_NAME in its images only from 2.16), so
+    then the artifact API's error format tells (:func:`artifact_api_style`); a server that answers
+    neither way passes."""
+    need = ".".join(map(str, MIN_KFP))
+    why = f"llmneo needs KFP >= {need} (TaskConfig passthrough in the pipeline spec; Kubeflow >= 1.11 ships it)"
     with _api_errors("Kubeflow Pipelines healthz"):
         tag = server_version(client)
     found = parse_version(tag)
     if found is not None and found[:2] < MIN_KFP:
-        need = ".".join(map(str, MIN_KFP))
-        raise UserError(f"Kubeflow Pipelines {tag}: llmneo needs KFP >= {need} (TaskConfig passthrough in the "
-                        f"pipeline spec; Kubeflow >= 1.11 ships it)")
+        raise UserError(f"Kubeflow Pipelines {tag}: {why}")
+    if found is None:
+        with _api_errors("Kubeflow Pipelines version probe"):
+            style = artifact_api_style(client)
+        if style == "<2.15":
+            raise UserError(f"Kubeflow Pipelines {tag or '(no version on healthz)'}: its artifact API answers like "
+                            f"KFP < 2.15; {why}")
     return tag
 
 

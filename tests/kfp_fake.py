@@ -20,9 +20,34 @@ class _Raw:
         self.data = json.dumps(payload).encode()
 
 
+class _ApiClient:
+    """kfp_server_api.ApiClient.call_api for the version probe (pipelines/kfp_client.py ARTIFACT_PROBE):
+    answers a made-up run's artifact read with the error format of the server's version."""
+
+    def __init__(self, fake):
+        self.fake = fake
+
+    def call_api(self, resource_path, method, path_params=None, **kwargs):
+        self.fake.calls.append(("get_artifact", resource_path, method))
+        if self.fake.artifact_style is None:
+            raise api.exceptions.ApiException(status=404, reason="Not Found")  # a proxy's plain 404
+        if self.fake.artifact_style == "2.15+":  # run_artifact_server.go writeErrorToResponse → api.Error
+            body = {"error_message": "artifact not found: <nil>", "error_details": "artifact not found: <nil>"}
+        else:  # grpc-gateway's gRPC status of RunService.ReadArtifact
+            body = {"code": 5, "message": "failed to read artifact: run not found", "details": []}
+        raise _error(404, body)
+
+
+def _error(status, body):
+    e = api.exceptions.ApiException(status=status, reason="Not Found")
+    e.body = json.dumps(body).encode()
+    return e
+
+
 class _HealthzApi:
     def __init__(self, fake):
         self.fake = fake
+        self.api_client = _ApiClient(fake)
 
     def healthz_service_get_healthz(self, _preload_content=True):
         # backend/src/apiserver/main.go healthzResponse: commit_sha, tag_name, multi_user, pipeline_store
@@ -48,8 +73,9 @@ class _PipelinesApi:
 class FakeKfp:
     PAGE = 2
 
-    def __init__(self, tag: str = "2.16.0"):
+    def __init__(self, tag: str = "2.16.0", artifact_style: str | None = "2.15+"):
         self.tag = tag  # the API server's version (healthz tag_name)
+        self.artifact_style = artifact_style  # how its artifact API answers errors: "2.15+", "<2.15", None
         self._healthz_api = _HealthzApi(self)
         self._pipelines_api = _PipelinesApi(self)
         self.calls: list[tuple] = []

@@ -205,6 +205,28 @@ def test_kfp_older_than_2_15_is_refused_before_upload_or_submit(tag, ok):
             assert fake.mutations() == []
 
 
+@pytest.mark.parametrize("style, ok", [("<2.15", False), ("2.15+", True), (None, True)])
+def test_a_release_without_a_version_on_healthz_is_told_by_its_artifact_api(style, ok):
+    """Upstream rule (kubeflow/pipelines release images set TAG_NAME only from 2.16, so healthz says
+    "unknown" on 2.5–2.15; 2.15.0 moved ``GET /apis/v2beta1/runs/{run_id}/nodes/{node_id}/artifacts/
+    {artifact_name}:read`` from RunService.ReadArtifact behind grpc-gateway, errors ``{code, message}``,
+    to backend/src/apiserver/server/run_artifact_server.go RunArtifactServer.ReadArtifact, errors
+    ``{error_message, error_details}`` from writeErrorToResponse). A server answering neither way passes."""
+    fake = FakeKfp(tag="unknown", artifact_style=style)
+    if ok:
+        kfp_client.upload(fake, version="0.1.0")
+        assert fake.mutations()
+    else:
+        with pytest.raises(UserError, match=r"^Kubeflow Pipelines unknown: its artifact API answers like KFP < 2.15; "
+                                             r"llmneo needs KFP >= 2.15"):
+            kfp_client.upload(fake, version="0.1.0")
+        assert fake.mutations() == []
+    assert ("get_artifact", kfp_client.ARTIFACT_PROBE, "GET") in fake.calls
+    versioned = FakeKfp(tag="2.16.0", artifact_style="<2.15")
+    kfp_client.check_server(versioned)  # a version on healthz: no probe
+    assert not [c for c in versioned.calls if c[0] == "get_artifact"]
+
+
 def test_client_sends_the_service_account_token_when_the_file_exists(tmp_path, monkeypatch):
     """Upstream rule (kfp SDK 2.17.3, kfp/client/client.py Client._load_config): with ``host`` set and
     neither ``existing_token`` nor ``credentials``, it returns before the in-cluster default
@@ -271,6 +293,51 @@ def test_the_real_client_sends_the_token_as_bearer(tmp_path, monkeypatch):
         server.shutdown()
     assert seen and all(auth == "Bearer tok-xyz" for _, auth in seen), seen
     assert {path for path, _ in seen} == {"/apis/v2beta1/healthz"}
+
+
+@pytest.mark.parametrize("answer, refused", [({"code": 5, "message": "run not found", "details": []}, True),
+                                            ({"error_message": "artifact not found: <nil>"}, False)])
+def test_the_real_client_probes_the_artifact_api_of_an_unversioned_server(answer, refused):
+    """The version probe through the real kfp.Client and kfp_server_api against a local HTTP server that
+    answers like a KFP release image without TAG_NAME: healthz ``"unknown"``, and the artifact read of
+    a made-up run with a 404 in the error format of KFP < 2.15 (grpc-gateway) or >= 2.15
+    (run_artifact_server.go)."""
+    import http.server
+    import json as _json
+    import threading
+
+    seen = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - http.server's name
+            seen.append(self.path)
+            healthz = self.path == "/apis/v2beta1/healthz"
+            body = _json.dumps({"commit_sha": "x", "tag_name": "unknown", "multi_user": False} if healthz
+                               else answer).encode()
+            self.send_response(200 if healthz else 404)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        client = kfp_client.connect(f"http://127.0.0.1:{server.server_address[1]}")
+        if refused:
+            with pytest.raises(UserError, match=r"^Kubeflow Pipelines unknown: its artifact API answers like KFP < 2.15"):
+                kfp_client.check_server(client)
+        else:
+            assert kfp_client.check_server(client) == "unknown"
+    finally:
+        server.shutdown()
+        server.server_close()
+    # kfp.Client itself reads healthz when it connects; then check_server: healthz, then the probe
+    assert seen[-2:] == ["/apis/v2beta1/healthz",
+                         "/apis/v2beta1/runs/llmneo-version-probe/nodes/none/artifacts/none:read"]
 
 
 def test_default_images_are_refused_unless_a_registry_is_given(monkeypatch, tmp_path):
