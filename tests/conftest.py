@@ -102,3 +102,20 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def prompt_and_padding_batch(vocab: int, low: int = 1) -> dict:
+    """Two rows of 9 random tokens in [low, vocab): row 0 has a 3-token prompt (no labels), row 1 two
+    padding positions (no labels, attention mask 0)."""
+    import torch
+
+    from llmneo.losses import IGNORE_INDEX
+
+    g = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(low, vocab, (2, 9), generator=g)
+    labels = input_ids.clone()
+    labels[0, :3] = IGNORE_INDEX  # prompt
+    labels[1, 7:] = IGNORE_INDEX  # padding
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, 7:] = 0
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}

@@ -3,6 +3,8 @@ idempotent re-upload, run parameters (configuration validated locally, pool file
 
 from __future__ import annotations
 
+import contextlib
+import json
 import subprocess
 import sys
 
@@ -257,12 +259,11 @@ def test_client_sends_the_service_account_token_when_the_file_exists(tmp_path, m
     assert kfp_client.TOKEN_PATH == kfp.client.KF_PIPELINES_SA_TOKEN_PATH  # the path kfp and our CronJob use
 
 
-def test_the_real_client_sends_the_token_as_bearer(tmp_path, monkeypatch):
-    """End to end through the real kfp.Client against a local HTTP server that records the headers
-    (and answers healthz like backend/src/apiserver/main.go): every call carries the token, and the
-    server version check reads its tag_name."""
+@contextlib.contextmanager
+def local_kfp(answer):
+    """A local HTTP server in the place of the KFP API server: ``answer(path) -> (status, JSON)`` for
+    each GET; yields (host URL, list of (path, Authorization header) seen)."""
     import http.server
-    import json as _json
     import threading
 
     seen = []
@@ -270,8 +271,9 @@ def test_the_real_client_sends_the_token_as_bearer(tmp_path, monkeypatch):
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self):  # noqa: N802 - http.server's name
             seen.append((self.path, self.headers.get("Authorization")))
-            body = _json.dumps({"commit_sha": "x", "tag_name": "2.14.0", "multi_user": True}).encode()
-            self.send_response(200)
+            status, payload = answer(self.path)
+            body = json.dumps(payload).encode()
+            self.send_response(status)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
@@ -283,14 +285,28 @@ def test_the_real_client_sends_the_token_as_bearer(tmp_path, monkeypatch):
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        token = tmp_path / "token"
-        token.write_text("tok-xyz")
-        monkeypatch.setenv("KF_PIPELINES_SA_TOKEN_PATH", str(token))
-        client = kfp_client.connect(f"http://127.0.0.1:{server.server_address[1]}")
-        with pytest.raises(UserError, match=r"^Kubeflow Pipelines 2.14.0: llmneo needs KFP >= 2.15"):
-            kfp_client.check_server(client)
+        yield f"http://127.0.0.1:{server.server_address[1]}", seen
     finally:
         server.shutdown()
+        server.server_close()
+
+
+def healthz(tag):
+    """backend/src/apiserver/main.go's healthz answer."""
+    return {"commit_sha": "x", "tag_name": tag, "multi_user": True}
+
+
+def test_the_real_client_sends_the_token_as_bearer(tmp_path, monkeypatch):
+    """End to end through the real kfp.Client against a local HTTP server that records the headers
+    (and answers healthz like backend/src/apiserver/main.go): every call carries the token, and the
+    server version check reads its tag_name."""
+    token = tmp_path / "token"
+    token.write_text("tok-xyz")
+    monkeypatch.setenv("KF_PIPELINES_SA_TOKEN_PATH", str(token))
+    with local_kfp(lambda path: (200, healthz("2.14.0"))) as (host, seen):
+        client = kfp_client.connect(host)
+        with pytest.raises(UserError, match=r"^Kubeflow Pipelines 2.14.0: llmneo needs KFP >= 2.15"):
+            kfp_client.check_server(client)
     assert seen and all(auth == "Bearer tok-xyz" for _, auth in seen), seen
     assert {path for path, _ in seen} == {"/apis/v2beta1/healthz"}
 
@@ -302,42 +318,19 @@ def test_the_real_client_probes_the_artifact_api_of_an_unversioned_server(answer
     answers like a KFP release image without TAG_NAME: healthz ``"unknown"``, and the artifact read of
     a made-up run with a 404 in the error format of KFP < 2.15 (grpc-gateway) or >= 2.15
     (run_artifact_server.go)."""
-    import http.server
-    import json as _json
-    import threading
+    def respond(path):
+        return (200, healthz("unknown")) if path == "/apis/v2beta1/healthz" else (404, answer)
 
-    seen = []
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):  # noqa: N802 - http.server's name
-            seen.append(self.path)
-            healthz = self.path == "/apis/v2beta1/healthz"
-            body = _json.dumps({"commit_sha": "x", "tag_name": "unknown", "multi_user": False} if healthz
-                               else answer).encode()
-            self.send_response(200 if healthz else 404)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        client = kfp_client.connect(f"http://127.0.0.1:{server.server_address[1]}")
+    with local_kfp(respond) as (host, seen):
+        client = kfp_client.connect(host)
         if refused:
             with pytest.raises(UserError, match=r"^Kubeflow Pipelines unknown: its artifact API answers like KFP < 2.15"):
                 kfp_client.check_server(client)
         else:
             assert kfp_client.check_server(client) == "unknown"
-    finally:
-        server.shutdown()
-        server.server_close()
     # kfp.Client itself reads healthz when it connects; then check_server: healthz, then the probe
-    assert seen[-2:] == ["/apis/v2beta1/healthz",
-                         "/apis/v2beta1/runs/llmneo-version-probe/nodes/none/artifacts/none:read"]
+    assert [path for path, _ in seen[-2:]] == [
+        "/apis/v2beta1/healthz", "/apis/v2beta1/runs/llmneo-version-probe/nodes/none/artifacts/none:read"]
 
 
 def test_default_images_are_refused_unless_a_registry_is_given(monkeypatch, tmp_path):

@@ -19,12 +19,13 @@ from transformers import (
     OPTForCausalLM,
 )
 
+from conftest import prompt_and_padding_batch
 from llmneo.config import load_config
 from llmneo.errors import UserError
 from llmneo.evaluate import fidelity
 from llmneo.heads import HeadMismatch, check_logits_head, check_packing, logit_scale, logits_head
 from llmneo.launch import TrainerInputs
-from llmneo.losses import IGNORE_INDEX, LossSpec, shift_mask
+from llmneo.losses import LossSpec, shift_mask
 from llmneo.signals import OnlineTeacher
 from llmneo.topk import build_topk_cache, teacher_topk
 from llmneo.trainer import DistillModule, DistillTrainer
@@ -91,14 +92,7 @@ MODELS = {"granite": tiny_granite, "cohere": tiny_cohere}
 
 @pytest.fixture(scope="module")
 def batch():
-    g = torch.Generator().manual_seed(0)
-    input_ids = torch.randint(3, V, (2, 9), generator=g)
-    labels = input_ids.clone()
-    labels[0, :3] = IGNORE_INDEX  # prompt
-    labels[1, 7:] = IGNORE_INDEX  # padding
-    attention_mask = torch.ones_like(input_ids)
-    attention_mask[1, 7:] = 0
-    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+    return prompt_and_padding_batch(V, low=3)
 
 
 # ---------------------------------------------------------------------------- the head path = the forward

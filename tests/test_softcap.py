@@ -7,10 +7,10 @@ import pytest
 import torch
 from transformers import Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForCausalLM
 
+from conftest import prompt_and_padding_batch
 from llmneo.evaluate import fidelity
 from llmneo.heads import final_logit_softcap, logits_head
 from llmneo.losses import (
-    IGNORE_INDEX,
     LossSpec,
     TeacherHead,
     TeacherTopK,
@@ -39,14 +39,7 @@ def tiny_gemma2(seed: int, cap: float | None = CAP) -> Gemma2ForCausalLM:
 
 @pytest.fixture(scope="module")
 def batch():
-    g = torch.Generator().manual_seed(0)
-    input_ids = torch.randint(1, V, (2, 9), generator=g)
-    labels = input_ids.clone()
-    labels[0, :3] = IGNORE_INDEX  # prompt
-    labels[1, 7:] = IGNORE_INDEX  # padding
-    attention_mask = torch.ones_like(input_ids)
-    attention_mask[1, 7:] = 0
-    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+    return prompt_and_padding_batch(V, low=1)
 
 
 def loss_and_grads(student, teacher, batch, spec):
